@@ -181,6 +181,15 @@ class MlpShard:
 Shard = AttentionShard | MlpShard
 
 
+def sum_partials(partials: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The residual update of a layer half: the float32 sum of its shards' partial updates,
+    added to the residual stream once (as the coordinator does with what arrives)."""
+    total = partials[0].float()
+    for p in partials[1:]:
+        total = total + p.float()
+    return total
+
+
 class Layer:
     """One decoder layer: two norms and the shards of each half."""
 
@@ -202,12 +211,9 @@ class Layer:
 
     def forward(self, h: torch.Tensor, start: int) -> torch.Tensor:
         x = self.attn_input(h)
-        for shard in self.attn:
-            h = h + shard.forward(x, start).float()
+        h = h + sum_partials([shard.forward(x, start) for shard in self.attn])
         x = self.mlp_input(h)
-        for shard in self.mlp:
-            h = h + shard.forward(x).float()
-        return h
+        return h + sum_partials([shard.forward(x) for shard in self.mlp])
 
 
 class Transformer:
