@@ -74,9 +74,9 @@ def test_greedy_32_tokens_equal_transformers_generate(model_fp32, reference):
 def test_hf_safetensors_folder_gives_same_logits(model_fp32, reference, reference_tokenizer,
                                                  tmp_path):
     """A Hugging Face folder saved by transformers (sharded) loads and gives the same logits."""
-    from halollm.model.loader import load_model
-
     import transformers
+
+    from halollm.model.loader import load_model
 
     # transformers will not re-save a GGUF-loaded model as such: copy its weights into a plain
     # LlamaForCausalLM and save that (sharded), as a user converting a model would.

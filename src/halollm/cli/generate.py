@@ -7,7 +7,12 @@ import json
 import sys
 import time
 
-from halollm.cli.options import add_generation_options, prompt_ids, sampling_from_args
+from halollm.cli.options import (
+    add_generation_options,
+    prompt_ids,
+    read_prompt,
+    sampling_from_args,
+)
 from halollm.errors import HaloError
 from halollm.generate import LocalDecoder, generate
 from halollm.model.loader import dtype_name, load_model
@@ -23,15 +28,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     quiet = args.json
+    sampling = sampling_from_args(args)  # check every option before the slow model load
+    if args.max_tokens < 1:
+        raise HaloError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
+    text = read_prompt(args)
+    if not text:
+        raise HaloError("the prompt is empty")
     t0 = time.perf_counter()
-    if not quiet:
-        print("loading model…", file=sys.stderr, end="", flush=True)
     model = load_model(args.model, args.dtype)
     if not quiet:
-        print(f" {model.config.name} ({model.config.n_params() / 1e6:.0f}M params, "
+        print(f"loaded {model.config.name} ({model.config.n_params() / 1e6:.0f}M params, "
               f"{dtype_name(model.dtype)}) in {time.perf_counter() - t0:.1f}s",
               file=sys.stderr, flush=True)
-    ids = prompt_ids(model.tokenizer, args)
+    ids = prompt_ids(model.tokenizer, args, text)
     if not ids:
         raise HaloError("the prompt is empty")
 
@@ -40,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     result = generate(LocalDecoder(model.transformer), model.tokenizer, ids,
-                      max_tokens=args.max_tokens, sampling=sampling_from_args(args),
+                      max_tokens=args.max_tokens, sampling=sampling,
                       stop=args.stop, max_position=model.config.max_position,
                       on_text=None if quiet else show)
     if quiet:

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from halollm.model.loader import DEFAULT_DTYPE, DTYPES
+from halollm.model.tokenizer import Tokenizer
 from halollm.sampling import SamplingParams
 
 
@@ -51,9 +52,8 @@ def read_prompt(args: argparse.Namespace) -> str:
     return sys.stdin.read() if args.prompt == "-" else args.prompt
 
 
-def prompt_ids(tokenizer, args: argparse.Namespace) -> list[int]:  # type: ignore[no-untyped-def]
-    """Token ids of the prompt, wrapped in the chat template with --chat."""
-    text = read_prompt(args)
+def prompt_ids(tokenizer: Tokenizer, args: argparse.Namespace, text: str) -> list[int]:
+    """Token ids of the prompt text, wrapped in the chat template with --chat."""
     if args.chat:
         messages = []
         if args.system:

@@ -35,6 +35,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     attn_bias: bool = False  # Qwen2-style q/k/v biases
     rope_scaling: RopeScaling | None = None
+    # llama.cpp's form of the same thing: per-frequency divisors (GGUF tensor rope_freqs)
+    rope_freq_factors: tuple[float, ...] | None = None
     architecture: str = "llama"
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)

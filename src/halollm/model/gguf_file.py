@@ -66,13 +66,14 @@ class GGUFModelFile:
             raise ModelLoadError(
                 f"{self.path}: architecture '{self.arch}' is not supported "
                 f"(supported: {', '.join(sorted(SUPPORTED_ARCHS))})")
+        self._raw = {t.name: t for t in self._reader.tensors}
         self._tensors = {}
         for t in self._reader.tensors:
             name = canonical_name(t.name)
             if name is not None:
                 self._tensors[name] = t
         self.config = self._read_config()
-        for name, t in self._tensors.items():
+        for t in self._tensors.values():
             if t.tensor_type.name not in SUPPORTED_TYPES:
                 raise ModelLoadError(
                     f"{self.path}: tensor {t.name} has type {t.tensor_type.name}, which is not "
@@ -91,18 +92,20 @@ class GGUFModelFile:
         head_dim = int(self._meta("attention.key_length", hidden // n_heads))
         vocab = int(self._meta("vocab_size", int(embed.shape[1])))
         scaling = None
-        if self._meta("rope.scaling.type") == "llama3" or "rope_freqs" in self._all_names():
-            # llama.cpp stores llama3 scaling as a precomputed rope_freqs tensor; we need the
-            # parameters, which newer converters also keep in metadata.
-            factor = self._meta("rope.scaling.factor")
-            if factor is None:
-                raise ModelLoadError(f"{self.path}: llama3 RoPE scaling without parameters")
+        if self._meta("rope.scaling.type") == "llama3" and self._meta("rope.scaling.factor"):
             scaling = RopeScaling(
-                factor=float(factor),
+                factor=float(self._meta("rope.scaling.factor")),
                 low_freq_factor=float(self._meta("rope.scaling.low_freq_factor", 1.0)),
                 high_freq_factor=float(self._meta("rope.scaling.high_freq_factor", 4.0)),
                 original_max_position=int(self._meta("rope.scaling.original_context_length",
                                                      8192)))
+        factors = None
+        freqs = self._raw.get("rope_freqs.weight")
+        if scaling is None and freqs is not None:  # llama.cpp's llama3 scaling: divisors
+            factors = tuple(float(x) for x in np.asarray(freqs.data, dtype=np.float32))
+            if len(factors) != head_dim // 2:
+                raise ModelLoadError(f"{self.path}: rope_freqs has {len(factors)} values, "
+                                     f"expected {head_dim // 2}")
         return ModelConfig(
             vocab_size=vocab,
             hidden_size=hidden,
@@ -117,12 +120,10 @@ class GGUFModelFile:
             tie_embeddings="lm_head" not in self._tensors,
             attn_bias="layers.0.bq" in self._tensors,
             rope_scaling=scaling,
+            rope_freq_factors=factors,
             architecture=self.arch,
             name=str(self.metadata.get("general.name", self.path.stem)),
         )
-
-    def _all_names(self) -> set[str]:
-        return {t.name for t in self._reader.tensors}
 
     def names(self) -> list[str]:
         return list(self._tensors)

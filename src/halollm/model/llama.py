@@ -30,6 +30,8 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     inv = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
     if config.rope_scaling is not None:
         inv = _llama3_scale(inv, config.rope_scaling)
+    elif config.rope_freq_factors is not None:
+        inv = inv / torch.tensor(config.rope_freq_factors, dtype=torch.float32)
     return inv
 
 
