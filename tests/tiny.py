@@ -57,7 +57,9 @@ def _fake_k_quant(rows: int, cols: int, qtype: str, rng: np.random.Generator) ->
     t = gguf.GGMLQuantizationType[qtype]
     block, size = gguf.GGML_QUANT_SIZES[t]
     blocks = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
-    scale = np.full((blocks.shape[0], 1), 0.002, dtype=np.float16).view(np.uint8)
+    # scales that keep weights around 0.05, like a real model's
+    d = 1e-4 if qtype == "Q4_K" else 2e-5
+    scale = np.full((blocks.shape[0], 1), d, dtype=np.float16).view(np.uint8)
     if qtype == "Q4_K":  # d, dmin at the start
         blocks[:, 0:2] = scale
         blocks[:, 2:4] = scale

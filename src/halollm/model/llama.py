@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from halollm.model.config import ModelConfig, RopeScaling
 
 TensorSource = Callable[[str], np.ndarray]  # canonical name -> float32 array
+REFINE_TOP = 16  # logits recomputed in float32 per position when computing in fp16/bf16
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -48,47 +49,58 @@ def _llama3_scale(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 
 
 class Rope:
-    """cos/sin tables for rotary position embeddings, grown on demand."""
+    """cos/sin tables (float32) for rotary position embeddings, grown on demand.
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    rotate_half(x) = cat(-x2, x1) is applied as ``x[..., perm] * sign``; the sign is folded
+    into the sin table, so RoPE is ``x * cos + x[..., perm] * signed_sin`` (bit-identical to
+    the Hugging Face formula, in fewer operations)."""
+
+    def __init__(self, config: ModelConfig) -> None:
         self.inv_freq = rope_inv_freq(config)
-        self.dtype = dtype
+        half = config.head_dim // 2
+        self.perm = torch.cat((torch.arange(half, 2 * half), torch.arange(0, half)))
+        self.sign = torch.cat((-torch.ones(half), torch.ones(half)))
         self.cos = torch.empty(0)
-        self.sin = torch.empty(0)
+        self.signed_sin = torch.empty(0)
         self._grow(256)
 
     def _grow(self, length: int) -> None:
         pos = torch.arange(length, dtype=torch.int64).float()
         freqs = torch.outer(pos, self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = emb.cos().to(self.dtype)
-        self.sin = emb.sin().to(self.dtype)
+        self.cos = emb.cos()
+        self.signed_sin = emb.sin() * self.sign
 
-    def tables(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [length, head_dim] for positions start..start+length-1."""
-        end = start + length
+    def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x: float32 [heads, T, head_dim] at positions start..start+T-1."""
+        end = start + x.shape[-2]
         if end > self.cos.shape[0]:
             self._grow(max(end, 2 * self.cos.shape[0]))
-        return self.cos[start:end], self.sin[start:end]
+        cos, sin = self.cos[start:end], self.signed_sin[start:end]
+        return torch.addcmul(x * cos, x[..., self.perm], sin)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [heads, T, hd]; the rotate-half (NeoX / Hugging Face) layout."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ b). One-token products run in the weights' dtype (bandwidth-bound GEMV);
+    multi-token fp16 products run in float32, because PyTorch's CPU fp16 GEMM has no fast
+    kernel without AVX512-FP16 (measured 5x slower than upcasting)."""
+    if x.shape[0] > 1 and w.dtype == torch.float16:
+        return F.linear(x.float(), w.float(), None if b is None else b.float())
+    return F.linear(x.to(w.dtype), w, b)
 
 
 def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype
              ) -> torch.Tensor:
-    """RMSNorm of the float32 residual stream, returned in the compute dtype."""
-    return F.rms_norm(h, (h.shape[-1],), weight, eps).to(dtype)
+    """RMSNorm of the float32 residual stream, returned in the compute dtype.
+    (Written out: faster than torch's fused CPU kernel for one row, and the exact HF formula.)"""
+    return (weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))).to(dtype)
 
 
 class KVCache:
-    """Keys and values of one attention shard, indexed by absolute position."""
+    """Keys and values (float32) of one attention shard, indexed by absolute position."""
 
-    def __init__(self, n_kv: int, head_dim: int, dtype: torch.dtype, capacity: int = 256) -> None:
+    def __init__(self, n_kv: int, head_dim: int, dtype: torch.dtype = torch.float32,
+                 capacity: int = 256) -> None:
         self.k = torch.zeros(n_kv, capacity, head_dim, dtype=dtype)
         self.v = torch.zeros(n_kv, capacity, head_dim, dtype=dtype)
 
@@ -133,28 +145,26 @@ class AttentionShard:
                                    ).to(dtype)
         self.w_o = t("wo")[:, q_rows].to(dtype).contiguous()
         self.rope = rope
-        self.cache = KVCache(self.n_kv, hd, dtype)
+        self.cache = KVCache(self.n_kv, hd)
 
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x: normalised input [T, d] at positions start..start+T-1 -> partial update [T, d]."""
+        """x: normalised input [T, d] at positions start..start+T-1 -> partial update [T, d].
+        Projections run in the compute dtype; RoPE, the KV cache and attention in float32
+        (CPU attention kernels are several times faster in float32 than in fp16/bf16)."""
         T, hd = x.shape[0], self.head_dim
-        qkv = F.linear(x, self.w_qkv, self.b_qkv)
+        qkv = project(x, self.w_qkv, self.b_qkv).float()
         n_qk = self.n_q + self.n_kv
-        qk = qkv[:, : n_qk * hd].view(T, n_qk, hd).transpose(0, 1)
-        cos, sin = self.rope.tables(start, T)
-        qk = apply_rope(qk, cos, sin)
-        q, k = qk[: self.n_q], qk[self.n_q:]
+        qk = self.rope.apply(qkv[:, : n_qk * hd].view(T, n_qk, hd).transpose(0, 1), start)
         v = qkv[:, n_qk * hd:].view(T, self.n_kv, hd).transpose(0, 1)
-        self.cache.write(start, k, v)
+        self.cache.write(start, qk[self.n_q:], v)
         end = start + T
-        keys, values = self.cache.k[:, :end], self.cache.v[:, :end]
         mask = None
         if T > 1 and start > 0:
             mask = torch.ones(T, end, dtype=torch.bool).tril(diagonal=start)
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask,
-            is_causal=T > 1 and start == 0, enable_gqa=self.n_q != self.n_kv)
-        return F.linear(out[0].transpose(0, 1).reshape(T, self.n_q * hd), self.w_o)
+            qk[None, : self.n_q], self.cache.k[None, :, :end], self.cache.v[None, :, :end],
+            attn_mask=mask, is_causal=T > 1 and start == 0, enable_gqa=self.n_q != self.n_kv)
+        return project(out[0].transpose(0, 1).reshape(T, self.n_q * hd), self.w_o)
 
 
 class MlpShard:
@@ -173,11 +183,11 @@ class MlpShard:
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for each neuron: [T, n]."""
-        gu = F.linear(x, self.w_gate_up)
+        gu = project(x, self.w_gate_up)
         return F.silu(gu[:, : self.n]) * gu[:, self.n:]
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        return F.linear(self.activations(x), self.w_down)
+        return project(self.activations(x), self.w_down)
 
 
 Shard = AttentionShard | MlpShard
@@ -229,7 +239,7 @@ class Transformer:
         """attn_sets[i] / mlp_sets[i]: the unit sets of layer i's shards (default: one shard
         with every unit). `layers` restricts which layers get weights (the rest stay empty)."""
         self.config, self.dtype = config, dtype
-        self.rope = Rope(config, dtype)
+        self.rope = Rope(config)
         head = torch.from_numpy(tensor("embed" if config.tie_embeddings else "lm_head"))
         self.lm_head = head.to(dtype).contiguous()
         self.embed_table = self.lm_head if config.tie_embeddings else (
@@ -254,9 +264,20 @@ class Transformer:
         return self.embed_table[ids].float()
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Residual stream [T, d] -> float32 logits [T, vocab]."""
-        x = rms_norm(h, self.norm, self.config.rms_eps, self.dtype)
-        return F.linear(x, self.lm_head).float()
+        """Residual stream [T, d] -> float32 logits [T, vocab].
+
+        In fp16/bf16 the logits themselves are rounded to the half type (0.016 apart near 16),
+        enough to flip near-ties; the REFINE_TOP best candidates of each row are therefore
+        recomputed in float32, so the top of the distribution (what greedy decoding and
+        top-k/top-p sampling look at) is as exact as the body's activations allow."""
+        x = rms_norm(h, self.norm, self.config.rms_eps, torch.float32)
+        logits = project(x, self.lm_head).float()
+        if self.dtype != torch.float32:
+            top = logits.topk(REFINE_TOP, dim=-1).indices  # [T, k]
+            rows = self.lm_head[top].float()  # [T, k, d]
+            exact = torch.bmm(rows, x.unsqueeze(-1)).squeeze(-1)
+            logits.scatter_(-1, top, exact)
+        return logits
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor | Sequence[int], start: int = 0,
