@@ -87,9 +87,8 @@ def test_group_partial_updates_sum_to_layer(model_fp32, model_path):
 
 
 def test_default_dtype_keeps_agreement_with_fp32(model_fp32):
-    from halollm.model.loader import DEFAULT_DTYPE, load_model
-
     from halollm.bench.engine import teacher_forced_top1
+    from halollm.model.loader import DEFAULT_DTYPE, load_model
 
     fast = load_model(None, DEFAULT_DTYPE)
     ids = model_fp32.tokenizer.encode(TEXT_200)

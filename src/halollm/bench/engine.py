@@ -107,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
     lines = ["# Single-device engine: speed and accuracy per dtype", "", "{header}",
              "Decode: median ms/token over the timed runs (each the median step of "
              f"{args.tokens} greedy tokens after a chat prompt). Prefill: one forward pass over "
-             "the check text. Agreement: teacher-forced top-1 on the check text vs fp32, decoded one "
-             "token at a time (the decode path); greedy: "
+             "the check text. Agreement: teacher-forced top-1 on the check text vs fp32, "
+             "decoded one token at a time (the decode path); greedy: "
              "how many of the generated tokens equal fp32's before the first difference.", "",
              "| dtype | decode ms/token | tokens/s | prefill tokens/s | top-1 vs fp32 | greedy "
              "= fp32 |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
