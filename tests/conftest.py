@@ -13,7 +13,10 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# The evaluation/calibration data shipped beside the project (../shared/data), or $HALO_DATA.
+SHARED_DATA = Path(os.environ.get("HALO_DATA", ROOT.parent / "shared" / "data"))
+if not SHARED_DATA.is_dir() and Path("/work/shared/data").is_dir():
+    SHARED_DATA = Path("/work/shared/data")
 
 # ~200 tokens of English (written for the tests), used wherever a "real text" is needed.
 TEXT_200 = (
