@@ -10,7 +10,7 @@ from halollm.errors import HaloError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from halollm.cli import bench, generate
+    from halollm.cli import bench, generate, run, worker
 
     parser = argparse.ArgumentParser(
         prog="halo",
@@ -19,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"halo {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     generate.register(sub)
+    run.register(sub)
+    worker.register(sub)
     bench.register(sub)
     return parser
 

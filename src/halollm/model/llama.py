@@ -147,23 +147,40 @@ class AttentionShard:
         self.rope = rope
         self.cache = KVCache(self.n_kv, hd)
 
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x: normalised input [T, d] at positions start..start+T-1 -> partial update [T, d].
-        Projections run in the compute dtype; RoPE, the KV cache and attention in float32
-        (CPU attention kernels are several times faster in float32 than in fp16/bf16)."""
+    def _qkv(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                         torch.Tensor]:
+        """q [n_q, T, hd], k and v [n_kv, T, hd] (float32, RoPE applied) for x [T, d]."""
         T, hd = x.shape[0], self.head_dim
         qkv = project(x, self.w_qkv, self.b_qkv).float()
         n_qk = self.n_q + self.n_kv
         qk = self.rope.apply(qkv[:, : n_qk * hd].view(T, n_qk, hd).transpose(0, 1), start)
         v = qkv[:, n_qk * hd:].view(T, self.n_kv, hd).transpose(0, 1)
-        self.cache.write(start, qk[self.n_q:], v)
+        return qk[: self.n_q], qk[self.n_q:], v
+
+    def fill_cache(self, x: torch.Tensor, start: int) -> None:
+        """Write keys and values for inputs x [T, d] at positions start.. without attending
+        (KV repair and replay: K and V depend only on the layer input at that position)."""
+        _, k, v = self._qkv(x, start)
+        self.cache.write(start, k, v)
+
+    def forward(self, x: torch.Tensor, start: int,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: normalised input [T, d] at positions start..start+T-1 -> partial update [T, d].
+        Projections run in the compute dtype; RoPE, the KV cache and attention in float32
+        (CPU attention kernels are several times faster in float32 than in fp16/bf16).
+        key_mask [start+T] (bool), if given, excludes cached positions known to be missing."""
+        T, hd = x.shape[0], self.head_dim
+        q, k, v = self._qkv(x, start)
+        self.cache.write(start, k, v)
         end = start + T
         mask = None
-        if T > 1 and start > 0:
+        if key_mask is not None:
+            mask = torch.ones(T, end, dtype=torch.bool).tril(diagonal=start) & key_mask[:end]
+        elif T > 1 and start > 0:
             mask = torch.ones(T, end, dtype=torch.bool).tril(diagonal=start)
         out = F.scaled_dot_product_attention(
-            qk[None, : self.n_q], self.cache.k[None, :, :end], self.cache.v[None, :, :end],
-            attn_mask=mask, is_causal=T > 1 and start == 0, enable_gqa=self.n_q != self.n_kv)
+            q[None], self.cache.k[None, :, :end], self.cache.v[None, :, :end], attn_mask=mask,
+            is_causal=mask is None and T > 1, enable_gqa=self.n_q != self.n_kv)
         return project(out[0].transpose(0, 1).reshape(T, self.n_q * hd), self.w_o)
 
 

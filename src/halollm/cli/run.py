@@ -1,0 +1,128 @@
+"""`halo run`: the coordinator, over remote workers or local worker processes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from halollm.cli.options import (
+    add_generation_options,
+    prompt_ids,
+    read_prompt,
+    sampling_from_args,
+)
+from halollm.errors import HaloError
+from halollm.generate import generate
+from halollm.model.loader import dtype_name
+from halollm.runtime.keys import ENV, key_bytes, key_text
+from halollm.runtime.transport import parse_address
+
+
+def add_cluster_options(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--workers", metavar="H:P,H:P,…",
+                       help="comma-separated addresses of running `halo worker`s")
+    where.add_argument("--local", type=int, metavar="N",
+                       help="start N worker processes on this machine (stopped on exit)")
+    p.add_argument("--sync", choices=["relaxed", "strict"], default="relaxed",
+                   help="relaxed (default): wait for critical groups, the rest until a "
+                        "deadline, over UDP; strict: wait for everything, over TCP (the "
+                        "distributed-llama baseline)")
+    p.add_argument("--deadline-ms", type=float, default=None, metavar="MS",
+                   help="fix the relaxed-mode deadline (default: derived online from measured "
+                        "worker latency)")
+    p.add_argument("--critical-share", type=float, default=0.5, metavar="S",
+                   help="per layer half, the groups carrying this share of the significance "
+                        "are critical and stay on the coordinator (default 0.5)")
+    p.add_argument("--mlp-groups", type=int, default=16, metavar="N",
+                   help="MLP groups per layer (default 16)")
+    p.add_argument("--wire", choices=["fp32", "fp16", "bf16", "int8"], default=None,
+                   help="activation format on the wire (default: the compute dtype)")
+    p.add_argument("--key", metavar="TEXT",
+                   help=f"cluster key (default: ${ENV}; with --local a fresh one)")
+    p.add_argument("--mtu", type=int, default=1500, help="path MTU for datagrams (default 1500)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="generate with a cluster of workers",
+                       description="Run the coordinator (device 0) over workers and generate "
+                                   "from PROMPT. --json adds a `sync` object with per-token "
+                                   "synchronisation statistics.")
+    add_generation_options(p)
+    add_cluster_options(p)
+    p.set_defaults(func=run)
+
+
+def cluster_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from halollm.runtime.coordinator import ClusterOptions
+
+    return ClusterOptions(mode=args.sync, wire=args.wire, deadline_ms=args.deadline_ms,
+                          critical_share=args.critical_share, mlp_groups=args.mlp_groups,
+                          mtu=args.mtu)
+
+
+def run(args: argparse.Namespace) -> int:
+    from halollm.runtime.coordinator import Coordinator
+    from halollm.runtime.local import LocalWorkers
+
+    sampling = sampling_from_args(args)
+    if args.max_tokens < 1:
+        raise HaloError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
+    text = read_prompt(args)
+    if not text:
+        raise HaloError("the prompt is empty")
+    quiet = args.json
+    local = None
+    if args.local is not None:
+        key, _ = key_text(args.key) if args.key else key_text(None)
+        if not quiet:
+            print(f"starting {args.local} local workers…", file=sys.stderr, flush=True)
+        local = LocalWorkers(args.local, key, args.model)
+        addresses = local.addresses
+    else:
+        key, generated = key_text(args.key)
+        if generated:
+            raise HaloError(f"no cluster key: pass --key (the one each worker printed) or set "
+                            f"{ENV}")
+        addresses = [parse_address(a.strip()) for a in args.workers.split(",") if a.strip()]
+        if not addresses:
+            raise HaloError("--workers lists no address")
+    coord = None
+    try:
+        t0 = time.perf_counter()
+        coord = Coordinator(args.model, args.dtype, addresses, key_bytes(key),
+                            cluster_options(args))
+        if not quiet:
+            print(f"cluster ready in {time.perf_counter() - t0:.1f}s: {len(addresses)} workers, "
+                  f"{args.sync} sync, placement {coord.placement.summary()['groups_per_device']}"
+                  " groups per device", file=sys.stderr, flush=True)
+        ids = prompt_ids(coord.tokenizer, args, text)
+
+        def show(piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        result = generate(coord, coord.tokenizer, ids, max_tokens=args.max_tokens,
+                          sampling=sampling, stop=args.stop,
+                          max_position=coord.config.max_position,
+                          on_text=None if quiet else show)
+        sync = coord.sync_json()
+    finally:
+        if coord is not None:
+            coord.close()
+        if local is not None:
+            local.stop()
+    if quiet:
+        out = result.to_json()
+        out.update(model=str(coord.source.path), dtype=dtype_name(coord.dtype), mode=args.sync,
+                   sync=sync)
+        print(json.dumps(out))
+    else:
+        print()
+        print(f"[{len(result.token_ids)} tokens, {result.decode_ms_per_token:.1f} ms/token, "
+              f"{args.sync}: {sync['received']}/{sync['expected']} contributions received, "
+              f"{sync['lost']} lost, {sync['late']} late, waited {sync['waited_ms_per_token']:.2f}"
+              f" ms/token]", file=sys.stderr)
+    return 0

@@ -1,0 +1,54 @@
+"""`halo worker`: serve neuron groups to a coordinator."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+import torch
+
+from halollm.runtime.keys import ENV, key_bytes, key_text
+from halollm.runtime.transport import parse_address
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "worker", help="run a worker on this device",
+        description="Serve the neuron groups a coordinator assigns to this device. Listens on "
+                    "HOST:PORT for both TCP (control plane; strict-mode data) and UDP (relaxed "
+                    "data plane). Serves one coordinator at a time; a new one replaces the old.")
+    p.add_argument("--listen", default="0.0.0.0:7000", metavar="HOST:PORT",
+                   help="address to listen on (default 0.0.0.0:7000; port 0 picks a free one)")
+    p.add_argument("--model", metavar="PATH",
+                   help="this device's copy of the model (default: the default model); must "
+                        "be the same file as the coordinator's")
+    p.add_argument("--key", metavar="TEXT",
+                   help=f"cluster key shared by all devices (default: ${ENV}, else a new "
+                        "random key is generated and printed)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="compute threads (default: PyTorch's choice)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from halollm.runtime.worker import Worker
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    host, port = parse_address(args.listen, default_host="0.0.0.0")
+    text, generated = key_text(args.key)
+    if generated:
+        print(f"halo worker: no --key given; generated cluster key {text} (start the "
+              f"coordinator with --key {text} or {ENV}={text})", file=sys.stderr, flush=True)
+    worker = Worker(host, port, key_bytes(text), args.model)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    print(f"halo worker listening on {host}:{worker.port} (model {worker.source.path.name}, "
+          f"{worker.model_hash[:12]})", flush=True)
+    try:
+        worker.serve()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        worker.close()
+    return 0

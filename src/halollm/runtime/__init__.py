@@ -1,0 +1,1 @@
+"""The distributed runtime: coordinator, workers, wire protocol and transport."""

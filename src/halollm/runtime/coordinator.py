@@ -1,0 +1,543 @@
+"""The coordinator: device 0 of a cluster. It runs the model layer by layer, computes its own
+(critical) groups, sends each layer input to the workers that hold other groups of that layer,
+and sums what comes back: everything in strict mode, the critical groups plus whatever arrives
+before the deadline in relaxed mode.
+"""
+
+from __future__ import annotations
+
+import secrets
+import select
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import zmq
+
+from halollm.errors import HaloError
+from halollm.groups import Partition
+from halollm.model.llama import AttentionShard, MlpShard, Transformer, sum_partials
+from halollm.model.loader import content_hash, dtype_name, open_source, open_tokenizer, parse_dtype
+from halollm.runtime import control, protocol
+from halollm.runtime.deadline import DeadlineEstimator
+from halollm.runtime.placement import COORDINATOR, Placement, static_plan
+from halollm.runtime.protocol import ACTIVATION, ATTN, MLP, PARTIAL, ProtocolError, RoundTag
+from halollm.runtime.significance import RANKING_TEXT, cached_ranking
+from halollm.runtime.stats import SyncStats
+from halollm.runtime.tensor_codec import WIRE_NAMES, decode_body, encode_body, wire_for_dtype
+from halollm.runtime.transport import Address, UdpEndpoint, local_address_towards
+
+MODES = ("strict", "relaxed")
+KIND_OF = {ATTN: "attn", MLP: "mlp"}
+
+
+@dataclass
+class ClusterOptions:
+    mode: str = "relaxed"
+    wire: str | None = None  # None: the compute dtype
+    deadline_ms: float | None = None  # None: derived online from measured latency
+    critical_share: float = 0.5
+    attn_groups: int | None = None  # per layer; None: one per KV head
+    mlp_groups: int = 16
+    mtu: int = protocol.DEFAULT_MTU
+    dead_after_s: float = 2.0  # silence after which a worker is declared dead
+    join_timeout_s: float = 30.0
+    drop_rates: Sequence[float] = ()  # user-space loss per worker (no kernel testbed)
+
+
+@dataclass
+class WorkerLink:
+    index: int
+    host: str
+    port: int
+    sock: Any = None
+    alive: bool = False
+    last_seen: float = 0.0
+    last_attempt: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+    heartbeat: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def udp_addr(self) -> Address:
+        return (self.host, self.port)
+
+
+class History:
+    """The attention input of every layer at every position of the current request: what a
+    worker needs to rebuild keys and values it missed (repair) or never had (takeover)."""
+
+    def __init__(self, n_layers: int, dim: int) -> None:
+        self.x = [torch.zeros(256, dim) for _ in range(n_layers)]
+        self.length = [0] * n_layers
+
+    def reset(self) -> None:
+        self.length = [0] * len(self.length)
+
+    def record(self, layer: int, start: int, x: torch.Tensor) -> None:
+        end = start + x.shape[0]
+        buf = self.x[layer]
+        if end > buf.shape[0]:
+            grown = torch.zeros(max(end, 2 * buf.shape[0]), buf.shape[1])
+            grown[: buf.shape[0]] = buf
+            self.x[layer] = buf = grown
+        buf[start:end] = x.float()
+        self.length[layer] = max(self.length[layer], end)
+
+    def rows(self, layer: int, start: int, end: int) -> torch.Tensor:
+        return self.x[layer][start:end]
+
+
+class Coordinator:
+    """Joins the workers, places the groups, and decodes (it is a generate.Decoder)."""
+
+    def __init__(self, model: str | None, dtype: str | None, workers: Sequence[Address],
+                 key: bytes, options: ClusterOptions,
+                 log: Callable[[str], None] | None = None) -> None:
+        if options.mode not in MODES:
+            raise HaloError(f"--sync must be one of {', '.join(MODES)}")
+        self.log = log or (lambda msg: print(f"[halo] {msg}", file=sys.stderr, flush=True))
+        self.opts, self.key = options, key
+        self.dtype = parse_dtype(dtype)
+        self.source = open_source(model)
+        self.config = self.source.config
+        self.tokenizer = open_tokenizer(self.source)
+        self.model_hash = content_hash(Path(self.source.path))
+        self.wire = WIRE_NAMES[options.wire] if options.wire else wire_for_dtype(self.dtype)
+        self.session = secrets.randbits(32)
+        self.epoch, self.request = 0, 0
+        self.stats = SyncStats(mode=options.mode)
+        self.deadline = DeadlineEstimator(fixed_ms=options.deadline_ms)
+        self.udp = UdpEndpoint("0.0.0.0", 0, key, options.mtu)
+        self.ctx = zmq.Context.instance()
+        self.links = [WorkerLink(i + 1, h, p) for i, (h, p) in enumerate(workers)]
+        self._sent_at: dict[RoundTag, float] = {}
+        self._taken: dict[int, list[tuple[int, str, Any]]] = {}
+        self._last_control = 0.0
+        self._position = 0
+        try:
+            for link in self.links:
+                self._join(link, options.join_timeout_s)
+            partition = Partition.contiguous(self.config, options.attn_groups, options.mlp_groups)
+            ranking = cached_ranking(self.model_hash, self.config, self.source.tensor, partition,
+                                     self.tokenizer.encode(RANKING_TEXT))
+            self.placement = static_plan(partition, ranking, len(self.links),
+                                         options.critical_share)
+            self.initial_placement = self.placement
+            self.model = self._build_model()
+            self.history = History(self.config.n_layers, self.config.hidden_size)
+            self._distribute()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- joining and planning ------------------------------------------------------------
+    def _connect(self, link: WorkerLink) -> None:
+        if link.sock is not None:
+            link.sock.close(0)
+        link.sock = self.ctx.socket(zmq.DEALER)
+        link.sock.setsockopt(zmq.LINGER, 0)
+        link.sock.connect(f"tcp://{link.host}:{link.port}")
+
+    def _hello(self, link: WorkerLink) -> str:
+        nonce = secrets.token_hex(16)
+        udp_host = local_address_towards(link.host, link.port)
+        link.sock.send_multipart(control.pack(
+            self.key, "hello", version=control.PROTOCOL_VERSION, session=self.session,
+            nonce=nonce, model_hash=self.model_hash, udp=[udp_host, self.udp.port],
+            proof=control.join_proof(self.key, "coordinator", nonce, self.model_hash)))
+        return nonce
+
+    def _join(self, link: WorkerLink, timeout_s: float) -> None:
+        self._connect(link)
+        nonce = self._hello(link)
+        header = self._await(link, {"welcome", "refused"}, timeout_s, joining=True)
+        if header is None:
+            raise HaloError(f"worker {link.name} did not answer within {timeout_s:.0f}s "
+                            "(is `halo worker` running there, and reachable?)")
+        self._check_welcome(link, header, nonce)
+
+    def _check_welcome(self, link: WorkerLink, header: dict[str, Any], nonce: str) -> None:
+        if header["kind"] == "refused":
+            raise HaloError(f"worker {link.name} refused to join: {header.get('reason')}")
+        if header.get("proof") != control.join_proof(self.key, "worker", nonce,
+                                                       self.model_hash):
+            raise HaloError(f"worker {link.name} could not prove it holds the cluster key")
+        link.alive, link.last_seen = True, time.monotonic()
+        link.info = {"cores": header.get("cores"), "threads": header.get("threads")}
+
+    def _await(self, link: WorkerLink, kinds: set[str], timeout_s: float,
+               joining: bool = False) -> dict[str, Any] | None:
+        """Block for a control message of one of `kinds` from link (others are handled)."""
+        end = time.monotonic() + timeout_s
+        while (left := end - time.monotonic()) > 0:
+            if not link.sock.poll(int(min(left, 0.25) * 1000) + 1):
+                continue
+            frames = link.sock.recv_multipart()
+            if len(frames) == 1 and frames[0][:2] == protocol.MAGIC:
+                self.stats.late += 1  # a strict-mode partial of a round already closed
+                continue
+            try:
+                header, blobs = control.unpack(self.key, frames)
+            except ProtocolError as exc:
+                if joining and exc.reason == "unauthenticated" and b"wrong cluster key" in \
+                        frames[0]:
+                    raise HaloError(f"worker {link.name} refused to join: wrong cluster key "
+                                    "(give both sides the same --key or HALO_KEY)") from exc
+                self.stats.datagrams[exc.reason] += 1
+                continue
+            if header.get("session") not in (None, self.session):
+                continue
+            if header["kind"] in kinds:
+                link.last_seen = time.monotonic()
+                return header
+            self._on_control(link, header, blobs)
+        return None
+
+    def _build_model(self) -> Transformer:
+        p = self.placement
+        return Transformer(
+            self.config, self.source.tensor, self.dtype,
+            attn_sets=[[u] if (u := p.units_of(COORDINATOR, i, "attn")) else []
+                       for i in range(self.config.n_layers)],
+            mlp_sets=[[u] if (u := p.units_of(COORDINATOR, i, "mlp")) else []
+                      for i in range(self.config.n_layers)])
+
+    def _send_plan(self, link: WorkerLink) -> None:
+        link.sock.send_multipart(control.pack(
+            self.key, "plan", session=self.session, epoch=self.epoch, device=link.index,
+            dtype=dtype_name(self.dtype), wire=self.wire, request=self.request,
+            layers=self.placement.device_json(link.index)))
+
+    def _distribute(self, timeout_s: float = 120.0) -> None:
+        live = [link for link in self.links if link.alive]
+        for link in live:
+            self._send_plan(link)
+        for link in live:
+            if self._await(link, {"ready"}, timeout_s) is None:
+                raise HaloError(f"worker {link.name} did not load its groups within "
+                                f"{timeout_s:.0f}s")
+
+    # -- decoding ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward_last(self, ids: Sequence[int], start: int) -> torch.Tensor:
+        if start == 0:
+            self.request += 1
+            self.history.reset()
+            self._sent_at.clear()
+        self._position = start
+        self._check_links()
+        before = self.stats.mark()
+        T = len(ids)
+        h = self.model.embed(torch.as_tensor(list(ids), dtype=torch.long))
+        for i, layer in enumerate(self.model.layers):
+            assert layer is not None
+            x = layer.attn_input(h)
+            self.history.record(i, start, x)
+            h = h + self._round(i, ATTN, x, start, T, layer.attn)
+            x = layer.mlp_input(h)
+            h = h + self._round(i, MLP, x, start, T, layer.mlp)
+        self.stats.token_done(start, before)
+        self.stats.deadline_ms = self.deadline.deadline_ms()
+        return self.model.logits(h[-1:])[-1]
+
+    def _round(self, layer: int, phase: int, x: torch.Tensor, start: int, T: int,
+               shards: list) -> torch.Tensor:
+        kind = KIND_OF[phase]
+        targets = [self.links[d - 1] for d in self.placement.devices_in(layer, kind)]
+        targets = [t for t in targets if t.alive]
+        tag = RoundTag(self.session, self.epoch, self.request, start, T, layer, phase)
+        sent = time.perf_counter()
+        if targets:
+            body = encode_body(x, self.wire)
+            if self.opts.mode == "strict":
+                data = protocol.encode(ACTIVATION, 0, self.wire, tag, body, self.key,
+                                       mtu=1 << 30)[0]
+                for t in targets:
+                    t.sock.send(data)
+            else:
+                self.udp.send(ACTIVATION, 0, self.wire, tag, body, [t.udp_addr for t in targets])
+        partials = [s.forward(x, start) for s in shards]
+        if targets:
+            partials += self._gather(tag, kind, targets, sent, x)
+        self.stats.rounds += 1
+        if not partials:
+            return torch.zeros(T, self.config.hidden_size)
+        return sum_partials(partials)
+
+    def _gather(self, tag: RoundTag, kind: str, targets: list[WorkerLink], sent: float,
+                x: torch.Tensor) -> list[torch.Tensor]:
+        pending = {t.index: t for t in targets}
+        critical = {i for i in pending if self.opts.mode == "strict"
+                    or self.placement.is_critical(i, tag.layer, kind)}
+        got: list[torch.Tensor] = []
+        self.stats.expected += len(pending)
+        self._sent_at[tag] = sent
+        if len(self._sent_at) > 512:
+            self._sent_at.pop(next(iter(self._sent_at)))
+        wait_start = time.perf_counter()
+        deadline = sent + self.deadline.deadline_ms(tag.ntok) / 1e3
+        waited_critical = False
+        while pending:
+            now = time.perf_counter()
+            crit_pending = critical & pending.keys()
+            if not crit_pending and now >= deadline:
+                break
+            if crit_pending and now >= deadline:
+                waited_critical = True
+            timeout = 0.05 if crit_pending else deadline - now
+            if self.opts.mode == "strict":
+                self._wait_strict(pending, timeout, tag, got, sent)
+            else:
+                ready, _, _ = select.select([self.udp.sock], [], [], max(0.0, timeout))
+                if ready:
+                    for msg in self.udp.receive():
+                        self._on_partial(msg.kind, msg.sender, msg.wire, msg.tag, msg.body,
+                                         tag, pending, got, sent)
+                if now - self._last_control > 0.005 or crit_pending:
+                    self._poll_control()
+            for i in list(critical & pending.keys()):
+                link = pending[i]
+                if time.monotonic() - link.last_seen > self.opts.dead_after_s:
+                    pending.pop(i)
+                    self._take_over(link, "no heartbeat")
+                    got.append(self._compute_taken(link.index, tag, x))
+        self.stats.waited_ms += 1e3 * (time.perf_counter() - wait_start)
+        self.stats.lost += len(pending)
+        if waited_critical:
+            self.stats.critical_waits += 1
+        return got
+
+    def _wait_strict(self, pending: dict[int, WorkerLink], timeout: float, tag: RoundTag,
+                     got: list[torch.Tensor], sent: float) -> None:
+        poller = zmq.Poller()
+        for link in pending.values():
+            poller.register(link.sock, zmq.POLLIN)
+        for sock, _ in poller.poll(max(1, int(timeout * 1000))):
+            link = next(lk for lk in self.links if lk.sock is sock)
+            self._drain(link, lambda data, t=tag: self._on_strict_data(data, t, pending, got,
+                                                                       sent))
+
+    def _on_strict_data(self, data: bytes, tag: RoundTag, pending: dict[int, WorkerLink],
+                        got: list[torch.Tensor], sent: float) -> None:
+        try:
+            frag = protocol.decode(data, self.key)
+        except ProtocolError as exc:
+            self.stats.datagrams[exc.reason] += 1
+            return
+        self._on_partial(frag.kind, frag.sender, frag.wire, frag.tag, frag.payload, tag,
+                         pending, got, sent)
+
+    def _on_partial(self, kind: int, sender: int, wire: int, msg_tag: RoundTag, body: bytes,
+                    tag: RoundTag, pending: dict[int, WorkerLink], got: list[torch.Tensor],
+                    sent: float) -> None:
+        now = time.perf_counter()
+        if kind != PARTIAL:
+            self.stats.datagrams["unexpected_kind"] += 1
+            return
+        if msg_tag != tag or sender not in pending:
+            earlier = self._sent_at.get(msg_tag)
+            if earlier is not None and msg_tag.session == self.session:
+                self.stats.late += 1
+                self.deadline.observe(1e3 * (now - earlier))
+            else:
+                self.stats.datagrams["stale"] += 1
+            return
+        try:
+            _, part = decode_body(body, wire, tag.ntok, self.config.hidden_size)
+        except ProtocolError as exc:
+            self.stats.datagrams[exc.reason] += 1
+            return
+        link = pending.pop(sender)
+        link.last_seen = time.monotonic()
+        got.append(part)
+        self.stats.received += 1
+        if tag.ntok == 1:
+            self.deadline.observe(1e3 * (now - sent))
+
+    # -- control traffic -----------------------------------------------------------------
+    def _drain(self, link: WorkerLink, on_data: Callable[[bytes], None] | None = None) -> None:
+        while True:
+            try:
+                frames = link.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) == 1 and frames[0][:2] == protocol.MAGIC:
+                if on_data is not None:
+                    on_data(frames[0])
+                else:
+                    self.stats.late += 1  # a strict-mode partial of a closed round
+                continue
+            try:
+                header, blobs = control.unpack(self.key, frames)
+            except ProtocolError as exc:
+                self.stats.datagrams[exc.reason] += 1
+                continue
+            if header.get("session") != self.session:
+                continue
+            link.last_seen = time.monotonic()
+            self._on_control(link, header, blobs)
+
+    def _poll_control(self) -> None:
+        self._last_control = time.perf_counter()
+        for link in self.links:
+            if link.alive:
+                self._drain(link)
+
+    def _on_control(self, link: WorkerLink, h: dict[str, Any], blobs: list[bytes]) -> None:
+        kind = h["kind"]
+        if kind == "heartbeat":
+            link.heartbeat = h.get("stats", {})
+        elif kind == "need" and h.get("request") == self.request:
+            self._send_repair(link, int(h["layer"]), [int(p) for p in h["positions"]])
+
+    def _send_repair(self, link: WorkerLink, layer: int, positions: list[int]) -> None:
+        known = [p for p in sorted(set(positions)) if p < self.history.length[layer]]
+        for start, n in _runs(known):
+            x = self.history.rows(layer, start, start + n)
+            link.sock.send_multipart(control.pack(
+                self.key, "kv", [control.tensor_blob(x)], session=self.session,
+                request=self.request, layer=layer, start=start, n=n, replay=False))
+            self.stats.repairs_served += n
+
+    def _send_replay(self, link: WorkerLink) -> None:
+        for layer in range(self.config.n_layers):
+            n = self.history.length[layer]
+            if n and self.placement.units_of(link.index, layer, "attn"):
+                link.sock.send_multipart(control.pack(
+                    self.key, "kv", [control.tensor_blob(self.history.rows(layer, 0, n))],
+                    session=self.session, request=self.request, layer=layer, start=0, n=n,
+                    replay=True))
+
+    # -- faults: takeover and rejoin -----------------------------------------------------
+    def _check_links(self) -> None:
+        self._poll_control()
+        now = time.monotonic()
+        for link in self.links:
+            if link.alive and now - link.last_seen > self.opts.dead_after_s:
+                self._take_over(link, "no heartbeat")
+            elif not link.alive and now - link.last_attempt > 2.0:
+                self._try_rejoin(link)
+
+    def _take_over(self, link: WorkerLink, reason: str) -> None:
+        """The coordinator computes a dead worker's groups from now on; attention groups
+        get their KV cache back by replaying the token history (as Petals does)."""
+        t0 = time.perf_counter()
+        link.alive = False
+        link.last_attempt = time.monotonic()
+        taken = []
+        for layer in range(self.config.n_layers):
+            target = self.model.layers[layer]
+            assert target is not None
+            units = self.placement.units_of(link.index, layer, "attn")
+            if units:
+                shard = AttentionShard(self.config, layer, units, self.source.tensor, self.dtype,
+                                       self.model.rope)
+                n = self.history.length[layer]
+                if n:
+                    shard.fill_cache(self.history.rows(layer, 0, n).to(self.dtype), 0)
+                target.attn.append(shard)
+                taken.append((layer, "attn", shard))
+            units = self.placement.units_of(link.index, layer, "mlp")
+            if units:
+                shard = MlpShard(self.config, layer, units, self.source.tensor, self.dtype)
+                target.mlp.append(shard)
+                taken.append((layer, "mlp", shard))
+        self._taken[link.index] = taken
+        groups = self.placement.count(link.index)
+        self.placement = self.placement.moved(link.index, COORDINATOR)
+        self.epoch += 1
+        self._distribute()
+        ms = 1e3 * (time.perf_counter() - t0)
+        self.stats.takeovers.append({"worker": link.name, "reason": reason,
+                                     "position": self._position, "groups": groups,
+                                     "ms": round(ms, 1)})
+        self.log(f"worker {link.name} lost ({reason}); the coordinator took over its {groups} "
+                 f"groups in {ms:.0f} ms")
+
+    def _compute_taken(self, index: int, tag: RoundTag, x: torch.Tensor) -> torch.Tensor:
+        """The current round's contribution of groups just taken over from worker `index`."""
+        kind = KIND_OF[tag.phase]
+        parts = [s.forward(x, tag.pos) for (layer, k, s) in self._taken.get(index, [])
+                 if layer == tag.layer and k == kind]
+        self.stats.recomputed += 1
+        return sum_partials(parts) if parts else torch.zeros_like(x, dtype=torch.float32)
+
+    def _try_rejoin(self, link: WorkerLink) -> None:
+        link.last_attempt = time.monotonic()
+        self._connect(link)
+        nonce = self._hello(link)
+        header = self._await(link, {"welcome", "refused"}, 0.2, joining=True)
+        if header is None or header["kind"] != "welcome":
+            return
+        t0 = time.perf_counter()
+        try:
+            self._check_welcome(link, header, nonce)
+        except HaloError as exc:
+            self.log(str(exc))
+            link.alive = False
+            return
+        owner = dict(self.placement.owner)
+        for gid, dev in self.initial_placement.owner.items():
+            if dev == link.index:
+                owner[gid] = link.index
+        self.placement = Placement(self.placement.partition, owner, self.placement.critical,
+                                   self.placement.n_devices)
+        for layer, kind, shard in self._taken.pop(link.index, []):
+            target = self.model.layers[layer]
+            assert target is not None
+            getattr(target, kind).remove(shard)
+        self.epoch += 1
+        self._distribute()
+        self._send_replay(link)
+        ms = 1e3 * (time.perf_counter() - t0)
+        self.stats.rejoins.append({"worker": link.name, "position": self._position,
+                                   "ms": round(ms, 1)})
+        self.log(f"worker {link.name} rejoined; its groups are back ({ms:.0f} ms)")
+
+    # -- reporting and shutdown ----------------------------------------------------------
+    def sync_json(self) -> dict[str, Any]:
+        self.stats.datagrams.update(self.udp.counters)
+        workers = []
+        for link in self.links:
+            workers.append({"address": link.name, "alive": link.alive,
+                            "groups": self.placement.count(link.index), **link.info,
+                            "reported": link.heartbeat})
+        out = self.stats.to_json(workers)
+        out["placement"] = self.placement.summary()
+        out["wire"] = next(k for k, v in WIRE_NAMES.items() if v == self.wire)
+        return out
+
+    def close(self) -> None:
+        for link in self.links:
+            if link.sock is not None:
+                linger = 0
+                if link.alive:
+                    try:
+                        link.sock.send_multipart(control.pack(self.key, "bye",
+                                                              session=self.session),
+                                                 zmq.NOBLOCK)
+                        linger = 200
+                    except zmq.ZMQError:
+                        pass
+                link.sock.close(linger)
+                link.sock = None
+        self.udp.close()
+
+
+def _runs(positions: list[int]) -> list[tuple[int, int]]:
+    """Sorted positions -> (start, length) runs of consecutive ones."""
+    out: list[tuple[int, int]] = []
+    for p in positions:
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((p, 1))
+    return out

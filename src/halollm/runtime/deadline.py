@@ -1,0 +1,36 @@
+"""How long the coordinator waits for non-critical contributions (pure, testable)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class DeadlineEstimator:
+    """Deadline = a high percentile of recently observed arrival delays, times a margin,
+    plus a floor; never a fixed constant alone. Late arrivals are observed too, so the
+    deadline grows when a link slows down and shrinks when it recovers."""
+
+    def __init__(self, percentile: float = 0.95, factor: float = 1.3, slack_ms: float = 0.3,
+                 warmup_ms: float = 30.0, min_ms: float = 0.5, max_ms: float = 100.0,
+                 window: int = 300, fixed_ms: float | None = None) -> None:
+        self.percentile, self.factor, self.slack_ms = percentile, factor, slack_ms
+        self.warmup_ms, self.min_ms, self.max_ms = warmup_ms, min_ms, max_ms
+        self.fixed_ms = fixed_ms
+        self.samples: deque[float] = deque(maxlen=window)
+
+    def observe(self, delay_ms: float) -> None:
+        self.samples.append(delay_ms)
+
+    def deadline_ms(self, ntok: int = 1) -> float:
+        """The wait for a round of ntok tokens (prefill rounds get proportionally longer)."""
+        if self.fixed_ms is not None:
+            base = self.fixed_ms
+        elif len(self.samples) < 20:
+            base = self.warmup_ms
+        else:
+            ordered = sorted(self.samples)
+            p = ordered[min(len(ordered) - 1, int(self.percentile * len(ordered)))]
+            base = min(self.max_ms, max(self.min_ms, p * self.factor + self.slack_ms))
+        if ntok > 1:
+            base = max(base, 50.0) + 2.0 * ntok
+        return base

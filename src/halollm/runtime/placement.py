@@ -1,0 +1,115 @@
+"""Which device computes which neuron group, and which groups are critical.
+
+A ``Placement`` is the interface between planning (this static plan now; the semantic-aware
+predictor and the load-balancing scheduler later) and the runtime, which only asks: what does
+device d compute in layer l, phase p, and must the coordinator wait for it?
+Device 0 is the coordinator.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from halollm.errors import HaloError
+from halollm.groups import KINDS, GroupId, Kind, Partition, Units, merge_units
+
+COORDINATOR = 0
+
+
+@dataclass(frozen=True)
+class Placement:
+    partition: Partition
+    owner: Mapping[GroupId, int]  # group -> device index
+    critical: frozenset[GroupId]
+    n_devices: int
+    _index: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        by: dict[tuple[int, int, str], list[int]] = {}
+        for gid, dev in self.owner.items():
+            if not 0 <= dev < self.n_devices:
+                raise HaloError(f"group {gid} placed on unknown device {dev}")
+            by.setdefault((dev, gid.layer, gid.kind), []).append(gid.index)
+        for v in by.values():
+            v.sort()
+        self._index.update(by)
+        missing = set(self.partition.groups()) - set(self.owner)
+        if missing:
+            raise HaloError(f"{len(missing)} groups have no device (e.g. {min(missing)})")
+
+    def groups_of(self, device: int, layer: int, kind: Kind) -> tuple[int, ...]:
+        return tuple(self._index.get((device, layer, kind), ()))
+
+    def units_of(self, device: int, layer: int, kind: Kind) -> Units:
+        lg = self.partition.layers[layer].of(kind)
+        return merge_units([lg[i] for i in self.groups_of(device, layer, kind)])
+
+    def devices_in(self, layer: int, kind: Kind) -> list[int]:
+        """Devices other than the coordinator with groups in this layer half."""
+        return [d for d in range(1, self.n_devices) if (d, layer, kind) in self._index]
+
+    def is_critical(self, device: int, layer: int, kind: Kind) -> bool:
+        return any(GroupId(layer, kind, i) in self.critical
+                   for i in self.groups_of(device, layer, kind))
+
+    def moved(self, source: int, target: int) -> Placement:
+        """The same placement with every group of `source` given to `target` (takeover)."""
+        owner = {g: (target if d == source else d) for g, d in self.owner.items()}
+        return Placement(self.partition, owner, self.critical, self.n_devices)
+
+    def count(self, device: int) -> int:
+        return sum(1 for d in self.owner.values() if d == device)
+
+    def device_json(self, device: int) -> str:
+        """What one device needs to know: per layer and kind, its group indices and units."""
+        layers = []
+        for i in range(len(self.partition.layers)):
+            entry = {}
+            for kind in KINDS:
+                entry[kind] = {"groups": self.groups_of(device, i, kind),
+                               "units": self.units_of(device, i, kind)}
+            layers.append(entry)
+        return json.dumps(layers, separators=(",", ":"))
+
+    def summary(self) -> dict:
+        return {"devices": self.n_devices,
+                "groups_per_device": [self.count(d) for d in range(self.n_devices)],
+                "critical_groups": len(self.critical),
+                "groups": len(self.owner)}
+
+
+def critical_groups(partition: Partition, significance: Mapping[GroupId, float],
+                    share: float) -> frozenset[GroupId]:
+    """Per layer half, the smallest set of groups carrying `share` of its total significance."""
+    if not 0.0 <= share <= 1.0:
+        raise HaloError(f"--critical-share must be between 0 and 1 (got {share})")
+    out: set[GroupId] = set()
+    for layer in range(len(partition.layers)):
+        for kind in KINDS:
+            gids = [GroupId(layer, kind, i) for i in range(partition.count(layer, kind))]
+            gids.sort(key=lambda g: -significance.get(g, 0.0))
+            total = sum(significance.get(g, 0.0) for g in gids)
+            acc = 0.0
+            for g in gids:
+                if share > 0 and (acc < share * total or total == 0):
+                    out.add(g)
+                    acc += significance.get(g, 0.0)
+    return frozenset(out)
+
+
+def static_plan(partition: Partition, significance: Mapping[GroupId, float], n_workers: int,
+                critical_share: float) -> Placement:
+    """Critical groups on the coordinator; the rest spread over the workers by count
+    (round-robin across all layers, so every worker gets an equal number of groups)."""
+    critical = critical_groups(partition, significance, critical_share)
+    owner: dict[GroupId, int] = {}
+    turn = 0
+    for gid in partition.groups():
+        if gid in critical or n_workers == 0:
+            owner[gid] = COORDINATOR
+        else:
+            owner[gid] = 1 + turn % n_workers
+            turn += 1
+    return Placement(partition, owner, critical, n_workers + 1)

@@ -1,0 +1,58 @@
+"""Synchronisation statistics of a distributed generation (what `--json` reports as `sync`)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class SyncStats:
+    mode: str
+    rounds: int = 0
+    expected: int = 0  # worker contributions the plan asked for
+    received: int = 0  # arrived before the round closed
+    late: int = 0  # arrived after the round closed (discarded)
+    lost: int = 0  # never arrived before the round closed (late ones included)
+    critical_waits: int = 0  # rounds that waited past the deadline for a critical group
+    recomputed: int = 0  # contributions the coordinator computed itself after a takeover
+    waited_ms: float = 0.0  # time spent waiting for workers after the own compute finished
+    repairs_served: int = 0  # KV positions sent to workers that missed them
+    takeovers: list[dict[str, Any]] = field(default_factory=list)
+    rejoins: list[dict[str, Any]] = field(default_factory=list)
+    per_token: list[dict[str, Any]] = field(default_factory=list)
+    datagrams: Counter[str] = field(default_factory=Counter)
+    deadline_ms: float | None = None
+
+    def token_done(self, pos: int, before: tuple[int, int, float]) -> None:
+        exp, rec, wait = before
+        self.per_token.append({"pos": pos, "expected": self.expected - exp,
+                               "received": self.received - rec,
+                               "waited_ms": round(self.waited_ms - wait, 3)})
+
+    def mark(self) -> tuple[int, int, float]:
+        return self.expected, self.received, self.waited_ms
+
+    def to_json(self, workers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        n = max(1, len(self.per_token))
+        return {
+            "mode": self.mode,
+            "rounds": self.rounds,
+            "expected": self.expected,
+            "received": self.received,
+            "late": self.late,
+            "lost": self.lost,
+            "loss_rate": round(self.lost / self.expected, 5) if self.expected else 0.0,
+            "critical_waits": self.critical_waits,
+            "recomputed": self.recomputed,
+            "waited_ms": round(self.waited_ms, 2),
+            "waited_ms_per_token": round(self.waited_ms / n, 3),
+            "deadline_ms": None if self.deadline_ms is None else round(self.deadline_ms, 3),
+            "repairs_served": self.repairs_served,
+            "takeovers": self.takeovers,
+            "rejoins": self.rejoins,
+            "datagrams": dict(self.datagrams),
+            "workers": workers or [],
+            "per_token": self.per_token,
+        }

@@ -1,0 +1,341 @@
+"""`halo worker`: computes the partial residual updates of the groups it is assigned.
+
+One process, one thread, one event loop over two sockets bound to the same port number:
+a ZeroMQ ROUTER (TCP: the control plane, and the data plane in strict mode) and a UDP socket
+(the data plane in relaxed mode). A worker serves one coordinator session at a time; a new
+coordinator's join replaces the old session, so a worker never needs a restart.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import zmq
+
+from halollm.errors import HaloError
+from halollm.model.llama import AttentionShard, MlpShard, Rope
+from halollm.model.loader import DTYPES, content_hash, open_source
+from halollm.runtime import control, protocol
+from halollm.runtime.protocol import ACTIVATION, ATTN, PARTIAL, ProtocolError, RoundTag
+from halollm.runtime.tensor_codec import decode_body, encode_body
+from halollm.runtime.transport import UdpEndpoint
+
+HEARTBEAT_S = 0.25
+
+
+@dataclass
+class LayerWork:
+    attn_groups: tuple[int, ...] = ()
+    mlp_groups: tuple[int, ...] = ()
+    attn: AttentionShard | None = None
+    mlp: MlpShard | None = None
+
+
+@dataclass
+class Session:
+    session: int
+    identity: bytes  # the coordinator's ZeroMQ identity on our ROUTER
+    udp_addr: tuple[str, int]
+    device: int = -1
+    epoch: int = -1
+    wire: int = 1
+    dtype: torch.dtype = torch.float16
+    layers: list[LayerWork] = field(default_factory=list)
+    request: int = -1
+    known: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> filled positions
+    asked: dict[int, set[int]] = field(default_factory=dict)  # layer -> positions requested
+    last_heard: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    def __init__(self, host: str, port: int, key: bytes, model: str | None,
+                 log: Callable[[str], None] | None = None, idle_timeout: float = 120.0) -> None:
+        self.log = log or (lambda msg: print(f"[worker] {msg}", file=sys.stderr, flush=True))
+        self.key = key
+        self.source = open_source(model)
+        self.config = self.source.config
+        self.model_hash = content_hash(Path(self.source.path))
+        self.rope = Rope(self.config)
+        self.idle_timeout = idle_timeout
+        self.udp = UdpEndpoint(host, port, key)
+        self.port = self.udp.port
+        self.ctx = zmq.Context.instance()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        try:
+            self.router.bind(f"tcp://{host}:{self.port}")
+        except zmq.ZMQError as exc:
+            self.udp.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise HaloError(f"TCP port {self.port} on {host} is in use; choose another "
+                                "port") from exc
+            raise HaloError(f"cannot listen on TCP {host}:{self.port}: {exc}") from exc
+        self.session: Session | None = None
+        self.stats: dict[str, Any] = {"rounds": 0, "repair_requests": 0, "repaired": 0,
+                                      "repair_ms": [], "compute_ms": 0.0}
+        self._need_sent: dict[tuple[int, int], float] = {}
+        self._stop = False
+
+    # -- the loop ------------------------------------------------------------------------
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.udp.fileno(), zmq.POLLIN)
+        last_beat = 0.0
+        while not self._stop:
+            events = dict(poller.poll(int(HEARTBEAT_S * 1000)))
+            if self.router in events:
+                self._drain_router()
+            if self.udp.fileno() in events:
+                for msg in self.udp.receive():
+                    self._on_data(msg.kind, msg.wire, msg.tag, msg.body, via_udp=True)
+            now = time.monotonic()
+            s = self.session
+            if s is not None and now - last_beat >= HEARTBEAT_S:
+                self._send(s, "heartbeat", stats=self._public_stats())
+                last_beat = now
+            if s is not None and now - s.last_heard > self.idle_timeout:
+                self.log("coordinator silent for too long; waiting for a new one")
+                self.session = None
+
+    def close(self) -> None:
+        self.router.close(0)
+        self.udp.close()
+        self.source.close()
+
+    def _drain_router(self) -> None:
+        while True:
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                continue
+            identity, rest = frames[0], frames[1:]
+            if len(rest) == 1 and rest[0][:2] == protocol.MAGIC:  # strict-mode data
+                self._on_datagram(rest[0], identity)
+                continue
+            try:
+                header, blobs = control.unpack(self.key, rest)
+            except ProtocolError as exc:
+                self.udp.counters[exc.reason] += 1
+                if exc.reason == "unauthenticated":
+                    self.router.send_multipart([identity, json.dumps(
+                        {"kind": "refused", "reason": "wrong cluster key"}).encode(),
+                        b"\0" * protocol.MAC_SIZE])
+                continue
+            try:
+                self._on_control(identity, header, blobs)
+            except (ProtocolError, KeyError, ValueError, TypeError) as exc:
+                self.udp.counters["malformed"] += 1
+                self.log(f"bad control message {header.get('kind')!r}: {exc}")
+
+    # -- control plane -------------------------------------------------------------------
+    def _send(self, s: Session, kind: str, blobs: list[bytes] | None = None, **fields: Any
+              ) -> None:
+        self.router.send_multipart([s.identity, *control.pack(self.key, kind, blobs,
+                                                               session=s.session, **fields)])
+
+    def _on_control(self, identity: bytes, h: dict[str, Any], blobs: list[bytes]) -> None:
+        kind = h["kind"]
+        if kind == "hello":
+            self._on_hello(identity, h)
+            return
+        s = self.session
+        if s is None or h.get("session") != s.session or identity != s.identity:
+            self.udp.counters["stale_control"] += 1
+            return
+        s.last_heard = time.monotonic()
+        if kind == "plan":
+            self._on_plan(s, h)
+        elif kind == "kv":
+            self._on_kv(s, h, blobs)
+        elif kind == "ping":
+            self._send(s, "pong", t=h.get("t"))
+        elif kind == "bye":
+            self.log("session ended by the coordinator")
+            self.session = None
+
+    def _on_hello(self, identity: bytes, h: dict[str, Any]) -> None:
+        def refuse(reason: str) -> None:
+            self.router.send_multipart([identity, *control.pack(self.key, "refused",
+                                                                 reason=reason)])
+            self.log(f"refused a coordinator: {reason}")
+
+        if h.get("version") != control.PROTOCOL_VERSION:
+            return refuse(f"protocol version {h.get('version')} (this worker speaks "
+                          f"{control.PROTOCOL_VERSION})")
+        nonce = str(h.get("nonce", ""))
+        if h.get("proof") != control.join_proof(self.key, "coordinator", nonce,
+                                                  str(h.get("model_hash"))):
+            return refuse("wrong cluster key")
+        if h.get("model_hash") != self.model_hash:
+            return refuse(f"different model (worker has {self.model_hash[:12]}…, coordinator "
+                          f"has {str(h.get('model_hash'))[:12]}…)")
+        udp_host, udp_port = h["udp"]
+        self.session = Session(session=int(h["session"]), identity=identity,
+                               udp_addr=(str(udp_host), int(udp_port)))
+        self._need_sent.clear()
+        self._send(self.session, "welcome", proof=control.join_proof(
+            self.key, "worker", nonce, self.model_hash), model_hash=self.model_hash,
+            cores=os.cpu_count(), threads=torch.get_num_threads())
+        self.log(f"joined session {self.session.session:08x}")
+
+    def _on_plan(self, s: Session, h: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        dtype = DTYPES[h["dtype"]]
+        layers = json.loads(h["layers"])
+        keep = s.dtype == dtype and len(s.layers) == len(layers)
+        new_layers = []
+        for i, spec in enumerate(layers):
+            old = s.layers[i] if keep else LayerWork()
+            work = LayerWork(tuple(spec["attn"]["groups"]), tuple(spec["mlp"]["groups"]))
+            attn_units, mlp_units = tuple(spec["attn"]["units"]), tuple(spec["mlp"]["units"])
+            if attn_units:
+                same = old.attn is not None and old.attn.kv_heads == attn_units
+                work.attn = old.attn if same else AttentionShard(
+                    self.config, i, attn_units, self.source.tensor, dtype, self.rope)
+                if not same:
+                    s.known.pop(i, None)
+            if mlp_units:
+                same = old.mlp is not None and old.mlp.neurons == mlp_units
+                work.mlp = old.mlp if same else MlpShard(self.config, i, mlp_units,
+                                                         self.source.tensor, dtype)
+            new_layers.append(work)
+        s.layers, s.dtype = new_layers, dtype
+        s.device, s.epoch, s.wire = int(h["device"]), int(h["epoch"]), int(h["wire"])
+        if h.get("request") is not None and h["request"] != s.request:
+            s.request, s.known, s.asked = int(h["request"]), {}, {}
+        self._send(s, "ready", epoch=s.epoch, build_ms=round(1e3 * (time.perf_counter() - t0),
+                                                             1))
+
+    def _on_kv(self, s: Session, h: dict[str, Any], blobs: list[bytes]) -> None:
+        """Keys/values for positions we missed (repair) or never had (replay)."""
+        if h["request"] != s.request:
+            if h.get("replay"):
+                s.request, s.known, s.asked = int(h["request"]), {}, {}
+            else:
+                return
+        layer, start = int(h["layer"]), int(h["start"])
+        work = s.layers[layer] if layer < len(s.layers) else None
+        if work is None or work.attn is None:
+            return
+        n = int(h["n"])
+        x = control.blob_tensor(blobs[0], (n, self.config.hidden_size))
+        with torch.inference_mode():
+            work.attn.fill_cache(x.to(s.dtype), start)
+        self._mark_known(s, layer, start, n)
+        if not h.get("replay"):
+            self.stats["repaired"] += n
+            for p in range(start, start + n):
+                sent = self._need_sent.pop((layer, p), None)
+                if sent is not None:
+                    self.stats["repair_ms"].append(1e3 * (time.monotonic() - sent))
+
+    def _public_stats(self) -> dict[str, Any]:
+        ms = self.stats["repair_ms"]
+        return {"rounds": self.stats["rounds"], "repair_requests": self.stats["repair_requests"],
+                "repaired_positions": self.stats["repaired"],
+                "repair_mean_ms": round(sum(ms) / len(ms), 3) if ms else None,
+                "compute_ms": round(self.stats["compute_ms"], 1),
+                "datagrams": dict(self.udp.counters)}
+
+    # -- data plane ----------------------------------------------------------------------
+    def _on_datagram(self, data: bytes, identity: bytes) -> None:
+        try:
+            frag = protocol.decode(data, self.key)
+        except ProtocolError as exc:
+            self.udp.counters[exc.reason] += 1
+            return
+        if frag.count != 1:
+            self.udp.counters["malformed"] += 1
+            return
+        s = self.session
+        if s is not None and identity == s.identity:
+            self._on_data(frag.kind, frag.wire, frag.tag, frag.payload, via_udp=False)
+
+    def _on_data(self, kind: int, wire: int, tag: RoundTag, body: bytes, via_udp: bool) -> None:
+        s = self.session
+        if s is None or kind != ACTIVATION or tag.session != s.session or tag.epoch != s.epoch:
+            self.udp.counters["stale"] += 1
+            return
+        if tag.layer >= len(s.layers):
+            self.udp.counters["malformed"] += 1
+            return
+        s.last_heard = time.monotonic()
+        try:
+            _, x = decode_body(body, wire, tag.ntok, self.config.hidden_size)
+        except ProtocolError as exc:
+            self.udp.counters[exc.reason] += 1
+            return
+        if tag.request != s.request:
+            s.request, s.known, s.asked = tag.request, {}, {}
+        work = s.layers[tag.layer]
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            if tag.phase == ATTN:
+                if work.attn is None:
+                    return
+                mask = self._key_mask(s, tag)
+                out = work.attn.forward(x.to(s.dtype), tag.pos, key_mask=mask)
+                self._mark_known(s, tag.layer, tag.pos, tag.ntok)
+                groups = work.attn_groups
+            else:
+                if work.mlp is None:
+                    return
+                out = work.mlp.forward(x.to(s.dtype))
+                groups = work.mlp_groups
+            reply = encode_body(out, s.wire, groups)
+        self.stats["compute_ms"] += 1e3 * (time.perf_counter() - t0)
+        self.stats["rounds"] += 1
+        if via_udp:
+            self.udp.send(PARTIAL, s.device, s.wire, tag, reply, [s.udp_addr])
+        else:
+            data = protocol.encode(PARTIAL, s.device, s.wire, tag, reply, self.key,
+                                   mtu=1 << 30)[0]
+            self.router.send_multipart([s.identity, data])
+
+    def _known(self, s: Session, layer: int, upto: int) -> torch.Tensor:
+        known = s.known.get(layer)
+        if known is None or known.shape[0] < upto:
+            grown = torch.zeros(max(upto, 256, 2 * (0 if known is None else known.shape[0])),
+                                dtype=torch.bool)
+            if known is not None:
+                grown[: known.shape[0]] = known
+            s.known[layer] = known = grown
+        return known
+
+    def _mark_known(self, s: Session, layer: int, start: int, n: int) -> None:
+        self._known(s, layer, start + n)[start:start + n] = True
+
+    def _key_mask(self, s: Session, tag: RoundTag) -> torch.Tensor | None:
+        """None when every earlier position is in the cache; otherwise a mask that hides the
+        missing ones, after asking the coordinator for them (KV repair)."""
+        if tag.pos == 0:
+            return None
+        known = self._known(s, tag.layer, tag.pos + tag.ntok)
+        if bool(known[: tag.pos].all()):
+            return None
+        missing = (~known[: tag.pos]).nonzero().flatten().tolist()
+        asked = s.asked.setdefault(tag.layer, set())
+        new = [p for p in missing if p not in asked]
+        if new:
+            asked.update(new)
+            now = time.monotonic()
+            for p in new:
+                self._need_sent[(tag.layer, p)] = now
+            self.stats["repair_requests"] += 1
+            self._send(s, "need", request=s.request, layer=tag.layer, positions=new)
+        mask = known.clone()
+        mask[tag.pos: tag.pos + tag.ntok] = True
+        return mask
