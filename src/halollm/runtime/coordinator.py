@@ -46,6 +46,7 @@ class ClusterOptions:
     mtu: int = protocol.DEFAULT_MTU
     dead_after_s: float = 2.0  # silence after which a worker is declared dead
     join_timeout_s: float = 30.0
+    rejoin_every_s: float = 2.0  # how often a lost worker's address is tried again
     drop_rates: Sequence[float] = ()  # user-space loss per worker (no kernel testbed)
 
 
@@ -423,7 +424,7 @@ class Coordinator:
         for link in self.links:
             if link.alive and now - link.last_seen > self.opts.dead_after_s:
                 self._take_over(link, "no heartbeat")
-            elif not link.alive and now - link.last_attempt > 2.0:
+            elif not link.alive and now - link.last_attempt > self.opts.rejoin_every_s:
                 self._try_rejoin(link)
 
     def _take_over(self, link: WorkerLink, reason: str) -> None:

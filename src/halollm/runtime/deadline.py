@@ -17,9 +17,14 @@ class DeadlineEstimator:
         self.warmup_ms, self.min_ms, self.max_ms = warmup_ms, min_ms, max_ms
         self.fixed_ms = fixed_ms
         self.samples: deque[float] = deque(maxlen=window)
+        self._cached: float | None = None
+        self._since = 0
 
     def observe(self, delay_ms: float) -> None:
         self.samples.append(delay_ms)
+        self._since += 1
+        if self._since >= 16:  # re-rank every 16 samples: sorting per round costs too much
+            self._cached, self._since = None, 0
 
     def deadline_ms(self, ntok: int = 1) -> float:
         """The wait for a round of ntok tokens (prefill rounds get proportionally longer)."""
@@ -28,9 +33,12 @@ class DeadlineEstimator:
         elif len(self.samples) < 20:
             base = self.warmup_ms
         else:
-            ordered = sorted(self.samples)
-            p = ordered[min(len(ordered) - 1, int(self.percentile * len(ordered)))]
-            base = min(self.max_ms, max(self.min_ms, p * self.factor + self.slack_ms))
+            if self._cached is None:
+                ordered = sorted(self.samples)
+                p = ordered[min(len(ordered) - 1, int(self.percentile * len(ordered)))]
+                self._cached = min(self.max_ms, max(self.min_ms, p * self.factor +
+                                                    self.slack_ms))
+            base = self._cached
         if ntok > 1:
             base = max(base, 50.0) + 2.0 * ntok
         return base

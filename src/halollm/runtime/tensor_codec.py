@@ -57,14 +57,15 @@ def decode_body(body: bytes, wire: int, ntok: int, dim: int) -> tuple[tuple[int,
     if wire == WIRE_INT8:
         scale = np.frombuffer(body, dtype=">f4", count=ntok, offset=off).astype(np.float32)
         q = np.frombuffer(body, dtype=np.int8, count=ntok * dim, offset=off + 4 * ntok)
-        x = torch.from_numpy(q.reshape(ntok, dim).astype(np.float32) * scale[:, None])
+        arr = q.reshape(ntok, dim).astype(np.float32) * scale[:, None]
     elif wire == WIRE_BF16:
         raw = np.frombuffer(body, dtype=np.int16, count=ntok * dim, offset=off).copy()
         x = torch.from_numpy(raw).view(torch.bfloat16).reshape(ntok, dim).float()
+        arr = x.numpy()
     else:
         np_dtype = np.float32 if wire == WIRE_FP32 else np.float16
-        raw = np.frombuffer(body, dtype=np_dtype, count=ntok * dim, offset=off)
-        x = torch.from_numpy(raw.astype(np.float32)).reshape(ntok, dim)
-    if not bool(torch.isfinite(x).all()):
+        arr = np.frombuffer(body, dtype=np_dtype, count=ntok * dim, offset=off).astype(
+            np.float32).reshape(ntok, dim)
+    if not np.isfinite(arr).all():
         raise ProtocolError("malformed", "non-finite values")
-    return groups, x
+    return groups, torch.from_numpy(arr)

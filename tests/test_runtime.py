@@ -1,0 +1,182 @@
+"""The distributed runtime with real worker processes and real sockets on loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from halollm.errors import HaloError
+from halollm.generate import LocalDecoder, generate
+from halollm.runtime.coordinator import ClusterOptions, Coordinator
+from halollm.runtime.keys import ENV, key_bytes
+from halollm.runtime.local import READY, LocalWorkers
+from halollm.sampling import SamplingParams
+from tests.conftest import run_halo
+
+KEY = "test-cluster-key"
+PROMPT = "The three most useful things to pack for a long hike are"
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def workers():
+    with LocalWorkers(3, KEY, threads=1) as lw:
+        yield lw
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(model_fp32):
+    tok = model_fp32.tokenizer
+    ids = tok.encode(PROMPT)
+    return generate(LocalDecoder(model_fp32.transformer), tok, ids, max_tokens=32,
+                    sampling=GREEDY).token_ids
+
+
+def _generate(addresses, max_tokens=32, dtype="fp32", on_text=None, **opts):
+    coord = Coordinator(None, dtype, addresses, key_bytes(KEY), ClusterOptions(**opts))
+    try:
+        ids = coord.tokenizer.encode(PROMPT)
+        result = generate(coord, coord.tokenizer, ids, max_tokens=max_tokens, sampling=GREEDY,
+                          on_text=on_text)
+        return result, coord.sync_json()
+    finally:
+        coord.close()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_strict_equals_single_device(workers, reference_tokens, n):
+    result, sync = _generate(workers.addresses[:n], mode="strict")
+    assert result.token_ids == reference_tokens
+    assert sync["mode"] == "strict" and sync["lost"] == 0
+    assert sync["received"] == sync["expected"] > 0
+    assert sync["placement"]["groups_per_device"][1] > 0  # workers really computed groups
+
+
+def test_relaxed_without_loss_equals_single_device(workers, reference_tokens):
+    result, sync = _generate(workers.addresses, mode="relaxed", deadline_ms=5000)
+    assert result.token_ids == reference_tokens
+    assert sync["lost"] == 0 and sync["late"] == 0
+    assert sync["received"] == sync["expected"] > 0
+    assert sync["datagrams"].get("unauthenticated", 0) == 0
+    reported = [w["reported"] for w in sync["workers"]]
+    assert all(r.get("rounds", 0) > 0 for r in reported if r)
+
+
+def test_fp16_strict_matches_fp16_single_device(workers):
+    from halollm.model.loader import load_model
+
+    m = load_model(None, "fp16")
+    ids = m.tokenizer.encode(PROMPT)
+    ref = generate(LocalDecoder(m.transformer), m.tokenizer, ids, max_tokens=16,
+                   sampling=GREEDY).token_ids
+    result, _ = _generate(workers.addresses[:2], max_tokens=16, dtype="fp16", mode="strict")
+    assert result.token_ids == ref
+
+
+def _kill_after(lw: LocalWorkers, index: int, tokens: int):
+    seen = []
+
+    def on_text(_piece: str) -> None:
+        seen.append(1)
+        if len(seen) == tokens:
+            lw.kill(index)
+    return on_text
+
+
+def test_worker_killed_mid_generation_relaxed_completes():
+    with LocalWorkers(2, KEY, threads=1) as lw:
+        result, sync = _generate(lw.addresses, max_tokens=40, mode="relaxed",
+                                 on_text=_kill_after(lw, 0, 5), dead_after_s=0.6,
+                                 rejoin_every_s=60)
+    assert len(result.token_ids) == 40
+    assert len(sync["takeovers"]) == 1
+    assert sync["takeovers"][0]["worker"] == lw.addresses[0][0] + ":" + str(lw.addresses[0][1])
+    assert not sync["workers"][0]["alive"] and sync["workers"][1]["alive"]
+    assert sync["workers"][0]["groups"] == 0  # its groups now live on the coordinator
+
+
+def test_strict_takeover_and_rejoin_stay_exact(reference_tokens):
+    """Takeover rebuilds KV caches by replaying history, and a restarted worker gets its
+    groups and caches back: strict decoding stays identical to the single device."""
+    with LocalWorkers(2, KEY, threads=1) as lw:
+        host, port = lw.addresses[0]
+        restarted: list[subprocess.Popen] = []
+
+        def on_text(_piece: str, count=[0]) -> None:  # noqa: B006
+            count[0] += 1
+            if count[0] == 4:
+                lw.kill(0)
+            if count[0] == 12:  # restart a worker on the same address
+                p = subprocess.Popen([sys.executable, "-m", "halollm.cli.main", "worker",
+                                      "--listen", f"{host}:{port}", "--threads", "1"],
+                                     env={**__import__("os").environ, ENV: KEY},
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
+                restarted.append(p)
+                assert p.stdout is not None
+                assert READY.search(p.stdout.readline())
+        try:
+            result, sync = _generate(lw.addresses, max_tokens=32, mode="strict",
+                                     on_text=on_text, dead_after_s=0.6, rejoin_every_s=0.1)
+        finally:
+            for p in restarted:
+                p.terminate()
+                p.wait(timeout=10)
+    assert result.token_ids == reference_tokens
+    assert len(sync["takeovers"]) == 1 and sync["recomputed"] >= 1
+    assert len(sync["rejoins"]) == 1
+    assert sync["workers"][0]["alive"] and sync["workers"][0]["groups"] > 0
+
+
+def test_wrong_key_is_refused(workers):
+    with pytest.raises(HaloError, match="wrong cluster key"):
+        Coordinator(None, "fp32", workers.addresses[:1], key_bytes("another key"),
+                    ClusterOptions(join_timeout_s=10))
+
+
+def test_different_model_is_refused(tmp_path, workers):
+    from tests.tiny import hf_tiny, write_gguf
+
+    write_gguf(tmp_path / "other.gguf", hf_tiny(tmp_path / "hf"), "F32")
+    with pytest.raises(HaloError, match="different model"):
+        Coordinator(str(tmp_path / "other.gguf"), "fp32", workers.addresses[:1],
+                    key_bytes(KEY), ClusterOptions(join_timeout_s=10))
+
+
+def test_unreachable_worker_is_a_clear_error():
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    t0 = time.monotonic()
+    with pytest.raises(HaloError, match="did not answer"):
+        Coordinator(None, "fp32", [("127.0.0.1", port)], key_bytes(KEY),
+                    ClusterOptions(join_timeout_s=1.5))
+    assert time.monotonic() - t0 < 30
+
+
+def test_port_in_use_is_one_clear_line(workers):
+    host, port = workers.addresses[0]
+    proc = run_halo("worker", "--listen", f"{host}:{port}", env={ENV: KEY}, timeout=60)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "in use" in proc.stderr
+
+
+def test_cli_run_local_json():
+    proc = run_halo("run", "The capital of France is", "--local", "2", "--max-tokens", "8",
+                    "--json", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["mode"] == "relaxed" and len(out["token_ids"]) == 8
+    sync = out["sync"]
+    for key in ("expected", "received", "late", "lost", "waited_ms", "per_token"):
+        assert key in sync
+    assert len(sync["per_token"]) == 8
+    assert sync["expected"] > 0 and sync["received"] + sync["lost"] == sync["expected"]
