@@ -10,6 +10,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Benchmarks. Each writes a JSON and a markdown file with the "
                                    "machine and the command.")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    from halollm.bench import engine
+    from halollm.bench import engine, runtime
 
     engine.register(bsub)
+    runtime.register(bsub)

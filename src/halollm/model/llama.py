@@ -23,6 +23,21 @@ import torch.nn.functional as F
 from halollm.model.config import ModelConfig, RopeScaling
 
 TensorSource = Callable[[str], np.ndarray]  # canonical name -> float32 array
+
+
+def cached(tensor: TensorSource, size: int = 8) -> TensorSource:
+    """`tensor` with the last `size` tensors kept: building many shards of one layer then
+    dequantizes each of its matrices once, not once per shard."""
+    memo: dict[str, np.ndarray] = {}
+
+    def get(name: str) -> np.ndarray:
+        if name not in memo:
+            if len(memo) >= size:
+                memo.pop(next(iter(memo)))
+            memo[name] = tensor(name)
+        return memo[name]
+
+    return get
 REFINE_TOP = 16  # logits recomputed in float32 per position when computing in fp16/bf16
 
 
@@ -256,6 +271,7 @@ class Transformer:
         """attn_sets[i] / mlp_sets[i]: the unit sets of layer i's shards (default: one shard
         with every unit). `layers` restricts which layers get weights (the rest stay empty)."""
         self.config, self.dtype = config, dtype
+        tensor = cached(tensor)
         self.rope = Rope(config)
         head = torch.from_numpy(tensor("embed" if config.tie_embeddings else "lm_head"))
         self.lm_head = head.to(dtype).contiguous()

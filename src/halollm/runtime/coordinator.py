@@ -20,7 +20,7 @@ import zmq
 
 from halollm.errors import HaloError
 from halollm.groups import Partition
-from halollm.model.llama import AttentionShard, MlpShard, Transformer, sum_partials
+from halollm.model.llama import AttentionShard, MlpShard, Transformer, cached, sum_partials
 from halollm.model.loader import content_hash, dtype_name, open_source, open_tokenizer, parse_dtype
 from halollm.runtime import control, protocol
 from halollm.runtime.deadline import DeadlineEstimator
@@ -48,6 +48,8 @@ class ClusterOptions:
     join_timeout_s: float = 30.0
     rejoin_every_s: float = 2.0  # how often a lost worker's address is tried again
     drop_rates: Sequence[float] = ()  # user-space loss per worker (no kernel testbed)
+    # a ready-made placement (benchmarks, the scheduler); None: the static plan
+    plan: Callable[[Partition, dict], Placement] | None = None
 
 
 @dataclass
@@ -124,16 +126,19 @@ class Coordinator:
         self._last_control = 0.0
         self._position = 0
         try:
-            for link in self.links:
-                self._join(link, options.join_timeout_s)
             partition = Partition.contiguous(self.config, options.attn_groups, options.mlp_groups)
             ranking = cached_ranking(self.model_hash, self.config, self.source.tensor, partition,
                                      self.tokenizer.encode(RANKING_TEXT))
-            self.placement = static_plan(partition, ranking, len(self.links),
-                                         options.critical_share)
+            if options.plan is not None:
+                self.placement = options.plan(partition, ranking)
+            else:
+                self.placement = static_plan(partition, ranking, len(self.links),
+                                             options.critical_share)
             self.initial_placement = self.placement
             self.model = self._build_model()
             self.history = History(self.config.n_layers, self.config.hidden_size)
+            for link in self.links:  # join last: everything slow is done by now
+                self._join(link, options.join_timeout_s)
             self._distribute()
         except BaseException:
             self.close()
@@ -434,12 +439,13 @@ class Coordinator:
         link.alive = False
         link.last_attempt = time.monotonic()
         taken = []
+        tensor = cached(self.source.tensor)
         for layer in range(self.config.n_layers):
             target = self.model.layers[layer]
             assert target is not None
             units = self.placement.units_of(link.index, layer, "attn")
             if units:
-                shard = AttentionShard(self.config, layer, units, self.source.tensor, self.dtype,
+                shard = AttentionShard(self.config, layer, units, tensor, self.dtype,
                                        self.model.rope)
                 n = self.history.length[layer]
                 if n:
@@ -448,7 +454,7 @@ class Coordinator:
                 taken.append((layer, "attn", shard))
             units = self.placement.units_of(link.index, layer, "mlp")
             if units:
-                shard = MlpShard(self.config, layer, units, self.source.tensor, self.dtype)
+                shard = MlpShard(self.config, layer, units, tensor, self.dtype)
                 target.mlp.append(shard)
                 taken.append((layer, "mlp", shard))
         self._taken[link.index] = taken

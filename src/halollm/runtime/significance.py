@@ -18,7 +18,7 @@ import torch
 
 from halollm.groups import GroupId, Partition
 from halollm.model.config import ModelConfig
-from halollm.model.llama import Transformer
+from halollm.model.llama import Transformer, cached
 
 # A fixed English text written for this project (not evaluation data), ~300 tokens.
 RANKING_TEXT = (
@@ -51,19 +51,28 @@ def cache_dir() -> Path:
 def measure(config: ModelConfig, tensor: Callable[[str], np.ndarray], partition: Partition,
             ids: list[int], dtype: torch.dtype = torch.float32) -> dict[GroupId, float]:
     """Mean L2 norm, over the tokens of `ids`, of every group's partial residual update."""
-    model = Transformer(config, tensor, dtype, attn_sets=[lg.attn for lg in partition.layers],
-                        mlp_sets=[lg.mlp for lg in partition.layers])
+    tensor = cached(tensor, size=16)
+    model = Transformer(config, tensor, dtype, attn_sets=[lg.attn for lg in partition.layers])
     out: dict[GroupId, float] = {}
     h = model.embed(torch.tensor(ids))
     for i, layer in enumerate(model.layers):
         assert layer is not None
-        for kind, shards, norm in (("attn", layer.attn, layer.attn_input),
-                                   ("mlp", layer.mlp, layer.mlp_input)):
-            x = norm(h)
-            parts = [s.forward(x, 0).float() for s in shards]
-            for j, p in enumerate(parts):
-                out[GroupId(i, kind, j)] = float(p.norm(dim=-1).mean())
-            h = h + sum(parts)
+        x = layer.attn_input(h)
+        parts = [s.forward(x, 0).float() for s in layer.attn]
+        for j, p in enumerate(parts):
+            out[GroupId(i, "attn", j)] = float(p.norm(dim=-1).mean())
+        h = h + sum(parts)
+        # MLP: one pass for the activations, then each group's slice of the down projection
+        (mlp,) = layer.mlp
+        act = mlp.activations(layer.mlp_input(h)).float()
+        down = mlp.w_down.float()
+        total = torch.zeros_like(h)
+        for j, units in enumerate(partition.layers[i].mlp):
+            idx = torch.tensor(units)
+            p = act[:, idx] @ down[:, idx].T
+            out[GroupId(i, "mlp", j)] = float(p.norm(dim=-1).mean())
+            total += p
+        h = h + total
     return out
 
 

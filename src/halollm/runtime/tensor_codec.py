@@ -43,7 +43,8 @@ def encode_body(x: torch.Tensor, wire: int, groups: Sequence[int] = ()) -> bytes
 
 def decode_body(body: bytes, wire: int, ntok: int, dim: int) -> tuple[tuple[int, ...],
                                                                        torch.Tensor]:
-    """(groups, float32 tensor [ntok, dim]); ProtocolError if the body does not fit."""
+    """(groups, tensor [ntok, dim]) in the wire's own dtype (float32 for int8), with no
+    copy where possible; ProtocolError if the body does not fit or holds non-finite values."""
     if wire not in _ITEM:
         raise ProtocolError("malformed", f"unknown wire format {wire}")
     if len(body) < 2:
@@ -52,20 +53,23 @@ def decode_body(body: bytes, wire: int, ntok: int, dim: int) -> tuple[tuple[int,
     if len(body) != body_size(wire, ntok, dim, n):
         raise ProtocolError("malformed", f"body of {len(body)} bytes does not hold "
                                          f"{ntok}x{dim} values and {n} groups")
-    groups = tuple(_U16.unpack_from(body, 2 + 2 * i)[0] for i in range(n))
+    groups = tuple(_U16.unpack_from(body, 2 + 2 * i)[0] for i in range(n)) if n else ()
     off = 2 + 2 * n
     if wire == WIRE_INT8:
         scale = np.frombuffer(body, dtype=">f4", count=ntok, offset=off).astype(np.float32)
         q = np.frombuffer(body, dtype=np.int8, count=ntok * dim, offset=off + 4 * ntok)
         arr = q.reshape(ntok, dim).astype(np.float32) * scale[:, None]
+        finite = np.isfinite(arr).all()
+        x = torch.from_numpy(arr)
     elif wire == WIRE_BF16:
-        raw = np.frombuffer(body, dtype=np.int16, count=ntok * dim, offset=off).copy()
-        x = torch.from_numpy(raw).view(torch.bfloat16).reshape(ntok, dim).float()
-        arr = x.numpy()
+        raw = np.frombuffer(body, dtype=np.int16, count=ntok * dim, offset=off)
+        x = torch.frombuffer(bytearray(raw.tobytes()), dtype=torch.bfloat16).reshape(ntok, dim)
+        finite = bool(torch.isfinite(x).all())
     else:
         np_dtype = np.float32 if wire == WIRE_FP32 else np.float16
-        arr = np.frombuffer(body, dtype=np_dtype, count=ntok * dim, offset=off).astype(
-            np.float32).reshape(ntok, dim)
-    if not np.isfinite(arr).all():
+        arr = np.frombuffer(body, dtype=np_dtype, count=ntok * dim, offset=off)
+        finite = np.isfinite(arr).all()
+        x = torch.from_numpy(arr.copy()).reshape(ntok, dim)
+    if not finite:
         raise ProtocolError("malformed", "non-finite values")
-    return groups, torch.from_numpy(arr)
+    return groups, x

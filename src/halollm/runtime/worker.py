@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import select
 import sys
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ import torch
 import zmq
 
 from halollm.errors import HaloError
-from halollm.model.llama import AttentionShard, MlpShard, Rope
+from halollm.model.llama import AttentionShard, MlpShard, Rope, cached
 from halollm.model.loader import DTYPES, content_hash, open_source
 from halollm.runtime import control, protocol
 from halollm.runtime.protocol import ACTIVATION, ATTN, PARTIAL, ProtocolError, RoundTag
@@ -58,7 +59,7 @@ class Session:
 
 class Worker:
     def __init__(self, host: str, port: int, key: bytes, model: str | None,
-                 log: Callable[[str], None] | None = None, idle_timeout: float = 120.0) -> None:
+                 log: Callable[[str], None] | None = None, idle_timeout: float = 900.0) -> None:
         self.log = log or (lambda msg: print(f"[worker] {msg}", file=sys.stderr, flush=True))
         self.key = key
         self.source = open_source(model)
@@ -87,16 +88,18 @@ class Worker:
         self._stop = False
 
     # -- the loop ------------------------------------------------------------------------
+    @torch.inference_mode()
     def serve(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
-        poller.register(self.udp.fileno(), zmq.POLLIN)
+        # select() on the UDP socket and ZeroMQ's notification fd: cheaper per wake-up than
+        # zmq.Poller. ZeroMQ's fd is edge-triggered, so its EVENTS are checked every turn.
+        zmq_fd = self.router.getsockopt(zmq.FD)
+        udp = self.udp.sock
         last_beat = 0.0
         while not self._stop:
-            events = dict(poller.poll(int(HEARTBEAT_S * 1000)))
-            if self.router in events:
+            if self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 self._drain_router()
-            if self.udp.fileno() in events:
+            ready, _, _ = select.select([udp, zmq_fd], [], [], HEARTBEAT_S)
+            if udp in ready:
                 for msg in self.udp.receive():
                     self._on_data(msg.kind, msg.wire, msg.tag, msg.body, via_udp=True)
             now = time.monotonic()
@@ -195,6 +198,7 @@ class Worker:
         t0 = time.perf_counter()
         dtype = DTYPES[h["dtype"]]
         layers = json.loads(h["layers"])
+        tensor = cached(self.source.tensor)
         keep = s.dtype == dtype and len(s.layers) == len(layers)
         new_layers = []
         for i, spec in enumerate(layers):
@@ -204,13 +208,13 @@ class Worker:
             if attn_units:
                 same = old.attn is not None and old.attn.kv_heads == attn_units
                 work.attn = old.attn if same else AttentionShard(
-                    self.config, i, attn_units, self.source.tensor, dtype, self.rope)
+                    self.config, i, attn_units, tensor, dtype, self.rope)
                 if not same:
                     s.known.pop(i, None)
             if mlp_units:
                 same = old.mlp is not None and old.mlp.neurons == mlp_units
-                work.mlp = old.mlp if same else MlpShard(self.config, i, mlp_units,
-                                                         self.source.tensor, dtype)
+                work.mlp = old.mlp if same else MlpShard(self.config, i, mlp_units, tensor,
+                                                         dtype)
             new_layers.append(work)
         s.layers, s.dtype = new_layers, dtype
         s.device, s.epoch, s.wire = int(h["device"]), int(h["epoch"]), int(h["wire"])
@@ -282,20 +286,19 @@ class Worker:
             s.request, s.known, s.asked = tag.request, {}, {}
         work = s.layers[tag.layer]
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            if tag.phase == ATTN:
-                if work.attn is None:
-                    return
-                mask = self._key_mask(s, tag)
-                out = work.attn.forward(x.to(s.dtype), tag.pos, key_mask=mask)
-                self._mark_known(s, tag.layer, tag.pos, tag.ntok)
-                groups = work.attn_groups
-            else:
-                if work.mlp is None:
-                    return
-                out = work.mlp.forward(x.to(s.dtype))
-                groups = work.mlp_groups
-            reply = encode_body(out, s.wire, groups)
+        if tag.phase == ATTN:
+            if work.attn is None:
+                return
+            mask = self._key_mask(s, tag)
+            out = work.attn.forward(x, tag.pos, key_mask=mask)
+            self._mark_known(s, tag.layer, tag.pos, tag.ntok)
+            groups = work.attn_groups
+        else:
+            if work.mlp is None:
+                return
+            out = work.mlp.forward(x)
+            groups = work.mlp_groups
+        reply = encode_body(out, s.wire, groups)
         self.stats["compute_ms"] += 1e3 * (time.perf_counter() - t0)
         self.stats["rounds"] += 1
         if via_udp:
