@@ -180,3 +180,38 @@ def test_cli_run_local_json():
         assert key in sync
     assert len(sync["per_token"]) == 8
     assert sync["expected"] > 0 and sync["received"] + sync["lost"] == sync["expected"]
+
+
+def test_userspace_loss_is_tolerated_and_kv_repaired():
+    """20% of datagrams dropped in both directions on one worker: relaxed decoding finishes,
+    the losses are counted, and the worker repairs its KV cache from the coordinator."""
+    with LocalWorkers(2, KEY, threads=1, drop_rates=[0.2, 0.0]) as lw:
+        result, sync = _generate(lw.addresses, max_tokens=32, mode="relaxed",
+                                 drop_rates=[0.2, 0.0], deadline_ms=30)
+    assert len(result.token_ids) == 32
+    assert sync["lost"] > 0 and sync["received"] > 0
+    assert sync["datagrams"].get("dropped_emulated", 0) > 0
+    lossy = sync["workers"][0]["reported"]
+    assert lossy["repair_requests"] > 0 and sync["repairs_served"] > 0
+    assert lossy["datagrams"].get("dropped_emulated", 0) > 0
+
+
+def test_hostile_traffic_does_not_disturb_a_live_worker(workers, reference_tokens):
+    import socket
+
+    import zmq
+
+    host, port = workers.addresses[0]
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for junk in (b"", b"HL", b"HL" + b"\x01" * 100, b"\xff" * 1400):
+        s.sendto(junk, (host, port))
+    s.close()
+    ctx = zmq.Context.instance()
+    d = ctx.socket(zmq.DEALER)
+    d.setsockopt(zmq.LINGER, 0)
+    d.connect(f"tcp://{host}:{port}")
+    d.send_multipart([b'{"kind":"bye","session":1}', b"0" * 16])  # forged control
+    d.send_multipart([b"HL" + b"\x00" * 60])  # forged strict-mode data
+    d.close()
+    result, _ = _generate(workers.addresses, mode="strict")
+    assert result.token_ids == reference_tokens

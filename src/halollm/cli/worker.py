@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from halollm.errors import HaloError
 from halollm.runtime.keys import ENV, key_bytes, key_text
 from halollm.runtime.transport import parse_address
 
@@ -28,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "random key is generated and printed)")
     p.add_argument("--threads", type=int, default=None,
                    help="compute threads (default: PyTorch's choice)")
+    p.add_argument("--drop-rate", type=float, default=0.0, metavar="P",
+                   help="emulate packet loss in user space: drop this share of arriving "
+                        "datagrams (for machines without the kernel testbed; default 0)")
     p.set_defaults(func=run)
 
 
@@ -41,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
     if generated:
         print(f"halo worker: no --key given; generated cluster key {text} (start the "
               f"coordinator with --key {text} or {ENV}={text})", file=sys.stderr, flush=True)
-    worker = Worker(host, port, key_bytes(text), args.model)
+    if not 0.0 <= args.drop_rate < 1.0:
+        raise HaloError(f"--drop-rate must be in [0, 1) (got {args.drop_rate})")
+    worker = Worker(host, port, key_bytes(text), args.model, drop_rate=args.drop_rate)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     print(f"halo worker listening on {host}:{worker.port} (model {worker.source.path.name}, "
           f"{worker.model_hash[:12]})", flush=True)

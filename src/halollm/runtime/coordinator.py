@@ -121,6 +121,8 @@ class Coordinator:
         self.udp = UdpEndpoint("0.0.0.0", 0, key, options.mtu)
         self.ctx = zmq.Context.instance()
         self.links = [WorkerLink(i + 1, h, p) for i, (h, p) in enumerate(workers)]
+        for link, rate in zip(self.links, options.drop_rates, strict=False):
+            self.udp.drop_from[link.udp_addr] = rate
         self._sent_at: dict[RoundTag, float] = {}
         self._taken: dict[int, list[tuple[int, str, Any]]] = {}
         self._last_control = 0.0

@@ -23,7 +23,7 @@ class LocalWorkers:
 
     def __init__(self, n: int, key: str, model: str | None = None, threads: int = 1,
                  extra_args: Sequence[str] = (), startup_timeout: float = 120.0,
-                 quiet: bool = True) -> None:
+                 quiet: bool = True, drop_rates: Sequence[float] = ()) -> None:
         if n < 1:
             raise HaloError(f"--local needs at least 1 worker (got {n})")
         self.procs: list[subprocess.Popen[str]] = []
@@ -35,8 +35,10 @@ class LocalWorkers:
             cmd += ["--model", model]
         stderr: int | IO[str] | None = subprocess.DEVNULL if quiet else None
         try:
-            for _ in range(n):
-                self.procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+            for i in range(n):
+                rate = drop_rates[i] if i < len(drop_rates) else 0.0
+                extra = ["--drop-rate", str(rate)] if rate else []
+                self.procs.append(subprocess.Popen(cmd + extra, env=env, stdout=subprocess.PIPE,
                                                    stderr=stderr, text=True))
             for proc in self.procs:
                 self.addresses.append(self._wait_ready(proc, startup_timeout))

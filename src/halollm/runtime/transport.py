@@ -54,8 +54,9 @@ class UdpEndpoint:
         self.reassembler = protocol.Reassembler()
         self.counters: Counter[str] = Counter()
         # user-space loss emulation (when no kernel testbed is available): drop arriving
-        # datagrams at this rate, before anything else sees them
+        # datagrams at this rate (or per sender address), before anything else sees them
         self.drop_rate = drop_rate
+        self.drop_from: dict[Address, float] = {}
         self._rng = random.Random(seed)
 
     @property
@@ -89,7 +90,8 @@ class UdpEndpoint:
             except OSError:  # e.g. ICMP port unreachable reported on the socket
                 self.counters["receive_errors"] += 1
                 continue
-            if self.drop_rate and self._rng.random() < self.drop_rate:
+            rate = self.drop_from.get(addr, self.drop_rate)
+            if rate and self._rng.random() < rate:
                 self.counters["dropped_emulated"] += 1
                 continue
             self.counters["datagrams_received"] += 1

@@ -59,7 +59,8 @@ class Session:
 
 class Worker:
     def __init__(self, host: str, port: int, key: bytes, model: str | None,
-                 log: Callable[[str], None] | None = None, idle_timeout: float = 900.0) -> None:
+                 log: Callable[[str], None] | None = None, idle_timeout: float = 900.0,
+                 drop_rate: float = 0.0) -> None:
         self.log = log or (lambda msg: print(f"[worker] {msg}", file=sys.stderr, flush=True))
         self.key = key
         self.source = open_source(model)
@@ -67,7 +68,7 @@ class Worker:
         self.model_hash = content_hash(Path(self.source.path))
         self.rope = Rope(self.config)
         self.idle_timeout = idle_timeout
-        self.udp = UdpEndpoint(host, port, key)
+        self.udp = UdpEndpoint(host, port, key, drop_rate=drop_rate)
         self.port = self.udp.port
         self.ctx = zmq.Context.instance()
         self.router = self.ctx.socket(zmq.ROUTER)
