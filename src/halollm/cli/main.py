@@ -10,7 +10,7 @@ from halollm.errors import HaloError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from halollm.cli import bench, generate, run, worker
+    from halollm.cli import bench, generate, run, testbed, worker
 
     parser = argparse.ArgumentParser(
         prog="halo",
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.register(sub)
     run.register(sub)
     worker.register(sub)
+    testbed.register(sub)
     bench.register(sub)
     return parser
 

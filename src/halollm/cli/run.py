@@ -26,6 +26,8 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
                        help="comma-separated addresses of running `halo worker`s")
     where.add_argument("--local", type=int, metavar="N",
                        help="start N worker processes on this machine (stopped on exit)")
+    where.add_argument("--testbed", metavar="SPEC",
+                       help="use the workers of a running `halo testbed up SPEC`")
     p.add_argument("--sync", choices=["relaxed", "strict"], default="relaxed",
                    help="relaxed (default): wait for critical groups, the rest until a "
                         "deadline, over UDP; strict: wait for everything, over TCP (the "
@@ -81,6 +83,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"starting {args.local} local workers…", file=sys.stderr, flush=True)
         local = LocalWorkers(args.local, key, args.model)
         addresses = local.addresses
+    elif args.testbed is not None:
+        from halollm.testbed.cluster import load_state
+        from halollm.testbed.spec import load_spec
+
+        state = load_state(load_spec(args.testbed))
+        key = state["key"]
+        addresses = [(w["address"], int(w["port"])) for w in state["workers"]]
     else:
         key, generated = key_text(args.key)
         if generated:

@@ -262,7 +262,6 @@ class Coordinator:
         targets = [self.links[d - 1] for d in self.placement.devices_in(layer, kind)]
         targets = [t for t in targets if t.alive]
         tag = RoundTag(self.session, self.epoch, self.request, start, T, layer, phase)
-        sent = time.perf_counter()
         if targets:
             body = encode_body(x, self.wire)
             if self.opts.mode == "strict":
@@ -274,14 +273,18 @@ class Coordinator:
                 self.udp.send(ACTIVATION, 0, self.wire, tag, body, [t.udp_addr for t in targets])
         partials = [s.forward(x, start) for s in shards]
         if targets:
-            partials += self._gather(tag, kind, targets, sent, x)
+            partials += self._gather(tag, kind, targets, time.perf_counter(), x)
         self.stats.rounds += 1
         if not partials:
             return torch.zeros(T, self.config.hidden_size)
         return sum_partials(partials)
 
-    def _gather(self, tag: RoundTag, kind: str, targets: list[WorkerLink], sent: float,
+    def _gather(self, tag: RoundTag, kind: str, targets: list[WorkerLink], ready: float,
                 x: torch.Tensor) -> list[torch.Tensor]:
+        """Collect the workers' partials. `ready` is when the coordinator's own share was done:
+        the deadline counts from there, and so do the delays it learns from (what matters is
+        how long the coordinator idles, not how long the worker took)."""
+        sent = ready
         pending = {t.index: t for t in targets}
         critical = {i for i in pending if self.opts.mode == "strict"
                     or self.placement.is_critical(i, tag.layer, kind)}
