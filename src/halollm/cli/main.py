@@ -10,7 +10,7 @@ from halollm.errors import HaloError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from halollm.cli import bench, generate, run, testbed, worker
+    from halollm.cli import bench, demo, generate, run, testbed, worker
 
     parser = argparse.ArgumentParser(
         prog="halo",
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "a lossy network. Every subcommand has --help.")
     parser.add_argument("--version", action="version", version=f"halo {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    demo.register(sub)
     generate.register(sub)
     run.register(sub)
     worker.register(sub)

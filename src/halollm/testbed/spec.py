@@ -87,7 +87,8 @@ def _unknown(keys: set[str], allowed: set[str], where: str) -> None:
     for key in sorted(keys - allowed):
         near = difflib.get_close_matches(key, sorted(allowed), n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise HaloError(f"{where}: unknown key '{key}'{hint}; allowed: {', '.join(sorted(allowed))}")
+        allowed_list = ", ".join(sorted(allowed))
+        raise HaloError(f"{where}: unknown key '{key}'{hint}; allowed: {allowed_list}")
 
 
 def _share(value: Any, where: str, upper: float = 1.0, inclusive: bool = False) -> float:
