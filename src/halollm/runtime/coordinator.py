@@ -40,8 +40,11 @@ class ClusterOptions:
     mode: str = "relaxed"
     wire: str | None = None  # None: the compute dtype
     deadline_ms: float | None = None  # None: derived online from measured latency
-    critical_share: float = 0.5
-    attn_groups: int | None = None  # per layer; None: one per KV head
+    critical_share: float = 0.8
+    # attention groups per layer (None: one per KV head). Default 1: a single group carrying
+    # all of a layer's attention, hence always critical and kept on the coordinator. Losing a
+    # KV-head group costs far more than losing MLP neurons (docs/runtime.md).
+    attn_groups: int | None = 1
     mlp_groups: int = 16
     mtu: int = protocol.DEFAULT_MTU
     dead_after_s: float = 2.0  # silence after which a worker is declared dead

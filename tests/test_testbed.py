@@ -1,0 +1,135 @@
+"""The lossy-network testbed: spec validation (anywhere) and real namespaces (root only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from halollm.errors import HaloError
+from halollm.testbed.spec import load_spec, parse_spec
+from tests.conftest import run_halo
+
+ROOT_TOOLS = os.geteuid() == 0 and shutil.which("nft") and shutil.which("ip")
+needs_root = pytest.mark.skipif(not ROOT_TOOLS, reason="needs root with `ip` and `nft` "
+                                "(apt-get install nftables); CI runs it as root")
+
+
+@pytest.mark.parametrize("data,needle", [
+    ({"device": [{"name": "a", "los": 0.1}]}, "unknown key 'los' (did you mean 'loss'?)"),
+    ({"device": [{"name": "a", "loss": 1.5}]}, "loss_in must be in [0, 1.0)"),
+    ({"device": [{"name": "a", "loss": 0.1, "loss_in": 0.2}]}, "either loss or loss_in"),
+    ({"device": [{"name": "a", "bandwidth": "fast"}]}, "is not like '100mbit'"),
+    ({"device": [{"name": "a", "cpu": 0}]}, "at least 0.01"),
+    ({"device": [{"name": "a"}, {"name": "a"}]}, "duplicate device name"),
+    ({"device": []}, "no [[device]] entries"),
+    ({"name": "Bad Name", "device": [{"name": "a"}]}, "must be 1-8 lowercase"),
+    ({"devices": [{"name": "a"}]}, "unknown key 'devices' (did you mean 'device'?)"),
+    ({"port": 80, "device": [{"name": "a"}]}, "port must be an integer in 1024..65535"),
+    ({"device": [{"name": "a", "jitter_ms": 3}]}, "jitter_ms needs a delay_ms"),
+])
+def test_bad_specs_are_refused_clearly(data, needle):
+    with pytest.raises(HaloError) as exc:
+        parse_spec(data)
+    assert needle in str(exc.value)
+
+
+def test_spec_parses_units(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text('name = "t"\n[[device]]\nname = "pi1"\nloss_in = 0.02\nbandwidth = "10mbit"\n'
+                 'cpu = 0.5\nmemory = "512MiB"\n')
+    spec = load_spec(f)
+    d = spec.devices[0]
+    assert (d.loss_in, d.loss_out, d.bandwidth_bps, d.cpu, d.memory_bytes) == (
+        0.02, 0.0, 10_000_000, 0.5, 512 * 2**20)
+    assert spec.device_address(d) == "10.77.1.2" and len(spec.veth(d)[0]) <= 15
+    (tmp_path / "bad.toml").write_text("name = [")
+    with pytest.raises(HaloError, match="not valid TOML"):
+        load_spec(tmp_path / "bad.toml")
+    proc = run_halo("testbed", "status", str(tmp_path / "missing.toml"))
+    assert proc.returncode == 2 and "spec file not found" in proc.stderr
+
+
+def test_delay_is_refused_without_netem(tmp_path):
+    from halollm.testbed import system
+
+    if not ROOT_TOOLS:
+        pytest.skip("needs root")
+    if system.netem_available():
+        pytest.skip("this kernel has netem")
+    f = tmp_path / "d.toml"
+    f.write_text('name = "tdelay"\n[[device]]\nname = "a"\ndelay_ms = 5\n')
+    proc = run_halo("testbed", "up", str(f))
+    assert proc.returncode == 2 and "no netem" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@needs_root
+def test_three_device_testbed_with_loss(tmp_path):
+    """Up (twice), a relaxed generation over real kernel packet loss, down leaves nothing."""
+    from halollm.generate import generate
+    from halollm.runtime.coordinator import ClusterOptions, Coordinator
+    from halollm.runtime.keys import key_bytes
+    from halollm.sampling import SamplingParams
+    from halollm.testbed import cluster
+
+    f = tmp_path / "three.toml"
+    f.write_text('name = "ttest"\nsubnet = "10.81"\n[[device]]\nname = "pi1"\n'
+                 '[[device]]\nname = "pi2"\nloss = 0.05\ncpu = 0.9\n')
+    spec = load_spec(f)
+    try:
+        assert run_halo("testbed", "up", str(f), timeout=300).returncode == 0
+        proc = run_halo("testbed", "up", str(f), timeout=300)  # twice is safe
+        assert proc.returncode == 0, proc.stderr
+        state = cluster.load_state(spec)
+        addrs = [(w["address"], int(w["port"])) for w in state["workers"]]
+        coord = Coordinator(None, None, addrs, key_bytes(state["key"]),
+                            ClusterOptions(mode="relaxed", attn_groups=3, critical_share=0.5))
+        try:
+            tok = coord.tokenizer
+            res = generate(coord, tok, tok.encode("Once upon a time"), max_tokens=32,
+                           sampling=SamplingParams())
+            sync = coord.sync_json()
+        finally:
+            coord.close()
+        assert len(res.token_ids) == 32
+        assert sync["lost"] > 0 and sync["received"] > 0  # lost and tolerated
+        status = json.loads(run_halo("testbed", "status", str(f), "--json").stdout)
+        lossy = next(d for d in status["devices"] if d["device"] == "pi2")
+        clean = next(d for d in status["devices"] if d["device"] == "pi1")
+        assert lossy["dropped_arriving_at_device"] + lossy["dropped_arriving_at_coordinator"] > 0
+        assert clean["dropped_arriving_at_device"] == 0 and lossy["worker_alive"]
+    finally:
+        proc = run_halo("testbed", "down", str(f))
+    assert proc.returncode == 0
+    assert cluster.leftovers(spec) == []
+
+
+@needs_root
+def test_down_cleans_up_after_a_crash(tmp_path):
+    """Pieces left by a half-finished up (no state file) are still found and removed."""
+    from halollm.testbed import cluster, system
+
+    f = tmp_path / "crash.toml"
+    f.write_text('name = "tcrash"\nsubnet = "10.82"\n[[device]]\nname = "a"\nloss = 0.1\n')
+    spec = load_spec(f)
+    d = spec.devices[0]
+    system.sh("ip", "netns", "add", spec.namespace(d))
+    system.sh("nft", "-f", "-", input=system.nft_loss_table(spec.table,
+                                                             [system.loss_rule("x", 0.1)]))
+    assert cluster.leftovers(spec)
+    assert run_halo("testbed", "down", str(f)).returncode == 0
+    assert cluster.leftovers(spec) == []
+
+
+def test_demo_json():
+    proc = run_halo("demo", "--json", "--max-tokens", "6", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["network"] == ("testbed" if ROOT_TOOLS else "userspace")
+    for mode in ("strict", "relaxed"):
+        assert out[mode]["decode_ms_per_token"] > 0 and "sync" in out[mode]
+        assert len(out[mode]["token_ids"]) == 6
+    assert out["strict"]["sync"]["lost"] == 0 and out["strict"]["agreement"] == 1.0
+    assert out["speedup"] > 0 and 0 <= out["agreement"] <= 1
