@@ -73,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.loss < 1:
         raise HaloError(f"--loss must be in [0, 1) (got {args.loss})")
-    say = (lambda m: print(f"[demo] {m}", file=sys.stderr, flush=True))
+    def say(m: str) -> None:
+        print(f"[demo] {m}", file=sys.stderr, flush=True)
+
     usable, why = _can_use_testbed()
     network = args.network
     if network == "auto":
