@@ -4,7 +4,6 @@ dtype's agreement with fp32 (which picks the default dtype)."""
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -13,7 +12,7 @@ from typing import Any
 
 import torch
 
-from halollm.bench.report import write_results
+from halollm.bench.report import publish
 from halollm.generate import LocalDecoder, generate
 from halollm.model.loader import DTYPES, load_model
 from halollm.sampling import SamplingParams
@@ -123,10 +122,5 @@ def run(args: argparse.Namespace) -> int:
               "stream 270 MB/token (~12 ms/token measured on their own); fp32 streams twice "
               "that. See docs/engine.md for what was tried and the next step (int4 kernels).",
               ""]
-    md = write_results(args.out, "engine", data, "\n".join(lines))
-    if args.json:
-        print(json.dumps(data))
-    else:
-        print("\n".join(lines[4:]))
-        print(f"written: {md}", file=sys.stderr)
+    publish(args.out, "engine", data, lines, args.json)
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import statistics
 import sys
 import time
@@ -19,7 +18,7 @@ from typing import Any
 
 import torch
 
-from halollm.bench.report import write_results
+from halollm.bench.report import publish
 from halollm.generate import generate
 from halollm.model.loader import load_model
 from halollm.runtime.coordinator import ClusterOptions, Coordinator
@@ -185,12 +184,7 @@ def _write(args: argparse.Namespace, network: str, rows: list[dict[str, Any]]) -
     lines += ["", "Plots: `loss_latency.png`, `loss_agreement.png`. Raw rows: `loss.csv`, "
               "`loss.json`.", ""]
     data = {"network": network, "rows": rows, "summary": summary}
-    md = write_results(args.out, "loss", data, "\n".join(lines))
-    if args.json:
-        print(json.dumps(data))
-    else:
-        print("\n".join(lines[4:]))
-        print(f"written: {md}", file=sys.stderr)
+    publish(args.out, "loss", data, lines, args.json)
 
 
 def _plot(out: Path, rows: list[dict[str, Any]]) -> None:

@@ -39,6 +39,17 @@ def command_line() -> str:
     return "halo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+def publish(out_dir: Path, name: str, data: dict[str, Any], lines: list[str],
+            as_json: bool) -> None:
+    """Write the results files, then show them: the JSON, or the markdown table."""
+    md = write_results(out_dir, name, data, "\n".join(lines))
+    if as_json:
+        print(json.dumps(data))
+    else:
+        print("\n".join(lines[4:]))
+        print(f"written: {md}", file=sys.stderr)
+
+
 def write_results(out_dir: Path, name: str, data: dict[str, Any], markdown: str) -> Path:
     """Write NAME.json and NAME.md; returns the markdown path."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,6 @@ workers on loopback, and the cost of one synchronisation round."""
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 
 import torch
 
-from halollm.bench.report import write_results
+from halollm.bench.report import publish
 from halollm.generate import LocalDecoder, generate
 from halollm.groups import GroupId, Partition
 from halollm.model.loader import load_model
@@ -124,10 +123,5 @@ def run(args: argparse.Namespace) -> int:
                     f"{r['expected']}; groups per device {r['groups_per_device']}")
         lines.append(f"| {r['config']} | {r['mode']} | {r['decode_ms_per_token']} | {note} |")
     lines.append("")
-    md = write_results(args.out, "runtime", data, "\n".join(lines))
-    if args.json:
-        print(json.dumps(data))
-    else:
-        print("\n".join(lines[4:]))
-        print(f"written: {md}", file=sys.stderr)
+    publish(args.out, "runtime", data, lines, args.json)
     return 0
