@@ -37,6 +37,9 @@ def reference_tokens(model_fp32):
 
 
 def _generate(addresses, max_tokens=32, dtype="fp32", on_text=None, **opts):
+    # one attention group per KV head and half the significance critical: workers hold
+    # attention groups too (KV caches, repair, replay), the harder case than the defaults
+    opts = {"attn_groups": None, "critical_share": 0.5, **opts}
     coord = Coordinator(None, dtype, addresses, key_bytes(KEY), ClusterOptions(**opts))
     try:
         ids = coord.tokenizer.encode(PROMPT)
@@ -54,6 +57,17 @@ def test_strict_equals_single_device(workers, reference_tokens, n):
     assert sync["mode"] == "strict" and sync["lost"] == 0
     assert sync["received"] == sync["expected"] > 0
     assert sync["placement"]["groups_per_device"][1] > 0  # workers really computed groups
+
+
+def test_workers_hold_attention_groups_in_these_tests(workers):
+    coord = Coordinator(None, "fp32", workers.addresses, key_bytes(KEY),
+                        ClusterOptions(attn_groups=None, critical_share=0.5))
+    try:
+        on_workers = [d for i in range(coord.config.n_layers)
+                      for d in coord.placement.devices_in(i, "attn")]
+    finally:
+        coord.close()
+    assert on_workers, "no attention group on a worker: KV repair/replay would go untested"
 
 
 def test_relaxed_without_loss_equals_single_device(workers, reference_tokens):
