@@ -299,6 +299,11 @@ class Coordinator:
         wait_start = time.perf_counter()
         deadline = sent + self.deadline.deadline_ms(tag.ntok) / 1e3
         waited_critical = False
+        poller = None
+        if self.opts.mode == "strict":
+            poller = zmq.Poller()
+            for link in pending.values():
+                poller.register(link.sock, zmq.POLLIN)
         while pending:
             now = time.perf_counter()
             crit_pending = critical & pending.keys()
@@ -307,8 +312,8 @@ class Coordinator:
             if crit_pending and now >= deadline:
                 waited_critical = True
             timeout = 0.05 if crit_pending else deadline - now
-            if self.opts.mode == "strict":
-                self._wait_strict(pending, timeout, tag, got, sent)
+            if poller is not None:
+                self._wait_strict(poller, pending, timeout, tag, got, sent)
             else:
                 ready, _, _ = select.select([self.udp.sock], [], [], max(0.0, timeout))
                 if ready:
@@ -329,11 +334,8 @@ class Coordinator:
             self.stats.critical_waits += 1
         return got
 
-    def _wait_strict(self, pending: dict[int, WorkerLink], timeout: float, tag: RoundTag,
-                     got: list[torch.Tensor], sent: float) -> None:
-        poller = zmq.Poller()
-        for link in pending.values():
-            poller.register(link.sock, zmq.POLLIN)
+    def _wait_strict(self, poller: zmq.Poller, pending: dict[int, WorkerLink], timeout: float,
+                     tag: RoundTag, got: list[torch.Tensor], sent: float) -> None:
         for sock, _ in poller.poll(max(1, int(timeout * 1000))):
             link = next(lk for lk in self.links if lk.sock is sock)
             self._drain(link, lambda data, t=tag: self._on_strict_data(data, t, pending, got,
