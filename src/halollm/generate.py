@@ -31,6 +31,12 @@ class LocalDecoder:
         return self.transformer.forward(ids, start, last_only=True)[-1]
 
 
+def teacher_forced(decoder: Decoder, ids: Sequence[int]) -> torch.Tensor:
+    """Logits [len(ids), vocab], feeding ids one token at a time through the decode path
+    (whose activations are in the compute dtype, unlike a multi-token prefill)."""
+    return torch.stack([decoder.forward_last([t], i) for i, t in enumerate(ids)])
+
+
 @dataclass
 class GenerationResult:
     text: str

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from halollm.bench.report import publish
-from halollm.generate import LocalDecoder, generate
+from halollm.generate import LocalDecoder, generate, teacher_forced
 from halollm.model.loader import DTYPES, load_model
 from halollm.sampling import SamplingParams
 
@@ -51,10 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def teacher_forced_top1(model: Any, ids: list[int]) -> torch.Tensor:
-    """Top-1 prediction at every position, computed one token at a time (the decode path,
-    whose activations are in the compute dtype; multi-token prefill upcasts fp16 to fp32)."""
-    t = model.transformer
-    return torch.stack([t.forward([tok], i)[-1].argmax() for i, tok in enumerate(ids)])
+    """Top-1 prediction at every position, computed one token at a time (the decode path)."""
+    return teacher_forced(LocalDecoder(model.transformer), ids).argmax(-1)
 
 
 def run(args: argparse.Namespace) -> int:

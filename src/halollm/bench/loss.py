@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from halollm.bench.report import publish
-from halollm.generate import generate
+from halollm.generate import LocalDecoder, generate, teacher_forced
 from halollm.model.loader import load_model
 from halollm.runtime.coordinator import ClusterOptions, Coordinator
 from halollm.runtime.keys import key_bytes
@@ -47,11 +47,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("docs/results"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
-
-
-def teacher_forced(decoder: Any, ids: list[int]) -> torch.Tensor:
-    """Logits [len(ids), vocab] fed one token at a time through `decoder` (the decode path)."""
-    return torch.stack([decoder.forward_last([t], i) for i, t in enumerate(ids)])
 
 
 def accuracy(logits: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -91,8 +86,7 @@ def run(args: argparse.Namespace) -> int:
     tok = ref_model.tokenizer
     prompt = tok.encode(tok.render_chat([{"role": "user", "content": PROMPT}]))
     fixed = tok.encode(FIXED_TEXT)
-    ref_logits = torch.stack([ref_model.transformer.forward([t], i)[-1]
-                              for i, t in enumerate(fixed)])
+    ref_logits = teacher_forced(LocalDecoder(ref_model.transformer), fixed)
     rates = [float(r) for r in args.rates.split(",")]
     sizes = [int(n) for n in args.workers.split(",")]
     layouts = [s.strip() for s in args.layouts.split(",")]

@@ -7,12 +7,7 @@ import json
 import sys
 import time
 
-from halollm.cli.options import (
-    add_generation_options,
-    prompt_ids,
-    read_prompt,
-    sampling_from_args,
-)
+from halollm.cli.options import add_generation_options, checked_request, prompt_ids
 from halollm.errors import HaloError
 from halollm.generate import LocalDecoder, generate
 from halollm.model.loader import dtype_name, load_model
@@ -28,12 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     quiet = args.json
-    sampling = sampling_from_args(args)  # check every option before the slow model load
-    if args.max_tokens < 1:
-        raise HaloError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
-    text = read_prompt(args)
-    if not text:
-        raise HaloError("the prompt is empty")
+    sampling, text = checked_request(args)  # before the slow model load
     t0 = time.perf_counter()
     model = load_model(args.model, args.dtype)
     if not quiet:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from halollm.errors import HaloError
 from halollm.model.loader import DEFAULT_DTYPE, DTYPES
 from halollm.model.tokenizer import Tokenizer
 from halollm.sampling import SamplingParams
@@ -41,6 +42,17 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                    help="stop when TEXT is generated (repeatable)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with the result and timings instead of streaming")
+
+
+def checked_request(args: argparse.Namespace) -> tuple[SamplingParams, str]:
+    """Sampling parameters and prompt text, every option checked before any slow work."""
+    sampling = sampling_from_args(args)
+    if args.max_tokens < 1:
+        raise HaloError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
+    text = read_prompt(args)
+    if not text:
+        raise HaloError("the prompt is empty")
+    return sampling, text
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:

@@ -7,12 +7,7 @@ import json
 import sys
 import time
 
-from halollm.cli.options import (
-    add_generation_options,
-    prompt_ids,
-    read_prompt,
-    sampling_from_args,
-)
+from halollm.cli.options import add_generation_options, checked_request, prompt_ids
 from halollm.errors import HaloError
 from halollm.generate import generate
 from halollm.model.loader import dtype_name
@@ -73,16 +68,11 @@ def run(args: argparse.Namespace) -> int:
     from halollm.runtime.coordinator import Coordinator
     from halollm.runtime.local import LocalWorkers
 
-    sampling = sampling_from_args(args)
-    if args.max_tokens < 1:
-        raise HaloError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
-    text = read_prompt(args)
-    if not text:
-        raise HaloError("the prompt is empty")
+    sampling, text = checked_request(args)  # before the slow model load
     quiet = args.json
     local = None
     if args.local is not None:
-        key, _ = key_text(args.key) if args.key else key_text(None)
+        key, _ = key_text(args.key)
         if not quiet:
             print(f"starting {args.local} local workers…", file=sys.stderr, flush=True)
         local = LocalWorkers(args.local, key, args.model)

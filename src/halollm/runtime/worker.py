@@ -56,6 +56,10 @@ class Session:
     asked: dict[int, set[int]] = field(default_factory=dict)  # layer -> positions requested
     last_heard: float = field(default_factory=time.monotonic)
 
+    def start_request(self, request: int) -> None:
+        """A new request: no cached position is known any more."""
+        self.request, self.known, self.asked = request, {}, {}
+
 
 class Worker:
     def __init__(self, host: str, port: int, key: bytes, model: str | None,
@@ -220,7 +224,7 @@ class Worker:
         s.layers, s.dtype = new_layers, dtype
         s.device, s.epoch, s.wire = int(h["device"]), int(h["epoch"]), int(h["wire"])
         if h.get("request") is not None and h["request"] != s.request:
-            s.request, s.known, s.asked = int(h["request"]), {}, {}
+            s.start_request(int(h["request"]))
         self._send(s, "ready", epoch=s.epoch, build_ms=round(1e3 * (time.perf_counter() - t0),
                                                              1))
 
@@ -228,7 +232,7 @@ class Worker:
         """Keys/values for positions we missed (repair) or never had (replay)."""
         if h["request"] != s.request:
             if h.get("replay"):
-                s.request, s.known, s.asked = int(h["request"]), {}, {}
+                s.start_request(int(h["request"]))
             else:
                 return
         layer, start = int(h["layer"]), int(h["start"])
@@ -284,7 +288,7 @@ class Worker:
             self.udp.counters[exc.reason] += 1
             return
         if tag.request != s.request:
-            s.request, s.known, s.asked = tag.request, {}, {}
+            s.start_request(tag.request)
         work = s.layers[tag.layer]
         t0 = time.perf_counter()
         if tag.phase == ATTN:
