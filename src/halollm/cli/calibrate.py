@@ -1,0 +1,82 @@
+"""`halo calibrate`: train the semantic-aware predictor on calibration text."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from halollm.cli.options import add_model_options
+from halollm.cli.progress import Bars
+from halollm.model.loader import content_hash, open_source
+from halollm.predictor import report, store
+from halollm.predictor.calibrate import GROUPINGS, CalibrationOptions, calibrate, read_texts
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate", help="train the predictor of significant neuron groups",
+        description="Run the model over calibration text, record each layer's inputs and every "
+                    "neuron group's true significance (the norm of its partial update), train "
+                    "one small predictor per layer and half, report its quality on the last "
+                    "tokens of the text (held out), and save it next to the model (or --out). "
+                    "`halo run` and `halo demo` then use it. Never calibrate on evaluation data.")
+    add_model_options(p)
+    p.add_argument("--text", nargs="+", required=True, metavar="FILE",
+                   help="calibration text file(s), UTF-8")
+    p.add_argument("--out", type=Path, metavar="PATH",
+                   help="where to save (default: next to the model, or ~/.cache/halo/predictors"
+                        " if that is not writable)")
+    p.add_argument("--mlp-groups", type=int, default=16, metavar="N",
+                   help="MLP neuron groups per layer (default: 16)")
+    p.add_argument("--attn-groups", type=int, default=1, metavar="N",
+                   help="attention groups per layer, each a set of KV heads (default: 1)")
+    p.add_argument("--grouping", choices=GROUPINGS, default="contribution",
+                   help="contribution: MLP groups of neurons ordered by calibrated mean "
+                        "contribution (hot neurons together); contiguous: equal blocks "
+                        "(default: contribution)")
+    p.add_argument("--max-tokens", type=int, default=16384, metavar="N",
+                   help="calibration tokens used for training (default: 16384)")
+    p.add_argument("--context", type=int, default=256, metavar="N",
+                   help="tokens per calibration sequence (default: 256)")
+    p.add_argument("--holdout", type=int, default=512, metavar="N",
+                   help="tokens at the end of the text held out for the quality report "
+                        "(default: 512; 0 skips the report)")
+    p.add_argument("--rank", type=int, default=64, metavar="R",
+                   help="hidden width of each predictor (default: 64)")
+    p.add_argument("--epochs", type=int, default=30, metavar="N", help="training epochs (30)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    texts = read_texts(args.text)  # before anything slow
+    source = open_source(args.model)
+    bars = Bars(enabled=not args.json)
+    try:
+        opts = CalibrationOptions(
+            attn_groups=args.attn_groups, mlp_groups=args.mlp_groups, grouping=args.grouping,
+            max_tokens=args.max_tokens, context=args.context, holdout_tokens=args.holdout,
+            rank=args.rank, epochs=args.epochs, seed=args.seed)
+        predictor = calibrate(source, texts, opts, say=lambda m: print(m, file=sys.stderr),
+                              bar=bars)
+        bars.close()
+        path = args.out or store.writable_path(Path(source.path),
+                                               content_hash(Path(source.path)))
+        store.save(predictor, path)
+    finally:
+        bars.close()
+        source.close()
+    rep = predictor.meta.get("report")
+    if args.json:
+        print(json.dumps({"predictor": str(path), "partition": store.describe(
+            predictor.partition), **{k: v for k, v in predictor.meta.items()}}))
+        return 0
+    if rep:
+        print(report.format_report(rep))
+    print(f"saved the predictor ({store.describe(predictor.partition)}, trained on "
+          f"{predictor.meta['training_tokens']} tokens in {predictor.meta['seconds']:.0f}s) to "
+          f"{path}")
+    return 0
