@@ -85,7 +85,8 @@ def test_three_device_testbed_with_loss(tmp_path):
         state = cluster.load_state(spec)
         addrs = [(w["address"], int(w["port"])) for w in state["workers"]]
         coord = Coordinator(None, None, addrs, key_bytes(state["key"]),
-                            ClusterOptions(mode="relaxed", attn_groups=3, critical_share=0.5))
+                            ClusterOptions(mode="relaxed", attn_groups=3, coordinator_share=0.5,
+                                           predictor=None))
         try:
             tok = coord.tokenizer
             res = generate(coord, tok, tok.encode("Once upon a time"), max_tokens=32,

@@ -31,10 +31,18 @@ class LocalDecoder:
         return self.transformer.forward(ids, start, last_only=True)[-1]
 
 
-def teacher_forced(decoder: Decoder, ids: Sequence[int]) -> torch.Tensor:
+def teacher_forced(decoder: Decoder, ids: Sequence[int],
+                   step_s: list[float] | None = None) -> torch.Tensor:
     """Logits [len(ids), vocab], feeding ids one token at a time through the decode path
-    (whose activations are in the compute dtype, unlike a multi-token prefill)."""
-    return torch.stack([decoder.forward_last([t], i) for i, t in enumerate(ids)])
+    (whose activations are in the compute dtype, unlike a multi-token prefill). The time of
+    each step is appended to `step_s` if given."""
+    out = []
+    for i, t in enumerate(ids):
+        t0 = time.perf_counter()
+        out.append(decoder.forward_last([t], i))
+        if step_s is not None:
+            step_s.append(time.perf_counter() - t0)
+    return torch.stack(out)
 
 
 @dataclass

@@ -1,9 +1,13 @@
 """`halo bench loss`: strict vs relaxed synchronisation over real packet loss.
 
 For each cluster size, layout and loss rate: a testbed comes up (kernel packet loss, or
-user-space loss without root), both modes decode the same greedy tokens, and the relaxed mode
-is teacher-forced over a fixed text to measure its top-1 agreement and KL against the lossless
-single-device model (strict mode is exact by construction and by test).
+user-space loss without root), every mode decodes the same greedy tokens, and the relaxed
+modes are teacher-forced over a fixed text to measure top-1 agreement and KL against the
+lossless single-device model (strict mode is exact by construction and by test). Modes:
+``strict`` (wait for everything, TCP), ``relaxed`` (criticality from the static plan only) and
+``halo`` (relaxed with the semantic-aware predictor: per token, the contributions carrying
+the critical share of the predicted significance must arrive; the coordinator computes a
+missing one itself). All modes use the same partition and placement.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 import torch
 
 from halollm.bench.report import publish
+from halollm.errors import HaloError
 from halollm.generate import LocalDecoder, generate, teacher_forced
 from halollm.model.loader import load_model
 from halollm.runtime.coordinator import ClusterOptions, Coordinator
@@ -27,10 +32,22 @@ from halollm.runtime.local import LocalWorkers
 from halollm.sampling import SamplingParams
 
 PROMPT = "Explain in a few sentences why the sky is blue."
-# A fixed text for teacher-forced accuracy (written for this project; not evaluation data).
-FIXED_TEXT = ("The harbour was quiet in the early morning. Fishing boats rocked gently at their "
-              "moorings while gulls circled above the market, waiting for the first catch of "
-              "the day to be unloaded onto the stone quay.")
+# A fixed text for teacher-forced accuracy (written for this project; not evaluation data,
+# not calibration data), ~210 tokens: agreement is counted over ~210 positions.
+FIXED_TEXT = (
+    "The harbour was quiet in the early morning. Fishing boats rocked gently at their "
+    "moorings while gulls circled above the market, waiting for the first catch of the day to "
+    "be unloaded onto the stone quay. By seven the first crates arrived: mackerel, a few "
+    "crabs, and a large cod that the youngest fisherman carried as proudly as a trophy. The "
+    "harbour master checked the tide tables, drank his coffee standing up, and wrote the "
+    "names of the boats still at sea on the blackboard by the door. A storm had been "
+    "forecast for the afternoon, and everyone knew what that meant. Nets had to be mended "
+    "before noon, the ferry to the island would probably be cancelled, and the café would be "
+    "full of people complaining about the weather. In the library above the post office, a "
+    "retired teacher was writing a history of the town. She had found letters from 1890 "
+    "describing the same storms, the same arguments about the price of fish, and the same "
+    "hope that next season would be better.")
+MODES = ("strict", "relaxed", "halo")
 KEY = "bench-loss"
 
 
@@ -44,6 +61,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=16, help="decoded tokens per run (16)")
     p.add_argument("--repeats", type=int, default=2, help="runs per mode (default 2)")
     p.add_argument("--network", choices=["auto", "testbed", "userspace"], default="auto")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="strict, relaxed (static plan only), halo (relaxed + predictor)")
+    p.add_argument("--predictor", default="auto", metavar="PATH",
+                   help="predictor for the halo mode (default: the one `halo calibrate` saved)")
+    p.add_argument("--critical-share", type=float, default=None, metavar="S",
+                   help="per-token critical share of the halo mode (default: the runtime's)")
     p.add_argument("--out", type=Path, default=Path("docs/results"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -88,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
     fixed = tok.encode(FIXED_TEXT)
     ref_logits = teacher_forced(LocalDecoder(ref_model.transformer), fixed)
     rates = [float(r) for r in args.rates.split(",")]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        raise HaloError(f"--modes takes some of {', '.join(MODES)}")
     sizes = [int(n) for n in args.workers.split(",")]
     layouts = [s.strip() for s in args.layouts.split(",")]
     configs = [(n, lay, r) for n in sizes for lay in layouts for r in rates
@@ -100,9 +126,20 @@ def run(args: argparse.Namespace) -> int:
             f"({time.time() - t_start:.0f}s elapsed)")
         addrs, drop, close = _cluster(n, link_rates, network)
         try:
-            for mode in ("strict", "relaxed"):
-                coord = Coordinator(None, None, addrs, key_bytes(KEY),
-                                    ClusterOptions(mode=mode, drop_rates=drop))
+            for mode in modes:
+                # every mode gets the same partition and placement (the predictor's, when
+                # there is one): only what is waited for differs
+                opts = ClusterOptions(mode="strict" if mode == "strict" else "relaxed",
+                                      drop_rates=drop, predictor=args.predictor)
+                if mode == "relaxed":
+                    opts.critical_share = 0.0  # no per-token criticality
+                elif args.critical_share is not None:
+                    opts.critical_share = args.critical_share
+                coord = Coordinator(None, None, addrs, key_bytes(KEY), opts)
+                if mode == "halo" and coord.predictor is None:
+                    coord.close()
+                    raise HaloError("the halo mode needs a predictor: run `halo calibrate "
+                                    "--text FILE` first (or pass --predictor)")
                 try:
                     steps: list[float] = []
                     for _ in range(args.repeats):
@@ -114,13 +151,18 @@ def run(args: argparse.Namespace) -> int:
                         "decode_ms_median": round(statistics.median(steps), 2),
                         "decode_ms_p95": round(sorted(steps)[int(0.95 * (len(steps) - 1))], 2),
                         "tokens_per_s": round(1e3 / statistics.median(steps), 2)}
-                    if mode == "relaxed":
-                        agree, kl = accuracy(teacher_forced(coord, fixed), ref_logits)
-                        row.update(agreement=round(agree, 4), kl=round(kl, 5))
+                    sync = coord.sync_json()
+                    row.update(lost=sync["lost"], expected=sync["expected"],
+                               fallbacks=sync["fallbacks"],
+                               predict_ms_per_token=sync["predict_ms_per_token"])
+                    if mode != "strict":
+                        forced: list[float] = []
+                        agree, kl = accuracy(teacher_forced(coord, fixed, forced), ref_logits)
+                        row.update(agreement=round(agree, 4), kl=round(kl, 5),
+                                   forced_ms_median=round(1e3 * statistics.median(forced[1:]),
+                                                          2))
                     else:
                         row.update(agreement=1.0, kl=0.0)
-                    sync = coord.sync_json()
-                    row.update(lost=sync["lost"], expected=sync["expected"])
                 finally:
                     coord.close()
                 rows.append(row)
@@ -133,19 +175,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per relaxed-family row: its speed against strict (same cluster, layout and
+    loss) and against its own mode without loss."""
     out = []
     for r in rows:
-        if r["mode"] != "relaxed":
+        if r["mode"] == "strict":
             continue
-        strict = next(s for s in rows if s["mode"] == "strict" and s["workers"] == r["workers"]
-                      and s["layout"] == r["layout"] and s["loss"] == r["loss"])
-        lossless = next((s for s in rows if s["mode"] == "relaxed" and s["loss"] == 0
+        strict = next((s for s in rows if s["mode"] == "strict" and s["workers"] == r["workers"]
+                       and s["layout"] == r["layout"] and s["loss"] == r["loss"]), None)
+        lossless = next((s for s in rows if s["mode"] == r["mode"] and s["loss"] == 0
                          and s["workers"] == r["workers"]), None)
-        out.append({**{k: r[k] for k in ("workers", "layout", "loss", "agreement", "kl")},
-                    "strict_ms": strict["decode_ms_median"], "relaxed_ms": r["decode_ms_median"],
-                    "speedup": round(strict["decode_ms_median"] / r["decode_ms_median"], 2),
-                    "vs_lossless_relaxed": round(r["decode_ms_median"] /
-                                                 lossless["decode_ms_median"], 2)
+        ms = r["decode_ms_median"]
+        out.append({**{k: r.get(k) for k in ("workers", "layout", "loss", "mode", "agreement",
+                                             "kl", "forced_ms_median")},
+                    "strict_ms": strict["decode_ms_median"] if strict else None, "ms": ms,
+                    "speedup": round(strict["decode_ms_median"] / ms, 2) if strict else None,
+                    "vs_lossless": round(ms / lossless["decode_ms_median"], 2)
                     if lossless else None})
     return out
 
@@ -164,17 +209,20 @@ def _write(args: argparse.Namespace, network: str, rows: list[dict[str, Any]]) -
              f"Network: **{network}** ({how}). Loss is per "
              f"direction on each lossy link; `half`: half the workers behind lossy links, "
              f"`all`: every worker. {args.tokens} greedy tokens × {args.repeats} runs per mode; "
-             "median and p95 of per-token decode time. Accuracy: relaxed mode teacher-forced "
-             "over a fixed text, top-1 agreement and KL against the lossless single-device "
-             "model (strict is exact). Default placement: attention and 80% of each layer's MLP "
-             "significance on the coordinator.", "",
-             "| workers | layout | loss | strict ms/token | relaxed ms/token | speedup | "
-             "relaxed vs lossless relaxed | agreement | KL |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "median and p95 of per-token decode time. Accuracy: relaxed modes teacher-forced "
+             f"over a fixed {len(FIXED_TEXT.split())}-word text, top-1 agreement and KL against "
+             "the lossless single-device model (strict is exact). Placement (the same for every "
+             "mode): attention and the groups carrying the critical share of each layer's MLP "
+             "significance on the coordinator. `relaxed`: nothing on a worker is critical; "
+             "`halo`: the predictor marks, per token, the worker contributions that must "
+             "arrive (computed by the coordinator when missing at the deadline).", "",
+             "| workers | layout | loss | mode | strict ms/token | ms/token | speedup vs strict |"
+             " vs same mode lossless | agreement | KL | teacher-forced ms/token |",
+             "| ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in summary:
-        lines.append(f"| {s['workers']} | {s['layout']} | {s['loss']:.0%} | {s['strict_ms']} | "
-                     f"{s['relaxed_ms']} | {s['speedup']}x | {s['vs_lossless_relaxed']}x | "
-                     f"{s['agreement']:.1%} | {s['kl']:.4f} |")
+        lines.append(f"| {s['workers']} | {s['layout']} | {s['loss']:.0%} | {s['mode']} | "
+                     f"{s['strict_ms']} | {s['ms']} | {s['speedup']}x | {s['vs_lossless']}x | "
+                     f"{s['agreement']:.1%} | {s['kl']:.4f} | {s['forced_ms_median']} |")
     lines += ["", "Plots: `loss_latency.png`, `loss_agreement.png`. Raw rows: `loss.csv`, "
               "`loss.json`.", ""]
     data = {"network": network, "rows": rows, "summary": summary}
@@ -192,14 +240,14 @@ def _plot(out: Path, rows: list[dict[str, Any]]) -> None:
                                   ("agreement", "loss_agreement.png", "top-1 agreement")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for n, layout in groups:
-            for mode in ("strict", "relaxed"):
+            for mode in MODES:
                 if metric == "agreement" and mode == "strict":
                     continue
                 pts = sorted((r["loss"], r[metric]) for r in rows if r["workers"] == n and
                              r["mode"] == mode and (r["layout"] == layout or r["loss"] == 0))
                 if pts:
                     ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o",
-                            linestyle="-" if mode == "relaxed" else "--",
+                            linestyle={"strict": "--", "relaxed": ":"}.get(mode, "-"),
                             label=f"{mode}, {n} workers, {layout} lossy")
         ax.set_xlabel("packet loss per direction on lossy links (%)")
         ax.set_ylabel(ylabel)

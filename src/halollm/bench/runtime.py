@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     # the cost of a synchronisation round: 30 rounds/token, each with a 1-neuron group
     with LocalWorkers(1, KEY, threads=1) as lw:
         for mode in ("relaxed", "strict"):
-            opts = ClusterOptions(mode=mode, mlp_groups=1536, plan=echo_plan,
+            opts = ClusterOptions(mode=mode, mlp_groups=1536, plan=echo_plan, predictor=None,
                                   deadline_ms=50.0 if mode == "relaxed" else None)
             coord = Coordinator(None, args.dtype, lw.addresses, key_bytes(KEY), opts)
             try:
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         with LocalWorkers(n, KEY, threads=1) as lw:
             for mode in ("strict", "relaxed"):
                 coord = Coordinator(None, args.dtype, lw.addresses, key_bytes(KEY),
-                                    ClusterOptions(mode=mode))
+                                    ClusterOptions(mode=mode, predictor=None))
                 try:
                     ms = _decode_ms(coord, tok, ids, args.tokens, args.repeats)
                     sync = coord.sync_json()

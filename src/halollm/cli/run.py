@@ -30,9 +30,16 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deadline-ms", type=float, default=None, metavar="MS",
                    help="fix the relaxed-mode deadline (default: derived online from measured "
                         "worker latency)")
-    p.add_argument("--critical-share", type=float, default=0.8, metavar="S",
-                   help="per layer half, the groups carrying this share of the significance "
-                        "are critical and stay on the coordinator (default 0.8)")
+    p.add_argument("--coordinator-share", type=float, default=0.8, metavar="S",
+                   help="static plan: per layer half, the groups carrying this share of the "
+                        "calibrated significance stay on the coordinator (default 0.8)")
+    p.add_argument("--critical-share", type=float, default=0.9, metavar="S",
+                   help="with a predictor, per token and layer half: the groups carrying this "
+                        "share of the predicted significance must arrive; a missing one is "
+                        "computed by the coordinator (default 0.9)")
+    p.add_argument("--predictor", default="auto", metavar="PATH",
+                   help="predictor file; 'auto' (default): the one `halo calibrate` saved for "
+                        "the model, if any; 'none': criticality from the static plan only")
     p.add_argument("--attn-groups", type=int, default=1, metavar="N",
                    help="attention groups per layer, at most the KV heads (default 1: all "
                         "attention is one critical group on the coordinator)")
@@ -60,6 +67,8 @@ def cluster_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
     return ClusterOptions(mode=args.sync, wire=args.wire, deadline_ms=args.deadline_ms,
                           critical_share=args.critical_share, mlp_groups=args.mlp_groups,
+                          coordinator_share=args.coordinator_share,
+                          predictor=None if args.predictor == "none" else args.predictor,
                           attn_groups=args.attn_groups,
                           mtu=args.mtu)
 

@@ -34,6 +34,7 @@ class Predictor:
     partition: Partition
     model_hash: str
     meta: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None  # where it was loaded from
 
     def static_ranking(self) -> dict[GroupId, float]:
         return {GroupId(i, kind, j): float(v)
@@ -103,7 +104,7 @@ def load(path: str | Path) -> Predictor:
                 nets[kind].w1.shape[0] != len(partition.layers):
             raise HaloError(f"{path} is a damaged predictor file (shapes do not match its "
                             "partition)")
-    return Predictor(nets, static, partition, metadata["model_hash"], meta)
+    return Predictor(nets, static, partition, metadata["model_hash"], meta, str(path))
 
 
 def default_path(model_path: Path) -> Path:

@@ -15,13 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import zmq
 
 from halollm.errors import HaloError
-from halollm.groups import Partition
+from halollm.groups import GroupId, Partition
 from halollm.model.llama import AttentionShard, MlpShard, Transformer, cached, sum_partials
 from halollm.model.loader import content_hash, dtype_name, open_source, open_tokenizer, parse_dtype
+from halollm.predictor import store as predictor_store
+from halollm.predictor.critical import SharePredictor, critical_devices
 from halollm.runtime import control, protocol
 from halollm.runtime.deadline import DeadlineEstimator
 from halollm.runtime.placement import COORDINATOR, Placement, static_plan
@@ -40,7 +43,12 @@ class ClusterOptions:
     mode: str = "relaxed"
     wire: str | None = None  # None: the compute dtype
     deadline_ms: float | None = None  # None: derived online from measured latency
-    critical_share: float = 0.8
+    # the static plan: the groups carrying this share of the calibrated significance of each
+    # layer half are critical and stay on the coordinator
+    coordinator_share: float = 0.8
+    # with a predictor, per token: the groups carrying this share of the predicted
+    # significance must arrive (a missing one is computed by the coordinator)
+    critical_share: float = 0.9
     # attention groups per layer (None: one per KV head). Default 1: a single group carrying
     # all of a layer's attention, hence always critical and kept on the coordinator. Losing a
     # KV-head group costs far more than losing MLP neurons (docs/runtime.md).
@@ -53,6 +61,9 @@ class ClusterOptions:
     drop_rates: Sequence[float] = ()  # user-space loss per worker (no kernel testbed)
     # a ready-made placement (benchmarks, the scheduler); None: the static plan
     plan: Callable[[Partition, dict], Placement] | None = None
+    # the semantic-aware predictor: a file path, "auto" (the one `halo calibrate` saved for
+    # the model, if any) or None (no per-token prediction: the static plan decides)
+    predictor: str | None = "auto"
 
 
 @dataclass
@@ -109,6 +120,9 @@ class Coordinator:
                  log: Callable[[str], None] | None = None) -> None:
         if options.mode not in MODES:
             raise HaloError(f"--sync must be one of {', '.join(MODES)}")
+        for name in ("critical_share", "coordinator_share"):
+            if not 0.0 <= getattr(options, name) <= 1.0:
+                raise HaloError(f"--{name.replace('_', '-')} must be between 0 and 1")
         self.log = log or (lambda msg: print(f"[halo] {msg}", file=sys.stderr, flush=True))
         self.opts, self.key = options, key
         self.dtype = parse_dtype(dtype)
@@ -130,15 +144,25 @@ class Coordinator:
         self._taken: dict[int, list[tuple[int, str, Any]]] = {}
         self._last_control = 0.0
         self._position = 0
+        self._owner: dict[tuple[int, str], np.ndarray] = {}
+        self._fallback: dict[tuple[int, int, int], MlpShard] = {}
+        self._weights = cached(self.source.tensor, size=6)
+        self._retried: set[RoundTag] = set()
         try:
             partition = Partition.contiguous(self.config, options.attn_groups, options.mlp_groups)
-            ranking = cached_ranking(self.model_hash, self.config, self.source.tensor, partition,
-                                     self.tokenizer.encode(RANKING_TEXT))
+            self.predictor = self._load_predictor(partition)
+            if self.predictor is not None:
+                partition = self.predictor.partition
+                self._shares = {k: SharePredictor(n) for k, n in self.predictor.nets.items()}
+                ranking = self.predictor.static_ranking()
+            else:
+                ranking = cached_ranking(self.model_hash, self.config, self.source.tensor,
+                                         partition, self.tokenizer.encode(RANKING_TEXT))
             if options.plan is not None:
                 self.placement = options.plan(partition, ranking)
             else:
                 self.placement = static_plan(partition, ranking, len(self.links),
-                                             options.critical_share)
+                                             options.coordinator_share)
             self.initial_placement = self.placement
             self.model = self._build_model()
             self.history = History(self.config.n_layers, self.config.hidden_size)
@@ -148,6 +172,33 @@ class Coordinator:
         except BaseException:
             self.close()
             raise
+
+    def _load_predictor(self, partition: Partition) -> predictor_store.Predictor | None:
+        """The predictor to use, checked against this model and the asked group counts (its
+        own partition may order neurons differently; the counts must agree)."""
+        choice = self.opts.predictor
+        if choice is None:
+            return None
+        explicit = choice != "auto"
+        path = Path(choice) if explicit else predictor_store.find(Path(self.source.path),
+                                                                  self.model_hash)
+        if path is None:
+            if self.opts.mode == "relaxed":
+                self.log("no predictor for this model (make one with `halo calibrate`); "
+                         "criticality comes from the static plan")
+            return None
+        pred = predictor_store.load(path)
+        try:
+            pred.check(self.model_hash, where=str(path))
+            if [(len(a.attn), len(a.mlp)) for a in pred.partition.layers] != \
+                    [(len(b.attn), len(b.mlp)) for b in partition.layers]:
+                pred.check(self.model_hash, partition, where=str(path))
+        except HaloError as exc:
+            if explicit:
+                raise
+            self.log(f"not using {path}: {exc}")
+            return None
+        return pred
 
     # -- joining and planning ------------------------------------------------------------
     def _connect(self, link: WorkerLink) -> None:
@@ -276,29 +327,68 @@ class Coordinator:
                 self.udp.send(ACTIVATION, 0, self.wire, tag, body, [t.udp_addr for t in targets])
         partials = [s.forward(x, start) for s in shards]
         if targets:
-            partials += self._gather(tag, kind, targets, time.perf_counter(), x)
+            def resend(link: WorkerLink) -> None:
+                self.udp.send(ACTIVATION, 0, self.wire, tag, body, [link.udp_addr])
+
+            partials += self._gather(tag, kind, targets, time.perf_counter(), x,
+                                     resend if self.opts.mode == "relaxed" else None)
         self.stats.rounds += 1
         if not partials:
             return torch.zeros(T, self.config.hidden_size)
         return sum_partials(partials)
 
+    def _critical_links(self, layer: int, kind: str, x: torch.Tensor,
+                        targets: list[WorkerLink]) -> set[int]:
+        """Workers whose contribution this round must arrive: all in strict mode and in
+        multi-token (prompt) rounds, whose hidden states feed every later token; with a
+        predictor, those holding a group among the smallest set that carries
+        `critical_share` of this token's predicted significance; else the static plan's.
+        Called only when a contribution is still missing at the deadline: a round whose
+        contributions all arrive in time needs no prediction."""
+        if self.opts.mode == "strict" or x.shape[0] > 1:
+            return {t.index for t in targets}
+        if self.predictor is None:
+            return {t.index for t in targets if self.placement.is_critical(t.index, layer, kind)}
+        if self.opts.critical_share <= 0:
+            return set()
+        t0 = time.perf_counter()
+        shares = self._shares[kind].shares(layer, x)
+        owner = self._owner.get((layer, kind))
+        if owner is None:
+            owner = self._owner[(layer, kind)] = np.array(
+                [self.placement.owner[GroupId(layer, kind, j)]  # type: ignore[arg-type]
+                 for j in range(shares.shape[-1])])
+        devices = critical_devices(shares, self.opts.critical_share, owner)
+        out = {t.index for t in targets if t.index in devices}
+        self.stats.predict_ms += 1e3 * (time.perf_counter() - t0)
+        self.stats.predictions += 1
+        return out
+
     def _gather(self, tag: RoundTag, kind: str, targets: list[WorkerLink], ready: float,
-                x: torch.Tensor) -> list[torch.Tensor]:
+                x: torch.Tensor, resend: Callable[[WorkerLink], None] | None = None
+                ) -> list[torch.Tensor]:
         """Collect the workers' partials. `ready` is when the coordinator's own share was done:
         the deadline counts from there, and so do the delays it learns from (what matters is
-        how long the coordinator idles, not how long the worker took)."""
+        how long the coordinator idles, not how long the worker took). At the deadline, the
+        contributions still missing are sorted into critical and not (_critical_links); a
+        critical MLP contribution is computed by the coordinator itself (stateless, and the
+        weights are memory-mapped); a critical attention contribution is asked for again
+        (the activation re-sent, the interval doubling) until it arrives or its worker is
+        declared dead; the others count as lost."""
         sent = ready
         pending = {t.index: t for t in targets}
-        critical = {i for i in pending if self.opts.mode == "strict"
-                    or self.placement.is_critical(i, tag.layer, kind)}
         got: list[torch.Tensor] = []
         self.stats.expected += len(pending)
         self._sent_at[tag] = sent
         if len(self._sent_at) > 512:
             self._sent_at.pop(next(iter(self._sent_at)))
+        if len(self._retried) > 512:
+            self._retried.clear()
         wait_start = time.perf_counter()
         deadline = sent + self.deadline.deadline_ms(tag.ntok) / 1e3
-        waited_critical = False
+        critical: set[int] | None = None
+        interval = max(deadline - sent, 1e-3)
+        next_retry = deadline
         poller = None
         if self.opts.mode == "strict":
             poller = zmq.Poller()
@@ -306,12 +396,36 @@ class Coordinator:
                 poller.register(link.sock, zmq.POLLIN)
         while pending:
             now = time.perf_counter()
-            crit_pending = critical & pending.keys()
-            if not crit_pending and now >= deadline:
-                break
-            if crit_pending and now >= deadline:
-                waited_critical = True
-            timeout = 0.05 if crit_pending else deadline - now
+            if now < deadline:
+                timeout = min(0.05, deadline - now)
+            else:
+                if critical is None:
+                    critical = self._critical_links(tag.layer, kind, x, targets)
+                    if critical & pending.keys():
+                        self.stats.critical_waits += 1
+                crit_pending = critical & pending.keys()
+                if not crit_pending:
+                    break
+                if tag.phase == MLP and self.opts.mode == "relaxed":
+                    for i in crit_pending:
+                        got.append(self._compute_fallback(pending.pop(i), tag, x))
+                    continue
+                if resend is not None and now >= next_retry:
+                    for i in crit_pending:
+                        resend(pending[i])
+                    self.stats.retries += len(crit_pending)
+                    self._retried.add(tag)
+                    interval = min(2 * interval, 0.05)
+                    next_retry = now + interval
+                timeout = min(0.05, next_retry - now) if resend is not None else 0.05
+                for i in crit_pending:
+                    link = pending[i]
+                    if time.monotonic() - link.last_seen > self.opts.dead_after_s:
+                        pending.pop(i)
+                        self._take_over(link, "no heartbeat")
+                        got.append(self._compute_taken(link.index, tag, x))
+                if not pending:
+                    break
             if poller is not None:
                 self._wait_strict(poller, pending, timeout, tag, got, sent)
             else:
@@ -320,18 +434,10 @@ class Coordinator:
                     for msg in self.udp.receive():
                         self._on_partial(msg.kind, msg.sender, msg.wire, msg.tag, msg.body,
                                          tag, pending, got, sent)
-                if now - self._last_control > 0.005 or crit_pending:
+                if now - self._last_control > 0.005 or now >= deadline:
                     self._poll_control()
-            for i in list(critical & pending.keys()):
-                link = pending[i]
-                if time.monotonic() - link.last_seen > self.opts.dead_after_s:
-                    pending.pop(i)
-                    self._take_over(link, "no heartbeat")
-                    got.append(self._compute_taken(link.index, tag, x))
         self.stats.waited_ms += 1e3 * (time.perf_counter() - wait_start)
         self.stats.lost += len(pending)
-        if waited_critical:
-            self.stats.critical_waits += 1
         return got
 
     def _wait_strict(self, poller: zmq.Poller, pending: dict[int, WorkerLink], timeout: float,
@@ -362,7 +468,8 @@ class Coordinator:
             earlier = self._sent_at.get(msg_tag)
             if earlier is not None and msg_tag.session == self.session:
                 self.stats.late += 1
-                self.deadline.observe(1e3 * (now - earlier))
+                if msg_tag not in self._retried:  # a retry's answer says nothing of delay
+                    self.deadline.observe(1e3 * (now - earlier))
             else:
                 self.stats.datagrams["stale"] += 1
             return
@@ -470,6 +577,8 @@ class Coordinator:
         self._taken[link.index] = taken
         groups = self.placement.count(link.index)
         self.placement = self.placement.moved(link.index, COORDINATOR)
+        self._owner.clear()
+        self._fallback.clear()
         self.epoch += 1
         self._distribute()
         ms = 1e3 * (time.perf_counter() - t0)
@@ -486,6 +595,19 @@ class Coordinator:
                  if layer == tag.layer and k == kind]
         self.stats.recomputed += 1
         return sum_partials(parts) if parts else torch.zeros_like(x, dtype=torch.float32)
+
+    def _compute_fallback(self, link: WorkerLink, tag: RoundTag, x: torch.Tensor
+                          ) -> torch.Tensor:
+        """A critical MLP contribution missing at the deadline, computed by the coordinator
+        from the memory-mapped weights (the worker's shard for this layer, built once)."""
+        key = (link.index, tag.layer, self.epoch)
+        shard = self._fallback.get(key)
+        if shard is None:
+            units = self.placement.units_of(link.index, tag.layer, "mlp")
+            shard = self._fallback[key] = MlpShard(self.config, tag.layer, units,
+                                                   self._weights, self.dtype)
+        self.stats.fallbacks += 1
+        return shard.forward(x)
 
     def _try_rejoin(self, link: WorkerLink) -> None:
         link.last_attempt = time.monotonic()
@@ -507,6 +629,8 @@ class Coordinator:
                 owner[gid] = link.index
         self.placement = Placement(self.placement.partition, owner, self.placement.critical,
                                    self.placement.n_devices)
+        self._owner.clear()
+        self._fallback.clear()
         for layer, kind, shard in self._taken.pop(link.index, []):
             target = self.model.layers[layer]
             assert target is not None
@@ -529,6 +653,9 @@ class Coordinator:
                             "reported": link.heartbeat})
         out = self.stats.to_json(workers)
         out["placement"] = self.placement.summary()
+        out["predictor"] = None if self.predictor is None else {
+            "path": self.predictor.path, "critical_share": self.opts.critical_share,
+            "grouping": self.predictor.meta.get("grouping")}
         out["wire"] = next(k for k, v in WIRE_NAMES.items() if v == self.wire)
         return out
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import deque
 
+PREFILL_MS_PER_TOKEN = 0.25
+
 
 class DeadlineEstimator:
     """Deadline = a high percentile of recently observed arrival delays, times a margin,
@@ -39,6 +41,6 @@ class DeadlineEstimator:
                 self._cached = min(self.max_ms, max(self.min_ms, p * self.factor +
                                                     self.slack_ms))
             base = self._cached
-        if ntok > 1:
-            base = max(base, 50.0) + 2.0 * ntok
+        if ntok > 1:  # a few fragments more per token; a miss is computed locally anyway
+            base = base + PREFILL_MS_PER_TOKEN * ntok
         return base

@@ -84,7 +84,7 @@ def critical_groups(partition: Partition, significance: Mapping[GroupId, float],
                     share: float) -> frozenset[GroupId]:
     """Per layer half, the smallest set of groups carrying `share` of its total significance."""
     if not 0.0 <= share <= 1.0:
-        raise HaloError(f"--critical-share must be between 0 and 1 (got {share})")
+        raise HaloError(f"a significance share must be between 0 and 1 (got {share})")
     out: set[GroupId] = set()
     for layer in range(len(partition.layers)):
         for kind in KINDS:
@@ -100,10 +100,10 @@ def critical_groups(partition: Partition, significance: Mapping[GroupId, float],
 
 
 def static_plan(partition: Partition, significance: Mapping[GroupId, float], n_workers: int,
-                critical_share: float) -> Placement:
+                coordinator_share: float) -> Placement:
     """Critical groups on the coordinator; the rest spread over the workers by count
     (round-robin across all layers, so every worker gets an equal number of groups)."""
-    critical = critical_groups(partition, significance, critical_share)
+    critical = critical_groups(partition, significance, coordinator_share)
     owner: dict[GroupId, int] = {}
     turn = 0
     for gid in partition.groups():

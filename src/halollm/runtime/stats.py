@@ -15,10 +15,14 @@ class SyncStats:
     received: int = 0  # arrived before the round closed
     late: int = 0  # arrived after the round closed (discarded)
     lost: int = 0  # never arrived before the round closed (late ones included)
-    critical_waits: int = 0  # rounds that waited past the deadline for a critical group
+    critical_waits: int = 0  # rounds with a critical contribution missing at the deadline
     recomputed: int = 0  # contributions the coordinator computed itself after a takeover
     waited_ms: float = 0.0  # time spent waiting for workers after the own compute finished
     repairs_served: int = 0  # KV positions sent to workers that missed them
+    predictions: int = 0  # rounds where the predictor ran (something missing at the deadline)
+    retries: int = 0  # activations re-sent for a critical attention contribution missing
+    fallbacks: int = 0  # critical MLP contributions missing at the deadline, computed locally
+    predict_ms: float = 0.0  # time spent predicting significance (relaxed mode, predictor)
     takeovers: list[dict[str, Any]] = field(default_factory=list)
     rejoins: list[dict[str, Any]] = field(default_factory=list)
     per_token: list[dict[str, Any]] = field(default_factory=list)
@@ -50,6 +54,11 @@ class SyncStats:
             "waited_ms_per_token": round(self.waited_ms / n, 3),
             "deadline_ms": None if self.deadline_ms is None else round(self.deadline_ms, 3),
             "repairs_served": self.repairs_served,
+            "predictions": self.predictions,
+            "retries": self.retries,
+            "fallbacks": self.fallbacks,
+            "predict_ms": round(self.predict_ms, 2),
+            "predict_ms_per_token": round(self.predict_ms / n, 3),
             "takeovers": self.takeovers,
             "rejoins": self.rejoins,
             "datagrams": dict(self.datagrams),
