@@ -10,8 +10,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Benchmarks. Each writes a JSON and a markdown file with the "
                                    "machine and the command.")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    from halollm.bench import engine, loss, runtime
+    from halollm.bench import engine, loss, predictor, runtime
 
     engine.register(bsub)
     runtime.register(bsub)
     loss.register(bsub)
+    predictor.register(bsub)

@@ -138,14 +138,17 @@ def run(args: argparse.Namespace) -> int:
         r = results[mode]
         s = r["sync"]
         title = {"strict": "STRICT (TCP, wait for every contribution)",
-                 "relaxed": "RELAXED (HALO: UDP, critical groups + deadline)"}[mode]
+                 "relaxed": "RELAXED (HALO: UDP, critical contributions + deadline)"}[mode]
         print(f"\n== {title} ==")
         print(r["text"].strip())
         print(f"-- {r['decode_ms_per_token']:.1f} ms/token ({r['decode_tokens_per_s']:.1f} "
-              f"tokens/s); contributions lost {s['lost']}/{s['expected']}; KV positions "
-              f"repaired {s['repairs_served']}; agreement with the lossless model "
+              f"tokens/s); contributions lost {s['lost']}/{s['expected']}; computed by the "
+              f"coordinator when missing {s['fallbacks']}; agreement with the lossless model "
               f"{r['agreement']:.1%}")
-    print(f"\nnetwork: {network} ({args.loss:.0%} loss on 2 of 4 links). Relaxed is "
+    pred = relaxed["sync"].get("predictor")
+    print("\npredictor: " + (f"{pred['path']} (critical share {pred['critical_share']})" if pred
+                             else "none; run `halo calibrate --text FILE` to make one"))
+    print(f"network: {network} ({args.loss:.0%} loss on 2 of 4 links). Relaxed is "
           f"{speedup:.1f}x faster than strict, agreeing with the lossless model on "
           f"{relaxed['agreement']:.1%} of tokens.")
     return 0

@@ -33,10 +33,11 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coordinator-share", type=float, default=0.8, metavar="S",
                    help="static plan: per layer half, the groups carrying this share of the "
                         "calibrated significance stay on the coordinator (default 0.8)")
-    p.add_argument("--critical-share", type=float, default=0.9, metavar="S",
+    p.add_argument("--critical-share", type=float, default=0.98, metavar="S",
                    help="with a predictor, per token and layer half: the groups carrying this "
                         "share of the predicted significance must arrive; a missing one is "
-                        "computed by the coordinator (default 0.9)")
+                        "computed by the coordinator (default 0.98; 1 = all, exact under loss; "
+                        "0 = none)")
     p.add_argument("--predictor", default="auto", metavar="PATH",
                    help="predictor file; 'auto' (default): the one `halo calibrate` saved for "
                         "the model, if any; 'none': criticality from the static plan only")

@@ -48,7 +48,7 @@ class ClusterOptions:
     coordinator_share: float = 0.8
     # with a predictor, per token: the groups carrying this share of the predicted
     # significance must arrive (a missing one is computed by the coordinator)
-    critical_share: float = 0.9
+    critical_share: float = 0.98
     # attention groups per layer (None: one per KV head). Default 1: a single group carrying
     # all of a layer's attention, hence always critical and kept on the coordinator. Losing a
     # KV-head group costs far more than losing MLP neurons (docs/runtime.md).
