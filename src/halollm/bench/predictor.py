@@ -15,13 +15,12 @@ import torch
 
 from halollm.bench.report import publish
 from halollm.errors import HaloError
-from halollm.generate import LocalDecoder, generate
+from halollm.generate import LocalDecoder, teacher_forced
 from halollm.model.loader import content_hash, load_model, open_source, open_tokenizer
 from halollm.predictor import report, store
 from halollm.predictor.calibrate import read_texts
 from halollm.predictor.critical import SharePredictor, critical_devices
 from halollm.predictor.signals import GroupedModel, chunked
-from halollm.sampling import SamplingParams
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,13 +49,13 @@ def prediction_cost_us(pred: store.Predictor, repeats: int = 3000) -> float:
     return 1e6 * (time.perf_counter() - t0) / repeats
 
 
-def decode_ms(tokens: int = 48) -> float:
+def decode_ms(ids: list[int]) -> float:
+    """Median single-device decode step (default dtype, 1 thread) over the given tokens."""
     torch.set_num_threads(1)
     m = load_model(None, None)
-    ids = m.tokenizer.encode("Write a short story about a lighthouse keeper.")
-    res = generate(LocalDecoder(m.transformer), m.tokenizer, ids, max_tokens=tokens,
-                   sampling=SamplingParams())
-    return statistics.median(res.step_s) * 1e3
+    steps: list[float] = []
+    teacher_forced(LocalDecoder(m.transformer), ids, steps)
+    return statistics.median(steps[1:]) * 1e3
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
                    gap_closed={f: report.gap_closed(row) for f, row in rep["results"].items()})
         results.append(rep)
     cost_us = prediction_cost_us(preds[0])
-    ms = decode_ms()
+    ms = decode_ms(ids[:64])
     n_layers = source.config.n_layers
     cost = {"us_per_layer_half": round(cost_us, 1), "layers": n_layers,
             "ms_per_token": round(cost_us * n_layers / 1e3, 3),
