@@ -79,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
     from halollm.runtime.local import LocalWorkers
 
     sampling, text = checked_request(args)  # before the slow model load
+    for name in ("critical_share", "coordinator_share"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise HaloError(f"--{name.replace('_', '-')} must be between 0 and 1")
     quiet = args.json
     local = None
     if args.local is not None:
