@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from halollm.cli.options import add_model_options
@@ -60,8 +59,7 @@ def run(args: argparse.Namespace) -> int:
             attn_groups=args.attn_groups, mlp_groups=args.mlp_groups, grouping=args.grouping,
             max_tokens=args.max_tokens, context=args.context, holdout_tokens=args.holdout,
             rank=args.rank, epochs=args.epochs, seed=args.seed)
-        predictor = calibrate(source, texts, opts, say=lambda m: print(m, file=sys.stderr),
-                              bar=bars)
+        predictor = calibrate(source, texts, opts, bar=bars)
         bars.close()
         path = args.out or store.writable_path(Path(source.path),
                                                content_hash(Path(source.path)))

@@ -36,7 +36,6 @@ class CalibrationOptions:
     seed: int = 0
 
 
-Say = Callable[[str], None]
 Bar = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(n)
 
 
@@ -57,7 +56,7 @@ def read_texts(paths: Sequence[str | Path]) -> list[tuple[str, str]]:
 
 
 def calibrate(source: ModelSource, texts: Sequence[tuple[str, str]], opts: CalibrationOptions,
-              say: Say, bar: Bar) -> Predictor:
+              bar: Bar) -> Predictor:
     if opts.grouping not in GROUPINGS:
         raise HaloError(f"--grouping must be one of {', '.join(GROUPINGS)}")
     if opts.max_tokens < 2 * opts.context:
