@@ -10,7 +10,7 @@ from halollm.errors import HaloError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from halollm.cli import bench, calibrate, demo, evaluate, generate, run, testbed, worker
+    from halollm.cli import bench, calibrate, demo, evaluate, generate, run, serve, testbed, worker
 
     parser = argparse.ArgumentParser(
         prog="halo",
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.register(sub)
     testbed.register(sub)
     bench.register(sub)
+    serve.register(sub)
     calibrate.register(sub)
     evaluate.register(sub)
     return parser

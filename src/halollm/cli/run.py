@@ -15,8 +15,8 @@ from halollm.runtime.keys import ENV, key_bytes, key_text
 from halollm.runtime.transport import parse_address
 
 
-def add_cluster_options(p: argparse.ArgumentParser) -> None:
-    where = p.add_mutually_exclusive_group(required=True)
+def add_cluster_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    where = p.add_mutually_exclusive_group(required=required)
     where.add_argument("--workers", metavar="H:P,H:P,…",
                        help="comma-separated addresses of running `halo worker`s")
     where.add_argument("--local", type=int, metavar="N",
@@ -74,15 +74,18 @@ def cluster_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                           mtu=args.mtu)
 
 
-def run(args: argparse.Namespace) -> int:
-    from halollm.runtime.coordinator import Coordinator
-    from halollm.runtime.local import LocalWorkers
-
-    sampling, text = checked_request(args)  # before the slow model load
+def check_cluster_options(args: argparse.Namespace) -> None:
     for name in ("critical_share", "coordinator_share"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise HaloError(f"--{name.replace('_', '-')} must be between 0 and 1")
-    quiet = args.json
+
+
+def open_cluster(args: argparse.Namespace, quiet: bool):  # type: ignore[no-untyped-def]
+    """(coordinator, local workers or None) from --workers / --local / --testbed; the caller
+    closes both."""
+    from halollm.runtime.coordinator import Coordinator
+    from halollm.runtime.local import LocalWorkers
+
     local = None
     if args.local is not None:
         key, _ = key_text(args.key)
@@ -105,15 +108,28 @@ def run(args: argparse.Namespace) -> int:
         addresses = [parse_address(a.strip()) for a in args.workers.split(",") if a.strip()]
         if not addresses:
             raise HaloError("--workers lists no address")
-    coord = None
     try:
         t0 = time.perf_counter()
         coord = Coordinator(args.model, args.dtype, addresses, key_bytes(key),
                             cluster_options(args))
-        if not quiet:
-            print(f"cluster ready in {time.perf_counter() - t0:.1f}s: {len(addresses)} workers, "
-                  f"{args.sync} sync, placement {coord.placement.summary()['groups_per_device']}"
-                  " groups per device", file=sys.stderr, flush=True)
+    except BaseException:
+        if local is not None:
+            local.stop()
+        raise
+    if not quiet:
+        print(f"cluster ready in {time.perf_counter() - t0:.1f}s: {len(addresses)} workers, "
+              f"{args.sync} sync, placement {coord.placement.summary()['groups_per_device']}"
+              " groups per device", file=sys.stderr, flush=True)
+    return coord, local
+
+
+def run(args: argparse.Namespace) -> int:
+    sampling, text = checked_request(args)  # before the slow model load
+    check_cluster_options(args)
+    quiet = args.json
+    coord = local = None
+    try:
+        coord, local = open_cluster(args, quiet)
         ids = prompt_ids(coord.tokenizer, args, text)
 
         def show(piece: str) -> None:
