@@ -233,3 +233,21 @@ def test_hostile_traffic_does_not_disturb_a_live_worker(workers, reference_token
     d.close()
     result, _ = _generate(workers.addresses, mode="strict")
     assert result.token_ids == reference_tokens
+
+
+def test_idle_keepalive_between_requests(workers, reference_tokens):
+    """What `halo serve` does between requests: ping the workers, check the links; the next
+    request is unaffected."""
+    coord = Coordinator(None, "fp32", workers.addresses, key_bytes(KEY),
+                        ClusterOptions(mode="strict", predictor=None))
+    try:
+        coord.idle()
+        time.sleep(0.3)
+        coord.idle()
+        assert all(link.alive for link in coord.links)
+        ids = coord.tokenizer.encode(PROMPT)
+        result = generate(coord, coord.tokenizer, ids, max_tokens=32, sampling=GREEDY)
+        assert result.token_ids == reference_tokens
+        assert coord.sync_json()["takeovers"] == []
+    finally:
+        coord.close()

@@ -643,6 +643,15 @@ class Coordinator:
                                    "ms": round(ms, 1)})
         self.log(f"worker {link.name} rejoined; its groups are back ({ms:.0f} ms)")
 
+    def idle(self) -> None:
+        """Between requests (a server): keep the sessions alive (a worker drops a coordinator
+        silent for its idle timeout), notice dead workers and let lost ones rejoin."""
+        for link in self.links:
+            if link.alive:
+                link.sock.send_multipart(control.pack(self.key, "ping", session=self.session,
+                                                      t=time.time()))
+        self._check_links()
+
     # -- reporting and shutdown ----------------------------------------------------------
     def sync_json(self) -> dict[str, Any]:
         self.stats.datagrams.update(self.udp.counters)

@@ -67,6 +67,17 @@ class CompletionRequest(Sampling):
     prompt: str | list[str]
 
 
+def snapshot(stats: Callable[[], dict]) -> dict:
+    """The cluster's statistics, read from the HTTP thread while the engine thread may be
+    updating them: retried if a dictionary changed under the read."""
+    for _ in range(5):
+        try:
+            return stats()
+        except RuntimeError:
+            continue
+    return {}
+
+
 class Metrics:
     def __init__(self, engine: Engine, cluster_stats: Callable[[], dict] | None) -> None:
         self.registry = r = CollectorRegistry()
@@ -94,7 +105,7 @@ class Metrics:
                      "repairs_served": "KV positions repaired", "rounds": "sync rounds"}
             for key, doc in names.items():
                 g = Gauge(f"halo_sync_{key}", doc.capitalize(), registry=r)
-                g.set_function(lambda k=key: cluster_stats().get(k, 0))
+                g.set_function(lambda k=key: snapshot(cluster_stats).get(k, 0))
             alive = Gauge("halo_worker_alive", "1 if the worker is alive", ["worker"],
                           registry=r)
             self._alive, self._cluster = alive, cluster_stats
@@ -109,7 +120,7 @@ class Metrics:
 
     def render(self) -> bytes:
         if hasattr(self, "_cluster"):
-            for w in self._cluster().get("workers", []):
+            for w in snapshot(self._cluster).get("workers", []):
                 self._alive.labels(worker=w["address"]).set(1 if w["alive"] else 0)
         return generate_latest(self.registry)
 
@@ -178,7 +189,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_id: str, max_position
         out: dict[str, Any] = {"status": "ok", "model": model_id, "queue": engine.waiting,
                                "busy": engine.busy}
         if cluster_stats is not None:
-            workers = cluster_stats().get("workers", [])
+            workers = snapshot(cluster_stats).get("workers", [])
             out["workers"] = {"alive": sum(w["alive"] for w in workers), "total": len(workers)}
         return out
 

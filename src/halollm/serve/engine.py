@@ -22,6 +22,8 @@ from halollm.generate import Decoder, GenerationResult, generate
 from halollm.model.tokenizer import Tokenizer
 from halollm.sampling import SamplingParams
 
+IDLE_S = 20.0  # between requests, keep a cluster's sessions alive this often
+
 
 class Cancelled(Exception):
     """Raised inside the generation loop when the client went away."""
@@ -69,8 +71,17 @@ class Engine:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        idle = getattr(self.decoder, "idle", None)
         while True:
-            job = self._queue.get()
+            try:
+                job = self._queue.get(timeout=IDLE_S)
+            except queue.Empty:
+                if idle is not None:
+                    try:
+                        idle()
+                    except HaloError:
+                        pass  # reported on the next request
+                continue
             if job is None:
                 return
             self.waiting -= 1
