@@ -251,3 +251,20 @@ def test_idle_keepalive_between_requests(workers, reference_tokens):
         assert coord.sync_json()["takeovers"] == []
     finally:
         coord.close()
+
+
+def test_equal_placement_strict_equals_single_device(workers, reference_tokens):
+    """distributed-llama's split: every device, the coordinator included, gets an equal share
+    of every layer's groups; strict mode stays token-exact."""
+    coord = Coordinator(None, "fp32", workers.addresses, key_bytes(KEY),
+                        ClusterOptions(mode="strict", predictor=None, placement="equal",
+                                       attn_groups=None))
+    try:
+        counts = coord.placement.summary()["groups_per_device"]
+        assert max(counts) - min(counts) <= coord.config.n_layers  # at most 1 per half
+        assert all(c > 0 for c in counts)
+        ids = coord.tokenizer.encode(PROMPT)
+        result = generate(coord, coord.tokenizer, ids, max_tokens=32, sampling=GREEDY)
+        assert result.token_ids == reference_tokens
+    finally:
+        coord.close()

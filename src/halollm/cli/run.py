@@ -41,6 +41,10 @@ def add_cluster_options(p: argparse.ArgumentParser, required: bool = True) -> No
     p.add_argument("--predictor", default="auto", metavar="PATH",
                    help="predictor file; 'auto' (default): the one `halo calibrate` saved for "
                         "the model, if any; 'none': criticality from the static plan only")
+    p.add_argument("--placement", choices=["static", "equal"], default="static",
+                   help="static (default): critical groups on the coordinator, the rest spread "
+                        "over the workers; equal: every layer's groups dealt out equally over "
+                        "all devices, the coordinator included (distributed-llama's split)")
     p.add_argument("--attn-groups", type=int, default=1, metavar="N",
                    help="attention groups per layer, at most the KV heads (default 1: all "
                         "attention is one critical group on the coordinator)")
@@ -69,6 +73,7 @@ def cluster_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return ClusterOptions(mode=args.sync, wire=args.wire, deadline_ms=args.deadline_ms,
                           critical_share=args.critical_share, mlp_groups=args.mlp_groups,
                           coordinator_share=args.coordinator_share,
+                          placement=args.placement,
                           predictor=None if args.predictor == "none" else args.predictor,
                           attn_groups=args.attn_groups,
                           mtu=args.mtu)

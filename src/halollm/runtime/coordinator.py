@@ -27,7 +27,7 @@ from halollm.predictor import store as predictor_store
 from halollm.predictor.critical import SharePredictor, critical_devices
 from halollm.runtime import control, protocol
 from halollm.runtime.deadline import DeadlineEstimator
-from halollm.runtime.placement import COORDINATOR, Placement, static_plan
+from halollm.runtime.placement import COORDINATOR, Placement, equal_plan, static_plan
 from halollm.runtime.protocol import ACTIVATION, ATTN, MLP, PARTIAL, ProtocolError, RoundTag
 from halollm.runtime.significance import RANKING_TEXT, cached_ranking
 from halollm.runtime.stats import SyncStats
@@ -35,6 +35,7 @@ from halollm.runtime.tensor_codec import WIRE_NAMES, decode_body, encode_body, w
 from halollm.runtime.transport import Address, UdpEndpoint, local_address_towards
 
 MODES = ("strict", "relaxed")
+PLACEMENTS = ("static", "equal")
 KIND_OF = {ATTN: "attn", MLP: "mlp"}
 
 
@@ -59,8 +60,11 @@ class ClusterOptions:
     join_timeout_s: float = 30.0
     rejoin_every_s: float = 2.0  # how often a lost worker's address is tried again
     drop_rates: Sequence[float] = ()  # user-space loss per worker (no kernel testbed)
-    # a ready-made placement (benchmarks, the scheduler); None: the static plan
+    # a ready-made placement (benchmarks, the scheduler); None: by `placement`
     plan: Callable[[Partition, dict], Placement] | None = None
+    # static: critical groups on the coordinator, the rest spread evenly over the workers;
+    # equal: every layer half dealt out equally over all devices (distributed-llama)
+    placement: str = "static"
     # the semantic-aware predictor: a file path, "auto" (the one `halo calibrate` saved for
     # the model, if any) or None (no per-token prediction: the static plan decides)
     predictor: str | None = "auto"
@@ -160,6 +164,10 @@ class Coordinator:
                                          partition, self.tokenizer.encode(RANKING_TEXT))
             if options.plan is not None:
                 self.placement = options.plan(partition, ranking)
+            elif options.placement == "equal":
+                self.placement = equal_plan(partition, len(self.links) + 1)
+            elif options.placement != "static":
+                raise HaloError(f"--placement must be one of {', '.join(PLACEMENTS)}")
             else:
                 self.placement = static_plan(partition, ranking, len(self.links),
                                              options.coordinator_share)

@@ -99,6 +99,19 @@ def critical_groups(partition: Partition, significance: Mapping[GroupId, float],
     return frozenset(out)
 
 
+def equal_plan(partition: Partition, n_devices: int) -> Placement:
+    """distributed-llama's split: each layer half's groups dealt out in turn over all devices,
+    the coordinator first, whatever their speed or link; nothing is critical."""
+    from halollm.scheduler.solver import GroupSpec, equal_split
+
+    gids = list(partition.groups())
+    halves = {key: i for i, key in enumerate(dict.fromkeys((g.layer, g.kind) for g in gids))}
+    specs = [GroupSpec(half=halves[(g.layer, g.kind)], cost=len(partition.units(g)))
+             for g in gids]
+    owner = dict(zip(gids, equal_split(specs, n_devices), strict=True))
+    return Placement(partition, owner, frozenset(), n_devices)
+
+
 def static_plan(partition: Partition, significance: Mapping[GroupId, float], n_workers: int,
                 coordinator_share: float) -> Placement:
     """Critical groups on the coordinator; the rest spread over the workers by count

@@ -1,0 +1,1 @@
+"""The load-balancing scheduler: device and link profiles in, a placement out (pure)."""

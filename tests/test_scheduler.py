@@ -1,0 +1,105 @@
+"""The placement solver on hand-made cases with known answers (pure, fast)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+
+from halollm.errors import HaloError
+from halollm.scheduler.solver import DeviceSpec, GroupSpec, equal_split, memory_split, solve
+
+
+def layers(n_halves: int, per_half: int, cost: float = 1.0,
+           significance: list[float] | None = None) -> list[GroupSpec]:
+    sig = significance or [1.0] * per_half
+    return [GroupSpec(half=h, cost=cost, significance=sig[j]) for h in range(n_halves)
+            for j in range(per_half)]
+
+
+def per_device(owner: list[int], n: int) -> list[int]:
+    c = Counter(owner)
+    return [c.get(d, 0) for d in range(n)]
+
+
+def test_equal_devices_get_equal_work():
+    groups = layers(4, 12)
+    sol = solve(groups, [DeviceSpec(f"d{i}") for i in range(4)])
+    assert per_device(sol.owner, 4) == [12, 12, 12, 12]
+    assert sol.objective_ms == pytest.approx(4 * 3.0)
+    for h in range(4):  # and equal within every round, not only overall
+        half = [o for g, o in zip(groups, sol.owner, strict=True) if g.half == h]
+        assert per_device(half, 4) == [3, 3, 3, 3]
+
+
+def test_a_device_twice_as_fast_gets_twice_the_work():
+    sol = solve(layers(2, 12), [DeviceSpec("slow", speed=1), DeviceSpec("fast", speed=2)])
+    assert per_device(sol.owner, 2) == [8, 16]
+
+
+def test_a_lossy_link_gets_only_insignificant_groups():
+    sig = [10.0, 10.0, 5.0, 1.0, 0.1, 0.1, 0.1, 0.1]
+    groups = [GroupSpec(0, 1.0, s, critical=s >= 5) for s in sig]
+    devices = [DeviceSpec("coord"), DeviceSpec("wired"), DeviceSpec("wifi", loss=0.05)]
+    sol = solve(groups, devices, reliable_loss=0.0, max_lost_share=0.05)
+    lossy = [g for g, o in zip(groups, sol.owner, strict=True) if o == 2]
+    assert lossy and all(not g.critical for g in lossy)
+    lost = sum(g.significance * 0.05 for g in lossy)
+    assert lost <= 0.05 * sum(sig) + 1e-9
+
+
+def test_expected_loss_bound_limits_what_a_lossy_link_carries():
+    groups = layers(1, 10, significance=[1.0] * 10)
+    devices = [DeviceSpec("coord"), DeviceSpec("wifi", loss=0.1)]
+    free = solve(groups, devices, max_lost_share=1.0)
+    assert per_device(free.owner, 2) == [5, 5]
+    bounded = solve(groups, devices, max_lost_share=0.02)  # 0.1 loss x 2 groups = 0.2 of 10
+    assert per_device(bounded.owner, 2)[1] <= 2
+
+
+def test_memory_caps_are_respected():
+    groups = layers(3, 8, cost=10.0)
+    devices = [DeviceSpec("coord", memory=200), DeviceSpec("small", memory=40),
+               DeviceSpec("big")]
+    sol = solve(groups, devices)
+    used = [sum(g.cost for g, o in zip(groups, sol.owner, strict=True) if o == d)
+            for d in range(3)]
+    assert used[0] <= 200 and used[1] <= 40
+    assert sum(used) == 240
+
+
+def test_infeasible_inputs_are_clear_errors():
+    with pytest.raises(HaloError, match="cannot hold"):
+        solve(layers(1, 4, cost=10), [DeviceSpec("a", memory=10), DeviceSpec("b", memory=10)])
+    crit = [GroupSpec(0, 10.0, 1.0, critical=True) for _ in range(3)]
+    with pytest.raises(HaloError, match="critical groups"):
+        solve(crit, [DeviceSpec("coord", memory=10), DeviceSpec("wifi", memory=100,
+                                                                 loss=0.05)])
+    with pytest.raises(HaloError, match="no placement"):
+        # memory fits overall, but the loss bound forbids the lossy device any group
+        solve(layers(1, 4, cost=10), [DeviceSpec("coord", memory=20),
+                                      DeviceSpec("wifi", memory=100, loss=0.5)],
+              max_lost_share=0.0)
+
+
+def test_baselines():
+    groups = layers(2, 8)
+    assert per_device(equal_split(groups, 4), 4) == [4, 4, 4, 4]
+    devices = [DeviceSpec("a", memory=100), DeviceSpec("b", memory=300)]
+    assert per_device(memory_split(groups, devices), 2) == [4, 12]
+
+
+def test_a_model_sized_problem_solves_quickly():
+    """30 layers x 16 MLP groups over 8 heterogeneous devices (the issue's testbed shape)."""
+    sig = [math.exp(-j / 4) for j in range(16)]
+    groups = [GroupSpec(h, 96.0, sig[j], critical=j < 2) for h in range(30) for j in range(16)]
+    devices = [DeviceSpec("coord", 40), DeviceSpec("fast", 40), DeviceSpec("slow1", 12),
+               DeviceSpec("slow2", 12), DeviceSpec("l5a", 40, loss=0.05),
+               DeviceSpec("l5b", 40, loss=0.05), DeviceSpec("l10a", 40, loss=0.10),
+               DeviceSpec("l10b", 40, loss=0.10)]
+    sol = solve(groups, devices, max_lost_share=0.02, time_limit_s=30)
+    counts = per_device(sol.owner, 8)
+    assert counts[2] < counts[1] and counts[3] < counts[0]  # slow devices get less
+    equal_ms = 30 * max(16 / 8 * 96 / d.speed for d in devices)  # 2 groups each per round
+    assert sol.objective_ms < 0.5 * equal_ms
