@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -23,11 +24,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
+@contextlib.contextmanager
+def serving(*args: str):
+    """A real `halo serve` process on a free port; yields its base URL once /health answers."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "halollm.cli.main", "serve", "--port",
-                             str(port), "--api-key", API_KEY, "--model-id", "smol"],
+                             str(port), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -48,6 +50,12 @@ def server():
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serving("--api-key", API_KEY, "--model-id", "smol") as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -187,21 +195,8 @@ def test_cluster_request_survives_a_lost_worker():
 
     key = "serve-cluster-key"
     with LocalWorkers(2, key, threads=1) as lw:
-        port = _free_port()
         workers = ",".join(f"{h}:{p}" for h, p in lw.addresses)
-        proc = subprocess.Popen([sys.executable, "-m", "halollm.cli.main", "serve", "--port",
-                                 str(port), "--workers", workers, "--key", key,
-                                 "--predictor", "none"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(240):
-                assert proc.poll() is None, proc.stderr.read()
-                try:
-                    if httpx.get(base + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.5)
+        with serving("--workers", workers, "--key", key, "--predictor", "none") as base:
             assert httpx.get(base + "/health").json()["workers"] == {"alive": 2, "total": 2}
             body = {"model": "default", "prompt": "Once upon a time", "max_tokens": 60,
                     "temperature": 0, "stream": True}
@@ -221,9 +216,3 @@ def test_cluster_request_survives_a_lost_worker():
             health = httpx.get(base + "/health").json()
             assert health["workers"]["alive"] == 1
             assert 'halo_worker_alive{worker="' in httpx.get(base + "/metrics").text
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()

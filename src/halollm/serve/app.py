@@ -232,13 +232,10 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_id: str, max_position
                                      media_type="text/event-stream", headers=headers)
         text: list[str] = []
         while True:
-            try:
-                kind, value = await asyncio.wait_for(job.events.get(), timeout=0.5)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    job.cancelled.set()
-                    return JSONResponse({}, status_code=499)
-                continue
+            event = await next_event(job, request)
+            if event is None:
+                return JSONResponse({}, status_code=499)
+            kind, value = event
             if kind == "text":
                 text.append(value)
             elif kind == "error":
@@ -289,13 +286,10 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_id: str, max_position
             if chat:
                 yield chunk("", None, role=True)
             while True:
-                try:
-                    kind, value = await asyncio.wait_for(job.events.get(), timeout=0.5)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        job.cancelled.set()
-                        return
-                    continue
+                event = await next_event(job, request)
+                if event is None:
+                    return
+                kind, value = event
                 if kind == "text":
                     yield chunk(value, None)
                 elif kind == "error":
@@ -316,6 +310,17 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_id: str, max_position
             job.cancelled.set()  # a no-op once done; stops the generation if the client left
 
     return app
+
+
+async def next_event(job: Job, request: Request) -> tuple[str, Any] | None:
+    """The job's next event; None (and the job cancelled) once the client has gone."""
+    while True:
+        try:
+            return await asyncio.wait_for(job.events.get(), timeout=0.5)
+        except TimeoutError:
+            if await request.is_disconnected():
+                job.cancelled.set()
+                return None
 
 
 def _usage(result: GenerationResult) -> dict[str, int]:
