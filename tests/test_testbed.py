@@ -115,6 +115,7 @@ def test_down_cleans_up_after_a_crash(tmp_path):
     f = tmp_path / "crash.toml"
     f.write_text('name = "tcrash"\nsubnet = "10.82"\n[[device]]\nname = "a"\nloss = 0.1\n')
     spec = load_spec(f)
+    cluster.down(spec, quiet=True)  # what an earlier, interrupted run of this test left
     d = spec.devices[0]
     system.sh("ip", "netns", "add", spec.namespace(d))
     system.sh("nft", "-f", "-", input=system.nft_loss_table(spec.table,
