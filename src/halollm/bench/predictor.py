@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from halollm.bench.report import publish
-from halollm.errors import HaloError
 from halollm.generate import LocalDecoder, teacher_forced
 from halollm.model.loader import content_hash, load_model, open_source, open_tokenizer
 from halollm.predictor import report, store
@@ -61,12 +60,10 @@ def decode_ms(ids: list[int]) -> float:
 def run(args: argparse.Namespace) -> int:
     ((text_name, text),) = read_texts([args.text])
     source = open_source(None)
-    paths = args.predictor or [store.find(Path(source.path), content_hash(Path(source.path)))]
-    if paths[0] is None:
-        raise HaloError("no predictor for the default model: run `halo calibrate` first")
-    preds = [store.load(p) for p in paths]
-    for p, path in zip(preds, paths, strict=True):
-        p.check(content_hash(Path(source.path)), where=str(path))
+    model_hash = content_hash(Path(source.path))  # once: it reads the whole file
+    preds = [store.load_for(Path(source.path), model_hash, p)
+             for p in (args.predictor or [None])]
+    paths = [p.path for p in preds]
     ids = open_tokenizer(source).encode(text)[:args.tokens]
     chunks = chunked(ids, args.context)
     results: list[dict[str, Any]] = []
@@ -76,8 +73,7 @@ def run(args: argparse.Namespace) -> int:
         rep = report.quality(gm, pred, chunks)
         rep.update(predictor=str(path), grouping=pred.meta.get("grouping"),
                    partition=store.describe(pred.partition),
-                   training_tokens=pred.meta.get("training_tokens"),
-                   gap_closed={f: report.gap_closed(row) for f, row in rep["results"].items()})
+                   training_tokens=pred.meta.get("training_tokens"))
         results.append(rep)
     cost_us = prediction_cost_us(preds[0])
     ms = decode_ms(ids[:64])

@@ -62,12 +62,8 @@ def run_predictor(args: argparse.Namespace) -> int:
     bars = Bars(enabled=not args.json)
     try:
         model_hash = content_hash(Path(source.path))
-        path = args.predictor or store.find(Path(source.path), model_hash)
-        if path is None:
-            raise HaloError("no predictor for this model; make one with `halo calibrate "
-                            "--text FILE` or give --predictor PATH")
-        predictor = store.load(path)
-        predictor.check(model_hash, where=str(path))
+        predictor = store.load_for(Path(source.path), model_hash, args.predictor)
+        path = predictor.path
         ids = open_tokenizer(source).encode(text)[:args.tokens]
         chunks = chunked(ids, args.context)
         if not chunks:
@@ -82,7 +78,6 @@ def run_predictor(args: argparse.Namespace) -> int:
         source.close()
     rep["predictor"] = str(path)
     rep["partition"] = store.describe(predictor.partition)
-    rep["gap_closed"] = {frac: report.gap_closed(row) for frac, row in rep["results"].items()}
     if args.json:
         print(json.dumps(rep))
     else:

@@ -80,9 +80,8 @@ def cluster_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def check_cluster_options(args: argparse.Namespace) -> None:
-    for name in ("critical_share", "coordinator_share"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise HaloError(f"--{name.replace('_', '-')} must be between 0 and 1")
+    """The cluster options' own checks, before any worker starts."""
+    cluster_options(args).validate()
 
 
 def open_cluster(args: argparse.Namespace, quiet: bool):  # type: ignore[no-untyped-def]

@@ -19,7 +19,7 @@ def quality(gm: GroupedModel, predictor: Predictor, chunks: Sequence[list[int]],
             fractions: Sequence[float] = FRACTIONS, kinds: Sequence[Kind] = ("mlp",),
             progress: Callable[[], None] | None = None) -> dict[str, Any]:
     """{"ranking": {kind: …}, "full": {ppl}, "results": {fraction: {method: {kl, agreement,
-    ppl, dropped_per_layer}}}, "tokens": N}."""
+    ppl, dropped_per_layer}}}, "gap_closed": {fraction: share}, "tokens": N}."""
     held = collect(gm, chunks)
     n_layers = len(gm.layers)
     ranking = {kind: ablation.ranking_quality(predictor.nets[kind], held, kind, n_layers)
@@ -29,7 +29,8 @@ def quality(gm: GroupedModel, predictor: Predictor, chunks: Sequence[list[int]],
     table = ablation.ablate(gm, chunks, rankers, fractions, kinds, progress)
     full = table.pop("full")["model"]
     return {"tokens": sum(len(c) for c in chunks), "kinds": list(kinds), "ranking": ranking,
-            "full": {"ppl": full["ppl"]}, "results": table}
+            "full": {"ppl": full["ppl"]}, "results": table,
+            "gap_closed": {frac: gap_closed(row) for frac, row in table.items()}}
 
 
 def gap_closed(row: dict[str, dict]) -> float | None:

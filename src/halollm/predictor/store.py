@@ -107,6 +107,18 @@ def load(path: str | Path) -> Predictor:
     return Predictor(nets, static, partition, metadata["model_hash"], meta, str(path))
 
 
+def load_for(model_path: Path, model_hash: str, path: str | Path | None = None) -> Predictor:
+    """The predictor at `path`, or the one `halo calibrate` saved for the model; checked to
+    be made for this model."""
+    found = Path(path) if path is not None else find(model_path, model_hash)
+    if found is None:
+        raise HaloError("no predictor for this model; make one with `halo calibrate --text "
+                        "FILE` or give --predictor PATH")
+    predictor = load(found)
+    predictor.check(model_hash, where=str(found))
+    return predictor
+
+
 def default_path(model_path: Path) -> Path:
     """Next to the model: FILE.gguf -> FILE.gguf.halo-predictor.safetensors; a folder ->
     FOLDER/halo-predictor.safetensors."""

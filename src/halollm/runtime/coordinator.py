@@ -69,6 +69,16 @@ class ClusterOptions:
     # the model, if any) or None (no per-token prediction: the static plan decides)
     predictor: str | None = "auto"
 
+    def validate(self) -> None:
+        """HaloError for an option out of range (before anything slow starts)."""
+        if self.mode not in MODES:
+            raise HaloError(f"--sync must be one of {', '.join(MODES)}")
+        if self.placement not in PLACEMENTS:
+            raise HaloError(f"--placement must be one of {', '.join(PLACEMENTS)}")
+        for name in ("critical_share", "coordinator_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise HaloError(f"--{name.replace('_', '-')} must be between 0 and 1")
+
 
 @dataclass
 class WorkerLink:
@@ -122,11 +132,7 @@ class Coordinator:
     def __init__(self, model: str | None, dtype: str | None, workers: Sequence[Address],
                  key: bytes, options: ClusterOptions,
                  log: Callable[[str], None] | None = None) -> None:
-        if options.mode not in MODES:
-            raise HaloError(f"--sync must be one of {', '.join(MODES)}")
-        for name in ("critical_share", "coordinator_share"):
-            if not 0.0 <= getattr(options, name) <= 1.0:
-                raise HaloError(f"--{name.replace('_', '-')} must be between 0 and 1")
+        options.validate()
         self.log = log or (lambda msg: print(f"[halo] {msg}", file=sys.stderr, flush=True))
         self.opts, self.key = options, key
         self.dtype = parse_dtype(dtype)
@@ -166,8 +172,6 @@ class Coordinator:
                 self.placement = options.plan(partition, ranking)
             elif options.placement == "equal":
                 self.placement = equal_plan(partition, len(self.links) + 1)
-            elif options.placement != "static":
-                raise HaloError(f"--placement must be one of {', '.join(PLACEMENTS)}")
             else:
                 self.placement = static_plan(partition, ranking, len(self.links),
                                              options.coordinator_share)
@@ -584,9 +588,7 @@ class Coordinator:
                 taken.append((layer, "mlp", shard))
         self._taken[link.index] = taken
         groups = self.placement.count(link.index)
-        self.placement = self.placement.moved(link.index, COORDINATOR)
-        self._owner.clear()
-        self._fallback.clear()
+        self._set_placement(self.placement.moved(link.index, COORDINATOR))
         self.epoch += 1
         self._distribute()
         ms = 1e3 * (time.perf_counter() - t0)
@@ -603,6 +605,13 @@ class Coordinator:
                  if layer == tag.layer and k == kind]
         self.stats.recomputed += 1
         return sum_partials(parts) if parts else torch.zeros_like(x, dtype=torch.float32)
+
+    def _set_placement(self, placement: Placement) -> None:
+        """A new placement, and nothing derived from the old one (group owners per layer,
+        fallback shards)."""
+        self.placement = placement
+        self._owner.clear()
+        self._fallback.clear()
 
     def _compute_fallback(self, link: WorkerLink, tag: RoundTag, x: torch.Tensor
                           ) -> torch.Tensor:
@@ -635,10 +644,8 @@ class Coordinator:
         for gid, dev in self.initial_placement.owner.items():
             if dev == link.index:
                 owner[gid] = link.index
-        self.placement = Placement(self.placement.partition, owner, self.placement.critical,
-                                   self.placement.n_devices)
-        self._owner.clear()
-        self._fallback.clear()
+        self._set_placement(Placement(self.placement.partition, owner,
+                                      self.placement.critical, self.placement.n_devices))
         for layer, kind, shard in self._taken.pop(link.index, []):
             target = self.model.layers[layer]
             assert target is not None
