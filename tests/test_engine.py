@@ -172,6 +172,19 @@ def test_stop_string_and_eos(model_fp32):
     assert "<|im_end|>" not in full.text
 
 
+def test_ignore_eos_generates_past_the_end(model_fp32):
+    tok = model_fp32.tokenizer
+    dec = LocalDecoder(model_fp32.transformer)
+    prompt = tok.encode(tok.render_chat([{"role": "user", "content": "Say hello."}]))
+    natural = generate(dec, tok, prompt, max_tokens=64, sampling=SamplingParams())
+    assert natural.finish_reason == "stop" and len(natural.token_ids) < 64
+    forced = generate(dec, tok, prompt, max_tokens=64, sampling=SamplingParams(),
+                      ignore_eos=True)
+    assert forced.finish_reason == "length" and len(forced.token_ids) == 64
+    assert forced.token_ids[: len(natural.token_ids)] == natural.token_ids
+    assert forced.token_ids[len(natural.token_ids)] in tok.eos_ids
+
+
 def test_split_evenly():
     assert split_evenly(7, 3) == ((0, 1, 2), (3, 4), (5, 6))
     assert split_evenly(3, 3) == ((0,), (1,), (2,))

@@ -90,7 +90,7 @@ def test_three_device_testbed_with_loss(tmp_path):
         try:
             tok = coord.tokenizer
             res = generate(coord, tok, tok.encode("Once upon a time"), max_tokens=32,
-                           sampling=SamplingParams())
+                           sampling=SamplingParams(), ignore_eos=True)
             sync = coord.sync_json()
         finally:
             coord.close()

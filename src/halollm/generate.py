@@ -79,11 +79,12 @@ class GenerationResult:
 
 def generate(decoder: Decoder, tokenizer: Tokenizer, prompt_ids: Sequence[int], *,
              max_tokens: int, sampling: SamplingParams, stop: Sequence[str] = (),
-             max_position: int | None = None, on_text: Callable[[str], None] | None = None
-             ) -> GenerationResult:
-    """Prefill the prompt in one pass, then decode token by token until EOS, a stop string or
-    max_tokens. `on_text` receives text as it is produced (held back while it could still
-    become a stop string)."""
+             max_position: int | None = None, on_text: Callable[[str], None] | None = None,
+             ignore_eos: bool = False) -> GenerationResult:
+    """Prefill the prompt in one pass, then decode token by token until EOS (unless
+    `ignore_eos`: benchmarks and tests that need a fixed length), a stop string or max_tokens.
+    `on_text` receives text as it is produced (held back while it could still become a stop
+    string)."""
     if not prompt_ids:
         raise HaloError("the prompt is empty")
     if max_tokens < 1:
@@ -106,7 +107,7 @@ def generate(decoder: Decoder, tokenizer: Tokenizer, prompt_ids: Sequence[int], 
     finish = "length"
     while True:
         token = sample(logits, sampling, seen, rng)
-        if token in tokenizer.eos_ids:
+        if token in tokenizer.eos_ids and not ignore_eos:
             finish = "stop"
             break
         out.append(token)

@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         generate(dec, tok, prompt, max_tokens=8, sampling=greedy)  # warm-up
         decode, prefill, out_ids = [], [], []
         for r in range(args.repeats):
-            res = generate(dec, tok, prompt, max_tokens=args.tokens, sampling=greedy)
+            res = generate(dec, tok, prompt, max_tokens=args.tokens, sampling=greedy,
+                           ignore_eos=True)
             decode.append(statistics.median(res.step_s) * 1e3)
             out_ids = res.token_ids
             t = time.perf_counter()

@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
                     steps: list[float] = []
                     for _ in range(args.repeats):
                         res = generate(coord, tok, prompt, max_tokens=args.tokens,
-                                       sampling=SamplingParams())
+                                       sampling=SamplingParams(), ignore_eos=True)
                         steps += [1e3 * s for s in res.step_s]
                     row: dict[str, Any] = {
                         "workers": n, "layout": layout, "loss": rate, "mode": mode,

@@ -41,8 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _decode_ms(decoder: Any, tok: Any, ids: list[int], tokens: int, repeats: int) -> float:
     greedy = SamplingParams()
     generate(decoder, tok, ids, max_tokens=4, sampling=greedy)  # warm-up
-    runs = [generate(decoder, tok, ids, max_tokens=tokens, sampling=greedy).decode_ms_per_token
-            for _ in range(repeats)]
+    runs = [generate(decoder, tok, ids, max_tokens=tokens, sampling=greedy,
+                     ignore_eos=True).decode_ms_per_token for _ in range(repeats)]
     return statistics.median(runs)
 
 

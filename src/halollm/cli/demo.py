@@ -108,8 +108,9 @@ def run(args: argparse.Namespace) -> int:
                 tok = coord.tokenizer
                 prompt = tok.encode(tok.render_chat([{"role": "user", "content": args.prompt}]))
                 t0 = time.perf_counter()
+                # the same number of tokens in both modes: speeds compare like with like
                 res = generate(coord, tok, prompt, max_tokens=args.max_tokens,
-                               sampling=SamplingParams())
+                               sampling=SamplingParams(), ignore_eos=True)
                 wall = time.perf_counter() - t0
                 results[mode] = {**res.to_json(), "wall_s": round(wall, 2),
                                  "sync": coord.sync_json(), "_prompt": prompt}

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     result = generate(LocalDecoder(model.transformer), model.tokenizer, ids,
                       max_tokens=args.max_tokens, sampling=sampling,
                       stop=args.stop, max_position=model.config.max_position,
-                      on_text=None if quiet else show)
+                      on_text=None if quiet else show, ignore_eos=args.ignore_eos)
     if quiet:
         out = result.to_json()
         out.update(model=str(model.path), dtype=dtype_name(model.dtype))

@@ -29,6 +29,9 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", metavar="TEXT", help="system message (with --chat)")
     p.add_argument("--max-tokens", type=int, default=128, metavar="N",
                    help="stop after N generated tokens (default: 128)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating past the end-of-sequence token (fixed-length runs "
+                        "for benchmarks)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="sampling temperature; 0 = greedy (default: 0)")
     p.add_argument("--top-k", type=int, default=0, metavar="K",

@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         result = generate(coord, coord.tokenizer, ids, max_tokens=args.max_tokens,
                           sampling=sampling, stop=args.stop,
                           max_position=coord.config.max_position,
-                          on_text=None if quiet else show)
+                          on_text=None if quiet else show, ignore_eos=args.ignore_eos)
         sync = coord.sync_json()
     finally:
         if coord is not None:
