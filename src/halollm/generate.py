@@ -32,16 +32,21 @@ class LocalDecoder:
 
 
 def teacher_forced(decoder: Decoder, ids: Sequence[int],
-                   step_s: list[float] | None = None) -> torch.Tensor:
+                   step_s: list[float] | None = None,
+                   on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Logits [len(ids), vocab], feeding ids one token at a time through the decode path
     (whose activations are in the compute dtype, unlike a multi-token prefill). The time of
-    each step is appended to `step_s` if given."""
+    each step is appended to `step_s` if given; `on_step(i, logits_i)` sees each position's
+    logits as soon as they exist (evaluations that must keep a partial result)."""
     out = []
     for i, t in enumerate(ids):
         t0 = time.perf_counter()
-        out.append(decoder.forward_last([t], i))
+        logits = decoder.forward_last([t], i)
         if step_s is not None:
             step_s.append(time.perf_counter() - t0)
+        out.append(logits)
+        if on_step is not None:
+            on_step(i, logits)
     return torch.stack(out)
 
 

@@ -24,6 +24,7 @@ import torch
 
 from halollm.bench.report import publish
 from halollm.errors import HaloError
+from halollm.eval.agree import accuracy
 from halollm.generate import LocalDecoder, generate, teacher_forced
 from halollm.model.loader import load_model
 from halollm.runtime.coordinator import ClusterOptions, Coordinator
@@ -70,14 +71,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("docs/results"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
-
-
-def accuracy(logits: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    """(top-1 agreement, mean KL(ref || logits)) over positions."""
-    agree = float((logits.argmax(-1) == ref.argmax(-1)).float().mean())
-    kl = torch.nn.functional.kl_div(logits.log_softmax(-1), ref.log_softmax(-1),
-                                    log_target=True, reduction="none").sum(-1)
-    return agree, float(kl.mean())
 
 
 def _cluster(n: int, rates: list[float], network: str):  # type: ignore[no-untyped-def]

@@ -41,10 +41,24 @@ def add_cluster_options(p: argparse.ArgumentParser, required: bool = True) -> No
     p.add_argument("--predictor", default="auto", metavar="PATH",
                    help="predictor file; 'auto' (default): the one `halo calibrate` saved for "
                         "the model, if any; 'none': criticality from the static plan only")
-    p.add_argument("--placement", choices=["static", "equal"], default="static",
+    p.add_argument("--placement", choices=["static", "equal", "memory", "halo"],
+                   default="static",
                    help="static (default): critical groups on the coordinator, the rest spread "
                         "over the workers; equal: every layer's groups dealt out equally over "
-                        "all devices, the coordinator included (distributed-llama's split)")
+                        "all devices, the coordinator included (distributed-llama's split); "
+                        "memory: in proportion to each device's memory budget (exo, "
+                        "llama.cpp); halo: the load-balancing scheduler, from measured compute "
+                        "speed, memory and link loss/round trip, re-planned as they drift "
+                        "(docs/scheduler.md)")
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="memory the coordinator offers for weights, e.g. 2G (default: 80%% "
+                        "of the available RAM); used by --placement memory|halo")
+    p.add_argument("--replan-every", type=int, default=8, metavar="N",
+                   help="with --placement halo: check every N tokens whether a new plan is "
+                        "at least --hysteresis faster (default 8)")
+    p.add_argument("--hysteresis", type=float, default=0.15, metavar="H",
+                   help="adopt a new plan only if predicted at least this share faster "
+                        "(default 0.15)")
     p.add_argument("--attn-groups", type=int, default=1, metavar="N",
                    help="attention groups per layer, at most the KV heads (default 1: all "
                         "attention is one critical group on the coordinator)")
@@ -69,11 +83,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cluster_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from halollm.runtime.coordinator import ClusterOptions
+    from halollm.runtime.profile import parse_bytes
 
     return ClusterOptions(mode=args.sync, wire=args.wire, deadline_ms=args.deadline_ms,
                           critical_share=args.critical_share, mlp_groups=args.mlp_groups,
                           coordinator_share=args.coordinator_share,
                           placement=args.placement,
+                          memory_budget=parse_bytes(args.memory_budget)
+                          if args.memory_budget else None,
+                          replan_every=args.replan_every, hysteresis=args.hysteresis,
                           predictor=None if args.predictor == "none" else args.predictor,
                           attn_groups=args.attn_groups,
                           mtu=args.mtu)

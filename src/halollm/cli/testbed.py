@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from halollm.errors import HaloError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -14,8 +16,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "coordinator's) namespace, random packet loss by nftables where packets "
                     "arrive, bandwidth by tc tbf, CPU share by cgroup quota, a worker in each "
                     "namespace. The spec file is TOML; see docs/testbed.md and examples/.")
-    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("action", choices=["up", "down", "status", "loss"],
+                   help="up, down, status, or loss: change one device's packet loss while "
+                        "the testbed runs (--device, --rate)")
     p.add_argument("spec", metavar="SPEC", help="cluster spec file (TOML)")
+    p.add_argument("--device", metavar="NAME", help="with loss: the device")
+    p.add_argument("--rate", type=float, metavar="P",
+                   help="with loss: the new loss rate, each direction")
     p.add_argument("--model", metavar="PATH", help="model for the workers (default model)")
     p.add_argument("--key", metavar="TEXT", help="cluster key (default: a new random one, "
                                                   "kept in /run/halo/NAME/state.json)")
@@ -38,6 +45,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"testbed {spec.name} is up. Generate with:\n  halo run \"Hello\" --testbed "
                   f"{args.spec}\nor: HALO_KEY=$(sudo jq -r .key /run/halo/{spec.name}/"
                   f"state.json) halo run \"Hello\" --workers {workers}")
+    elif args.action == "loss":
+        if args.device is None or args.rate is None:
+            raise HaloError("halo testbed loss needs --device NAME and --rate P")
+        cluster.set_loss(spec, args.device, args.rate, args.rate)
+        if not args.json:
+            print(f"{args.device}: loss {args.rate:.1%} each direction")
     elif args.action == "down":
         removed = cluster.down(spec, quiet=args.json)
         if args.json:
@@ -54,4 +67,12 @@ def run(args: argparse.Namespace) -> int:
                       f"{d['loss_in']:.1%}/{d['loss_out']:.1%}; dropped packets "
                       f"{d['dropped_arriving_at_device']} in, "
                       f"{d['dropped_arriving_at_coordinator']} out", file=sys.stdout)
+                prof = d.get("profile")
+                if prof:
+                    speed = prof.get("speed_neurons_per_ms")
+                    print(f"  {'':8} measured: "
+                          f"{'not yet' if speed is None else f'{speed:.0f} neurons/ms'}, "
+                          f"memory budget {prof['memory_bytes'] / 2**20:.0f} MiB, "
+                          f"{prof['rounds']} rounds computed, session "
+                          f"{prof['session'] or 'none'}", file=sys.stdout)
     return 0

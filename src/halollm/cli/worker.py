@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from pathlib import Path
 
 import torch
 
 from halollm.errors import HaloError
 from halollm.runtime.keys import ENV, key_bytes, key_text
+from halollm.runtime.profile import parse_bytes
 from halollm.runtime.transport import parse_address
 
 
@@ -32,6 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drop-rate", type=float, default=0.0, metavar="P",
                    help="emulate packet loss in user space: drop this share of arriving "
                         "datagrams (for machines without the kernel testbed; default 0)")
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="memory this device offers for model weights, e.g. 512M or 2G "
+                        "(default: 80%% of the RAM available at start); the scheduler never "
+                        "places more groups here")
+    p.add_argument("--status-file", metavar="PATH",
+                   help="keep this device's profile and counters in PATH as JSON (what "
+                        "`halo testbed status` shows)")
     p.set_defaults(func=run)
 
 
@@ -47,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
               f"coordinator with --key {text} or {ENV}={text})", file=sys.stderr, flush=True)
     if not 0.0 <= args.drop_rate < 1.0:
         raise HaloError(f"--drop-rate must be in [0, 1) (got {args.drop_rate})")
-    worker = Worker(host, port, key_bytes(text), args.model, drop_rate=args.drop_rate)
+    budget = parse_bytes(args.memory_budget) if args.memory_budget else None
+    worker = Worker(host, port, key_bytes(text), args.model, drop_rate=args.drop_rate,
+                    memory_budget=budget,
+                    status_file=Path(args.status_file) if args.status_file else None)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     print(f"halo worker listening on {host}:{worker.port} (model {worker.source.path.name}, "
           f"{worker.model_hash[:12]})", flush=True)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from halollm.eval.metrics import kl_per_position, token_nll, top1_match
 from halollm.groups import KINDS, Kind
 from halollm.predictor.net import HalfPredictor
 from halollm.predictor.signals import GroupedModel, Signals, significance
@@ -85,13 +86,11 @@ def forward_masked(gm: GroupedModel, ids: Sequence[int], masker: Masker | None) 
 def compare(logits: torch.Tensor, full: torch.Tensor, ids: Sequence[int]) -> dict[str, float]:
     """Sums over positions (divide by the count): KL(full || logits), top-1 agreement, and the
     next-token negative log-likelihood under `logits`."""
-    logp, ref = logits.log_softmax(-1), full.log_softmax(-1)
-    kl = (ref.exp() * (ref - logp)).sum(-1)
-    agree = (logits.argmax(-1) == full.argmax(-1)).float()
-    target = torch.tensor(list(ids[1:]))
-    nll = -logp[:-1].gather(1, target[:, None]).squeeze(1)
+    kl = kl_per_position(logits, full)
+    agree = top1_match(logits, full).float()
+    nll = token_nll(logits[:-1], list(ids[1:]))
     return {"kl": float(kl.sum()), "agreement": float(agree.sum()), "nll": float(nll.sum()),
-            "positions": logits.shape[0], "predictions": len(target)}
+            "positions": logits.shape[0], "predictions": len(ids) - 1}
 
 
 def summarise(total: dict[str, float]) -> dict[str, float]:

@@ -27,16 +27,31 @@ from halollm.predictor import store as predictor_store
 from halollm.predictor.critical import SharePredictor, critical_devices
 from halollm.runtime import control, protocol
 from halollm.runtime.deadline import DeadlineEstimator
-from halollm.runtime.placement import COORDINATOR, Placement, equal_plan, static_plan
+from halollm.runtime.placement import (
+    COORDINATOR,
+    Placement,
+    equal_plan,
+    solved_plan,
+    static_plan,
+)
+from halollm.runtime.profile import (
+    DeviceProfile,
+    LinkEstimate,
+    available_memory_bytes,
+    compute_benchmark,
+    memory_budget,
+)
 from halollm.runtime.protocol import ACTIVATION, ATTN, MLP, PARTIAL, ProtocolError, RoundTag
 from halollm.runtime.significance import RANKING_TEXT, cached_ranking
 from halollm.runtime.stats import SyncStats
 from halollm.runtime.tensor_codec import WIRE_NAMES, decode_body, encode_body, wire_for_dtype
 from halollm.runtime.transport import Address, UdpEndpoint, local_address_towards
+from halollm.scheduler.solver import DeviceSpec
 
 MODES = ("strict", "relaxed")
-PLACEMENTS = ("static", "equal")
+PLACEMENTS = ("static", "equal", "memory", "halo")
 KIND_OF = {ATTN: "attn", MLP: "mlp"}
+DEFAULT_RTT_MS = 0.5  # a LAN round trip with Python at both ends, until one is measured
 
 
 @dataclass
@@ -63,8 +78,15 @@ class ClusterOptions:
     # a ready-made placement (benchmarks, the scheduler); None: by `placement`
     plan: Callable[[Partition, dict], Placement] | None = None
     # static: critical groups on the coordinator, the rest spread evenly over the workers;
-    # equal: every layer half dealt out equally over all devices (distributed-llama)
+    # equal: every layer half dealt out equally over all devices (distributed-llama);
+    # memory: in proportion to the devices' memory (exo, llama.cpp); halo: the scheduler,
+    # from measured device and link profiles, re-planned as they drift
     placement: str = "static"
+    memory_budget: int | None = None  # the coordinator's, in bytes (None: from free RAM)
+    replan_every: int = 8  # decode tokens between re-planning checks (halo placement)
+    hysteresis: float = 0.15  # adopt a new plan only if predicted this much faster
+    reliable_loss: float = 0.02  # links missing at most this share of rounds are reliable
+    max_lost_share: float = 0.05  # bound on the expected significance lost per round
     # the semantic-aware predictor: a file path, "auto" (the one `halo calibrate` saved for
     # the model, if any) or None (no per-token prediction: the static plan decides)
     predictor: str | None = "auto"
@@ -75,9 +97,12 @@ class ClusterOptions:
             raise HaloError(f"--sync must be one of {', '.join(MODES)}")
         if self.placement not in PLACEMENTS:
             raise HaloError(f"--placement must be one of {', '.join(PLACEMENTS)}")
-        for name in ("critical_share", "coordinator_share"):
+        for name in ("critical_share", "coordinator_share", "hysteresis", "reliable_loss",
+                     "max_lost_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise HaloError(f"--{name.replace('_', '-')} must be between 0 and 1")
+        if self.replan_every < 1:
+            raise HaloError("--replan-every must be at least 1")
 
 
 @dataclass
@@ -91,6 +116,8 @@ class WorkerLink:
     last_attempt: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
     heartbeat: dict[str, Any] = field(default_factory=dict)
+    profile: DeviceProfile | None = None
+    estimate: LinkEstimate = field(default_factory=LinkEstimate)
 
     @property
     def name(self) -> str:
@@ -158,6 +185,8 @@ class Coordinator:
         self._fallback: dict[tuple[int, int, int], MlpShard] = {}
         self._weights = cached(self.source.tensor, size=6)
         self._retried: set[RoundTag] = set()
+        self._sent_wall = 0.0  # when the current round's activation went out
+        self._force_replan = False
         try:
             partition = Partition.contiguous(self.config, options.attn_groups, options.mlp_groups)
             self.predictor = self._load_predictor(partition)
@@ -168,18 +197,30 @@ class Coordinator:
             else:
                 ranking = cached_ranking(self.model_hash, self.config, self.source.tensor,
                                          partition, self.tokenizer.encode(RANKING_TEXT))
+            self._partition, self._ranking = partition, ranking
+            for link in self.links:
+                self._join(link, options.join_timeout_s)
+            self.replans: list[dict[str, Any]] = []
+            self.profile = DeviceProfile("coordinator", 0.0, memory_budget(options.memory_budget))
             if options.plan is not None:
                 self.placement = options.plan(partition, ranking)
             elif options.placement == "equal":
                 self.placement = equal_plan(partition, len(self.links) + 1)
-            else:
+            elif options.placement == "static":
                 self.placement = static_plan(partition, ranking, len(self.links),
                                              options.coordinator_share)
+            else:
+                self.profile.bench_speed = compute_benchmark(self.config, self._weights)
+                self.placement = self._plan()
+                self.replans.append({"position": 0, "reason": "initial",
+                                     "predicted_ms": round(self._predicted_ms, 3),
+                                     "solve_ms": round(self._solve_ms, 1),
+                                     "groups_per_device":
+                                         self.placement.summary()["groups_per_device"]})
             self.initial_placement = self.placement
             self.model = self._build_model()
             self.history = History(self.config.n_layers, self.config.hidden_size)
-            for link in self.links:  # join last: everything slow is done by now
-                self._join(link, options.join_timeout_s)
+            self._tokens_since_plan = 0
             self._distribute()
         except BaseException:
             self.close()
@@ -246,6 +287,9 @@ class Coordinator:
             raise HaloError(f"worker {link.name} could not prove it holds the cluster key")
         link.alive, link.last_seen = True, time.monotonic()
         link.info = {"cores": header.get("cores"), "threads": header.get("threads")}
+        if link.profile is None:
+            link.profile = DeviceProfile(link.name, float(header.get("speed") or 0.0),
+                                         int(header.get("memory") or available_memory_bytes()))
 
     def _await(self, link: WorkerLink, kinds: set[str], timeout_s: float,
                joining: bool = False) -> dict[str, Any] | None:
@@ -274,6 +318,130 @@ class Coordinator:
                 return header
             self._on_control(link, header, blobs)
         return None
+
+    # -- the scheduler -------------------------------------------------------------------
+    def _device_specs(self) -> tuple[list[DeviceSpec], list[int]]:
+        """The coordinator and the live workers as the scheduler sees them now: measured
+        speed and memory, and for a worker what taking part in a round costs besides
+        compute -- the round trip (live; a LAN guess before any round) plus, for a link that
+        misses rounds, the expected wait for the deadline."""
+        bytes_per_unit = 3 * self.config.hidden_size * torch.finfo(self.dtype).bits // 8
+        specs = [DeviceSpec("coordinator", self.profile.speed,
+                            self.profile.memory_bytes / bytes_per_unit)]
+        index = [COORDINATOR]
+        deadline = self.deadline.deadline_ms()
+        for link in self.links:
+            if not link.alive or link.profile is None or link.profile.speed <= 0:
+                continue
+            est = link.estimate
+            own = self._units_per_round(link.index) / link.profile.speed
+            rtt = DEFAULT_RTT_MS if est.delay_ms is None else max(0.05, est.delay_ms - own)
+            specs.append(DeviceSpec(link.name, link.profile.speed,
+                                    link.profile.memory_bytes / bytes_per_unit,
+                                    loss=est.miss_rate,
+                                    latency=rtt + est.miss_rate * deadline))
+            index.append(link.index)
+        return specs, index
+
+    def _units_per_round(self, device: int) -> float:
+        """Mean MLP neurons the device computes per round it takes part in (placement now)."""
+        p = getattr(self, "placement", None)
+        if p is None:
+            return 0.0
+        sizes = [len(p.units_of(device, i, "mlp")) for i in range(self.config.n_layers)]
+        used = [n for n in sizes if n]
+        return sum(used) / len(used) if used else 0.0
+
+    def _plan(self) -> Placement:
+        """A placement by the `memory` or `halo` policy over the live devices."""
+        specs, index = self._device_specs()
+        placement, predicted, solve_ms = solved_plan(
+            self._partition, self._ranking, self.opts.coordinator_share, specs, self.config,
+            self.opts.placement, index, len(self.links) + 1,
+            reliable_loss=self.opts.reliable_loss, max_lost_share=self.opts.max_lost_share)
+        self._predicted_ms, self._solve_ms = predicted, solve_ms
+        return placement
+
+    def _maybe_replan(self) -> None:
+        """Between tokens (halo placement): every `replan_every` tokens, plan again from the
+        profiles as measured now; adopt the new plan if a worker came or went, or if it is
+        predicted at least `hysteresis` faster than the current one (so it does not flap)."""
+        if self.opts.placement != "halo" or self.opts.plan is not None:
+            return
+        self._tokens_since_plan += 1
+        alive = {lk.index for lk in self.links if lk.alive}
+        holders = {d for d in range(1, len(self.links) + 1) if self.placement.count(d)}
+        changed = bool(holders - alive) or bool(self._taken) or self._force_replan
+        self._force_replan = False
+        if not changed and self._tokens_since_plan < self.opts.replan_every:
+            return
+        self._tokens_since_plan = 0
+        from halollm.runtime.placement import group_specs
+        from halollm.scheduler.solver import makespan
+
+        specs, index = self._device_specs()
+        try:
+            candidate = self._plan()
+        except HaloError as exc:
+            self.log(f"re-planning failed, keeping the current plan: {exc}")
+            return
+        where = {dev: k for k, dev in enumerate(index)}
+        groups = group_specs(self._partition, self._ranking, frozenset(), self.config)
+        owners = [self.placement.owner[g] for g in self._partition.groups()]
+        current = (makespan(groups, specs, [where[d] for d in owners])
+                   if all(d in where for d in owners) else float("inf"))
+        if not changed and self._predicted_ms > (1 - self.opts.hysteresis) * current:
+            return
+        self._adopt(candidate, {"position": self._position, "predicted_ms": round(
+            self._predicted_ms, 3), "previous_ms": round(current, 3) if current != float(
+            "inf") else None, "solve_ms": round(self._solve_ms, 1),
+            "reason": "membership" if changed else "faster"})
+
+    def _adopt(self, placement: Placement, record: dict[str, Any]) -> None:
+        """Move groups between tokens: the coordinator rebuilds its own shards where its
+        units changed (attention shards refilled from the token history), the workers get
+        the new plan, and those whose attention groups changed get their KV by replay."""
+        t0 = time.perf_counter()
+        old = self.placement
+        tensor = self._weights
+        for i, layer in enumerate(self.model.layers):
+            assert layer is not None
+            for kind in ("attn", "mlp"):
+                units = placement.units_of(COORDINATOR, i, kind)
+                shards = getattr(layer, kind)
+                if units == old.units_of(COORDINATOR, i, kind) and not self._taken:
+                    continue
+                if kind == "mlp":
+                    new = [MlpShard(self.config, i, units, tensor, self.dtype)] if units else []
+                else:
+                    keep = [sh for sh in shards if sh.kv_heads == units]
+                    if keep:
+                        new = keep[:1]
+                    elif units:
+                        sh = AttentionShard(self.config, i, units, tensor, self.dtype,
+                                            self.model.rope)
+                        n = self.history.length[i]
+                        if n:
+                            sh.fill_cache(self.history.rows(i, 0, n).to(self.dtype), 0)
+                        new = [sh]
+                    else:
+                        new = []
+                setattr(layer, kind, new)
+        self._taken.clear()
+        moved_attn = [link for link in self.links if link.alive and any(
+            placement.units_of(link.index, i, "attn") != old.units_of(link.index, i, "attn")
+            for i in range(self.config.n_layers))]
+        self._set_placement(placement)
+        self.epoch += 1
+        self._distribute()
+        for link in moved_attn:
+            self._send_replay(link)
+        record["ms"] = round(1e3 * (time.perf_counter() - t0), 1)
+        record["groups_per_device"] = placement.summary()["groups_per_device"]
+        self.replans.append(record)
+        self.log(f"re-planned at position {self._position} ({record['reason']}): groups per "
+                 f"device {record['groups_per_device']}, predicted {record['predicted_ms']} "
+                 f"ms/token of rounds ({record['ms']:.0f} ms to move)")
 
     def _build_model(self) -> Transformer:
         p = self.placement
@@ -308,6 +476,8 @@ class Coordinator:
             self._sent_at.clear()
         self._position = start
         self._check_links()
+        if len(ids) == 1:
+            self._maybe_replan()
         before = self.stats.mark()
         T = len(ids)
         h = self.model.embed(torch.as_tensor(list(ids), dtype=torch.long))
@@ -337,6 +507,7 @@ class Coordinator:
                     t.sock.send(data)
             else:
                 self.udp.send(ACTIVATION, 0, self.wire, tag, body, [t.udp_addr for t in targets])
+        self._sent_wall = time.perf_counter()
         partials = [s.forward(x, start) for s in shards]
         if targets:
             def resend(link: WorkerLink) -> None:
@@ -450,6 +621,9 @@ class Coordinator:
                     self._poll_control()
         self.stats.waited_ms += 1e3 * (time.perf_counter() - wait_start)
         self.stats.lost += len(pending)
+        if tag.ntok == 1:
+            for link in pending.values():
+                link.estimate.observe(False)
         return got
 
     def _wait_strict(self, poller: zmq.Poller, pending: dict[int, WorkerLink], timeout: float,
@@ -496,6 +670,7 @@ class Coordinator:
         self.stats.received += 1
         if tag.ntok == 1:
             self.deadline.observe(1e3 * (now - sent))
+            link.estimate.observe(True, 1e3 * (now - self._sent_wall))
 
     # -- control traffic -----------------------------------------------------------------
     def _drain(self, link: WorkerLink, on_data: Callable[[bytes], None] | None = None) -> None:
@@ -529,7 +704,13 @@ class Coordinator:
     def _on_control(self, link: WorkerLink, h: dict[str, Any], blobs: list[bytes]) -> None:
         kind = h["kind"]
         if kind == "heartbeat":
-            link.heartbeat = h.get("stats", {})
+            stats = h.get("stats", {})
+            if link.profile is not None and isinstance(stats, dict):
+                before = link.heartbeat
+                link.profile.observe_compute(
+                    float(stats.get("mlp_neurons", 0)) - float(before.get("mlp_neurons", 0)),
+                    float(stats.get("mlp_ms", 0.0)) - float(before.get("mlp_ms", 0.0)))
+            link.heartbeat = stats
         elif kind == "need" and h.get("request") == self.request:
             self._send_repair(link, int(h["layer"]), [int(p) for p in h["positions"]])
 
@@ -640,6 +821,13 @@ class Coordinator:
             self.log(str(exc))
             link.alive = False
             return
+        if self.opts.placement == "halo" and self.opts.plan is None:
+            link.estimate = LinkEstimate()  # what was measured before it left is stale
+            self._force_replan = True  # re-plan at the next token
+            self.stats.rejoins.append({"worker": link.name, "position": self._position,
+                                       "ms": round(1e3 * (time.perf_counter() - t0), 1)})
+            self.log(f"worker {link.name} rejoined; the next token re-plans")
+            return
         owner = dict(self.placement.owner)
         for gid, dev in self.initial_placement.owner.items():
             if dev == link.index:
@@ -674,9 +862,14 @@ class Coordinator:
         for link in self.links:
             workers.append({"address": link.name, "alive": link.alive,
                             "groups": self.placement.count(link.index), **link.info,
+                            "profile": {**(link.profile.to_json() if link.profile else {}),
+                                        **link.estimate.to_json()},
                             "reported": link.heartbeat})
         out = self.stats.to_json(workers)
-        out["placement"] = self.placement.summary()
+        out["placement"] = {"policy": "custom" if self.opts.plan else self.opts.placement,
+                            **self.placement.summary(), "replans": self.replans}
+        if self.profile.bench_speed:
+            out["placement"]["coordinator"] = self.profile.to_json()
         out["predictor"] = None if self.predictor is None else {
             "path": self.predictor.path, "critical_share": self.opts.critical_share,
             "grouping": self.predictor.meta.get("grouping")}

@@ -9,11 +9,16 @@ Device 0 is the coordinator.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from halollm.errors import HaloError
 from halollm.groups import KINDS, GroupId, Kind, Partition, Units, merge_units
+from halollm.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from halollm.scheduler.solver import DeviceSpec, GroupSpec
 
 COORDINATOR = 0
 
@@ -97,6 +102,55 @@ def critical_groups(partition: Partition, significance: Mapping[GroupId, float],
                     out.add(g)
                     acc += significance.get(g, 0.0)
     return frozenset(out)
+
+
+def group_specs(partition: Partition, significance: Mapping[GroupId, float],
+                critical: frozenset[GroupId], config: ModelConfig) -> list[GroupSpec]:
+    """The scheduler's view of every group of the partition (in `partition.groups()` order):
+    its round (layer half), cost in MLP-neuron equivalents of compute and memory, calibrated
+    significance and whether it is critical."""
+    from halollm.scheduler.solver import GroupSpec
+
+    per_head = attention_neuron_equivalents(config)
+    gids = list(partition.groups())
+    halves = {key: i for i, key in enumerate(dict.fromkeys((g.layer, g.kind) for g in gids))}
+    return [GroupSpec(half=halves[(g.layer, g.kind)],
+                      cost=len(partition.units(g)) * (per_head if g.kind == "attn" else 1.0),
+                      significance=float(significance.get(g, 0.0)), critical=g in critical)
+            for g in gids]
+
+
+def attention_neuron_equivalents(config: ModelConfig) -> float:
+    """Weights of one KV head's attention group (its query heads' q and o rows, its k and v)
+    in units of one MLP neuron's weights (gate, up and down rows)."""
+    q_per_kv = config.n_heads // config.n_kv_heads
+    return (2 * q_per_kv + 2) * config.head_dim / 3
+
+
+def solved_plan(partition: Partition, significance: Mapping[GroupId, float],
+                critical_share: float, devices: Sequence[DeviceSpec], config: ModelConfig,
+                policy: str, device_index: Sequence[int], n_devices: int,
+                reliable_loss: float = 0.02, max_lost_share: float = 0.05
+                ) -> tuple[Placement, float, float]:
+    """A placement by `policy` over the given devices (`device_index[k]` = the runtime's
+    index of devices[k]; devices[0] is the coordinator): "memory" in proportion to memory
+    (exo, llama.cpp), "halo" by the scheduler. Returns it with the scheduler's predicted
+    sum of round times (ms per token) and the time the solver took (ms)."""
+    from halollm.scheduler.solver import makespan, memory_split, solve
+
+    critical = critical_groups(partition, significance, critical_share)
+    specs = group_specs(partition, significance, critical, config)
+    if policy == "memory":
+        owner, solve_ms = memory_split(specs, devices), 0.0
+    elif policy == "halo":
+        sol = solve(specs, devices, reliable_loss=reliable_loss, max_lost_share=max_lost_share)
+        owner, solve_ms = sol.owner, sol.solve_ms
+    else:
+        raise HaloError(f"unknown placement policy {policy!r}")
+    placement = Placement(partition, {g: device_index[d] for g, d in
+                                      zip(partition.groups(), owner, strict=True)},
+                          critical if policy == "halo" else frozenset(), n_devices)
+    return placement, makespan(specs, devices, owner), solve_ms
 
 
 def equal_plan(partition: Partition, n_devices: int) -> Placement:

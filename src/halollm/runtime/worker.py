@@ -25,7 +25,7 @@ import zmq
 from halollm.errors import HaloError
 from halollm.model.llama import AttentionShard, MlpShard, Rope, cached
 from halollm.model.loader import DTYPES, content_hash, open_source
-from halollm.runtime import control, protocol
+from halollm.runtime import control, profile, protocol
 from halollm.runtime.protocol import ACTIVATION, ATTN, PARTIAL, ProtocolError, RoundTag
 from halollm.runtime.tensor_codec import decode_body, encode_body
 from halollm.runtime.transport import UdpEndpoint
@@ -64,7 +64,8 @@ class Session:
 class Worker:
     def __init__(self, host: str, port: int, key: bytes, model: str | None,
                  log: Callable[[str], None] | None = None, idle_timeout: float = 900.0,
-                 drop_rate: float = 0.0) -> None:
+                 drop_rate: float = 0.0, memory_budget: int | None = None,
+                 status_file: Path | None = None) -> None:
         self.log = log or (lambda msg: print(f"[worker] {msg}", file=sys.stderr, flush=True))
         self.key = key
         self.source = open_source(model)
@@ -88,7 +89,11 @@ class Worker:
             raise HaloError(f"cannot listen on TCP {host}:{self.port}: {exc}") from exc
         self.session: Session | None = None
         self.stats: dict[str, Any] = {"rounds": 0, "repair_requests": 0, "repaired": 0,
-                                      "repair_ms": [], "compute_ms": 0.0}
+                                      "repair_ms": [], "compute_ms": 0.0, "mlp_neurons": 0,
+                                      "mlp_ms": 0.0}
+        self.memory_bytes = profile.memory_budget(memory_budget)
+        self.speed: float | None = None  # neurons per ms, benchmarked at the first join
+        self.status_file = status_file
         self._need_sent: dict[tuple[int, int], float] = {}
         self._stop = False
 
@@ -109,8 +114,10 @@ class Worker:
                     self._on_data(msg.kind, msg.wire, msg.tag, msg.body, via_udp=True)
             now = time.monotonic()
             s = self.session
-            if s is not None and now - last_beat >= HEARTBEAT_S:
-                self._send(s, "heartbeat", stats=self._public_stats())
+            if now - last_beat >= HEARTBEAT_S:
+                if s is not None:
+                    self._send(s, "heartbeat", stats=self._public_stats())
+                self._write_status()
                 last_beat = now
             if s is not None and now - s.last_heard > self.idle_timeout:
                 self.log("coordinator silent for too long; waiting for a new one")
@@ -194,9 +201,13 @@ class Worker:
         self.session = Session(session=int(h["session"]), identity=identity,
                                udp_addr=(str(udp_host), int(udp_port)))
         self._need_sent.clear()
+        if self.speed is None:
+            self.speed = profile.compute_benchmark(self.config, cached(self.source.tensor))
+            self.log(f"compute benchmark: {self.speed:.0f} MLP neurons/ms")
         self._send(self.session, "welcome", proof=control.join_proof(
             self.key, "worker", nonce, self.model_hash), model_hash=self.model_hash,
-            cores=os.cpu_count(), threads=torch.get_num_threads())
+            cores=os.cpu_count(), threads=torch.get_num_threads(), speed=self.speed,
+            memory=self.memory_bytes)
         self.log(f"joined session {self.session.session:08x}")
 
     def _on_plan(self, s: Session, h: dict[str, Any]) -> None:
@@ -257,7 +268,22 @@ class Worker:
                 "repaired_positions": self.stats["repaired"],
                 "repair_mean_ms": round(sum(ms) / len(ms), 3) if ms else None,
                 "compute_ms": round(self.stats["compute_ms"], 1),
+                "mlp_neurons": self.stats["mlp_neurons"], "mlp_ms": round(self.stats["mlp_ms"], 3),
                 "datagrams": dict(self.udp.counters)}
+
+    def _write_status(self) -> None:
+        """What `halo testbed status` shows of this worker: its profile and counters."""
+        if self.status_file is None:
+            return
+        st = {"speed_neurons_per_ms": None if self.speed is None else round(self.speed, 1),
+              "memory_bytes": self.memory_bytes, "session": None if self.session is None
+              else f"{self.session.session:08x}", **self._public_stats()}
+        tmp = self.status_file.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(st))
+            tmp.replace(self.status_file)
+        except OSError:
+            pass  # a full or read-only disk must not stop the worker
 
     # -- data plane ----------------------------------------------------------------------
     def _on_datagram(self, data: bytes, identity: bytes) -> None:
@@ -302,6 +328,8 @@ class Worker:
             if work.mlp is None:
                 return
             out = work.mlp.forward(x)
+            self.stats["mlp_neurons"] += work.mlp.n * tag.ntok
+            self.stats["mlp_ms"] += 1e3 * (time.perf_counter() - t0)
             groups = work.mlp_groups
         reply = encode_body(out, s.wire, groups)
         self.stats["compute_ms"] += 1e3 * (time.perf_counter() - t0)

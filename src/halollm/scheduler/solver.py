@@ -1,18 +1,29 @@
 """Placement as a pure function, solved as a mixed-integer program (scipy's HiGHS `milp`).
 
-Variables: x[g, d] = 1 if group g runs on device d; t[l] = the time layer half l takes (the
-slowest device's compute for its groups there). Minimise sum_l t[l] subject to
+The groups of one layer half (a synchronisation round) are near-equal in cost, so the program
+decides *how many* of them each device takes; which ones follows by an exchange argument: the
+most significant (critical first) go to the most reliable devices, the least significant to
+the lossiest links, which minimises the expected significance lost for those counts.
 
-* every group on exactly one device;
-* t[l] >= sum_g cost[g] * x[g, d] / speed[d] for every device d and layer half l;
-* memory: sum_g cost[g] * x[g, d] <= memory[d];
-* critical groups only on reliable devices (loss <= `reliable_loss`; device 0, the
-  coordinator, is always reliable);
-* expected significance lost per token, sum_g,d significance[g] * loss[d] * x[g, d], at most
-  `max_lost_share` of the total.
+Variables, per layer half h and device d: n[h, d] groups (integer), u[h, d] = 1 if d takes
+part in round h, t[h] = the round's time (its slowest device). Minimise sum_h t[h] (plus a
+tie-break of at most a microsecond: fewer groups behind lossy links) subject to
+
+* sum_d n[h, d] = groups in h, n[h, d] <= (groups in h) * u[h, d];
+* t[h] >= n[h, d] * cost[h] / speed[d] + latency[d] * u[h, d] (latency: what taking part in
+  a round costs besides compute -- the round trip and, for a lossy link, the expected wait
+  for the deadline; 0 for the coordinator, device 0);
+* memory: sum_h n[h, d] * cost[h] <= memory[d];
+* the critical groups of h fit on reliable devices (loss <= `reliable_loss`; the coordinator
+  is always reliable);
+* expected significance lost: the worst link's loss times the significance of the groups
+  behind lossy links (the least significant ones) is at most `max_lost_share` of h's total
+  (a convex piecewise-linear bound, exact for one lossy device, conservative for several).
 
 Costs are in units (neurons, or KV heads weighted to neuron-equivalents by the caller); speed
-in units per millisecond; memory in units.
+in units per millisecond; memory in units. Without memory budgets the halves are independent
+and halves with the same shape share one solution (a model's 30 MLP halves are one small
+program); with budgets one program covers all halves.
 """
 
 from __future__ import annotations
@@ -41,7 +52,8 @@ class DeviceSpec:
     name: str
     speed: float = 1.0  # units per millisecond
     memory: float = float("inf")  # units
-    loss: float = 0.0  # packet loss rate of its link (each way)
+    loss: float = 0.0  # probability that its contribution to a round goes missing
+    latency: float = 0.0  # ms a round costs when this device takes part, besides compute
 
 
 @dataclass
@@ -56,64 +68,142 @@ def solve(groups: Sequence[GroupSpec], devices: Sequence[DeviceSpec],
           time_limit_s: float = 10.0) -> Solution:
     """The placement minimising the summed per-round makespan under the constraints above;
     HaloError if none exists (with the reason that is easiest to check)."""
-    G, D = len(groups), len(devices)
-    if D == 0 or G == 0:
-        raise HaloError("nothing to place" if G == 0 else "no device to place groups on")
+    if not devices or not groups:
+        raise HaloError("nothing to place" if not groups else "no device to place groups on")
     _check_feasible(groups, devices, reliable_loss)
-    halves = sorted({g.half for g in groups})
-    hidx = {h: i for i, h in enumerate(halves)}
-    H = len(halves)
-    n = G * D + H  # x (row-major by group) then t
+    t0 = time.perf_counter()
+    halves = [_Half.of(h, [i for i, g in enumerate(groups) if g.half == h], groups,
+                       max_lost_share) for h in sorted({g.half for g in groups})]
+    counts: dict[int, list[int]] = {}
+    objective = 0.0
+    if all(not np.isfinite(d.memory) for d in devices):
+        solved: dict[tuple, tuple[list[int], float]] = {}
+        for half in halves:
+            if half.shape not in solved:
+                n, ms = _solve_counts([half], devices, reliable_loss, time_limit_s)
+                solved[half.shape] = (n[0], ms)
+            counts[half.half], ms = solved[half.shape]
+            objective += ms
+    else:
+        n, objective = _solve_counts(halves, devices, reliable_loss, time_limit_s)
+        counts = {half.half: n[i] for i, half in enumerate(halves)}
+    owner = [0] * len(groups)
+    by_reliability = sorted(range(len(devices)), key=lambda d: (d != 0, devices[d].loss, d))
+    for half in halves:
+        order = iter(half.members_by_significance(groups))
+        for d in by_reliability:
+            for _ in range(counts[half.half][d]):
+                owner[next(order)] = d
+    return Solution(owner=owner, objective_ms=objective,
+                    solve_ms=1e3 * (time.perf_counter() - t0))
 
-    def xi(g: int, d: int) -> int:
-        return g * D + d
 
-    c = np.zeros(n)
-    c[G * D:] = 1.0
-    lower, upper = np.zeros(n), np.ones(n)
-    upper[G * D:] = np.inf
-    for g, spec in enumerate(groups):
-        for d, dev in enumerate(devices):
-            if spec.critical and d != 0 and dev.loss > reliable_loss:
-                upper[xi(g, d)] = 0.0
+@dataclass(frozen=True)
+class _Half:
+    half: int
+    members: tuple[int, ...]
+    cost: float  # the largest group cost (memory is never under-counted)
+    mean_cost: float
+    critical: int
+    tail: tuple[float, ...]  # significance sorted ascending, if the loss bound applies
+    bound: float  # max significance lost (share x total)
+
+    @staticmethod
+    def of(h: int, members: list[int], groups: Sequence[GroupSpec], share: float) -> _Half:
+        sig = sorted(groups[i].significance for i in members)
+        costs = [groups[i].cost for i in members]
+        active = share < 1.0 and sum(sig) > 0
+        return _Half(h, tuple(members), max(costs), sum(costs) / len(costs),
+                     sum(1 for i in members if groups[i].critical),
+                     tuple(sig) if active else (), share * sum(sig))
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.members), self.cost, self.mean_cost, self.critical, self.tail,
+                round(self.bound, 12))
+
+    def members_by_significance(self, groups: Sequence[GroupSpec]) -> list[int]:
+        return sorted(self.members, key=lambda i: (not groups[i].critical,
+                                                   -groups[i].significance, i))
+
+
+def _solve_counts(halves: Sequence[_Half], devices: Sequence[DeviceSpec], reliable_loss: float,
+                  time_limit_s: float) -> tuple[list[list[int]], float]:
+    """Groups per device for each half (the program in the module docstring)."""
+    H, D = len(halves), len(devices)
+    n_vars = 2 * H * D + H  # n[h, d], u[h, d], t[h]
+
+    def ni(h: int, d: int) -> int:
+        return h * D + d
+
+    def ui(h: int, d: int) -> int:
+        return H * D + h * D + d
+
+    def ti(h: int) -> int:
+        return 2 * H * D + h
+
+    reliable = [d for d in range(D) if d == 0 or devices[d].loss <= reliable_loss]
+    lossy = [d for d in range(D) if devices[d].loss > 0]
+    worst = max((devices[d].loss for d in lossy), default=0.0)
+    c = np.zeros(n_vars)
+    lower, upper = np.zeros(n_vars), np.ones(n_vars)
     rows: list[tuple[dict[int, float], float, float]] = []
-    for g in range(G):  # each group exactly once
-        rows.append(({xi(g, d): 1.0 for d in range(D)}, 1.0, 1.0))
-    for h in halves:  # makespan per layer half
-        members = [g for g, s in enumerate(groups) if s.half == h]
+    for h, half in enumerate(halves):
+        G = len(half.members)
+        c[ti(h)] = 1.0
+        upper[ti(h)] = np.inf
         for d, dev in enumerate(devices):
-            coef = {xi(g, d): groups[g].cost / dev.speed for g in members}
-            coef[G * D + hidx[h]] = -1.0
-            rows.append((coef, -np.inf, 0.0))
-    for d, dev in enumerate(devices):  # memory
+            upper[ni(h, d)] = G
+            c[ni(h, d)] = 1e-3 * dev.loss / G  # tie-break: fewer groups behind lossy links
+            rows.append(({ni(h, d): 1.0, ui(h, d): -float(G)}, -np.inf, 0.0))
+            rows.append(({ni(h, d): half.mean_cost / dev.speed,
+                          ui(h, d): dev.latency if d != 0 else 0.0, ti(h): -1.0},
+                         -np.inf, 0.0))
+        rows.append(({ni(h, d): 1.0 for d in range(D)}, G, G))
+        if half.critical:
+            rows.append(({ni(h, d): 1.0 for d in reliable}, half.critical, np.inf))
+        if half.tail and lossy:
+            # groups behind lossy links: the m least significant; worst * tailsum(m) <= bound,
+            # tailsum convex and piecewise linear: one constraint per piece
+            acc = 0.0
+            for k, slope in enumerate(half.tail):
+                coef = {ni(h, d): worst * slope for d in lossy}
+                rows.append((coef, -np.inf, half.bound - worst * (acc - slope * k)))
+                acc += slope
+    for d, dev in enumerate(devices):
         if np.isfinite(dev.memory):
-            rows.append(({xi(g, d): s.cost for g, s in enumerate(groups)}, -np.inf,
+            rows.append(({ni(h, d): half.cost for h, half in enumerate(halves)}, -np.inf,
                          dev.memory))
-    total_sig = sum(s.significance for s in groups)
-    if max_lost_share < 1.0 and total_sig > 0:
-        coef = {xi(g, d): s.significance * dev.loss for g, s in enumerate(groups)
-                for d, dev in enumerate(devices) if dev.loss > 0}
-        if coef:
-            rows.append((coef, -np.inf, max_lost_share * total_sig))
-    A = lil_matrix((len(rows), n))
+    A = lil_matrix((len(rows), n_vars))
     lo, hi = np.empty(len(rows)), np.empty(len(rows))
     for r, (coef, a, b) in enumerate(rows):
         for j, v in coef.items():
             A[r, j] = v
         lo[r], hi[r] = a, b
-    integrality = np.zeros(n)
-    integrality[: G * D] = 1
-    t0 = time.perf_counter()
+    integrality = np.ones(n_vars)
+    integrality[2 * H * D:] = 0
     res = milp(c, constraints=LinearConstraint(A.tocsr(), lo, hi), bounds=Bounds(lower, upper),
                integrality=integrality, options={"time_limit": time_limit_s})
-    solve_ms = 1e3 * (time.perf_counter() - t0)
     if res.x is None:
         raise HaloError(f"no placement satisfies the constraints ({res.message.strip()}); "
                         "relax the memory budgets, the reliability requirement or the "
                         "expected-loss bound")
-    x = res.x[: G * D].reshape(G, D)
-    return Solution(owner=[int(np.argmax(row)) for row in x], objective_ms=float(res.fun),
-                    solve_ms=solve_ms)
+    n = np.rint(res.x[: H * D]).astype(int).reshape(H, D)
+    return n.tolist(), float(res.x[2 * H * D:].sum())
+
+
+def makespan(groups: Sequence[GroupSpec], devices: Sequence[DeviceSpec],
+             owner: Sequence[int]) -> float:
+    """The objective of a given placement (sum over rounds of the slowest device's compute
+    plus latency): how the scheduler compares the current plan with a new one."""
+    load: dict[tuple[int, int], float] = {}
+    for g, d in zip(groups, owner, strict=True):
+        load[(g.half, d)] = load.get((g.half, d), 0.0) + g.cost / devices[d].speed
+    per_half: dict[int, float] = {}
+    for (h, d), ms in load.items():
+        t = ms + (devices[d].latency if d != 0 else 0.0)
+        per_half[h] = max(per_half.get(h, 0.0), t)
+    return sum(per_half.values())
 
 
 def _check_feasible(groups: Sequence[GroupSpec], devices: Sequence[DeviceSpec],

@@ -102,7 +102,9 @@ def _workers(spec: Spec, key: str, model: str | None, threads: int, sdir: Path,
     for d in spec.devices:
         cmd = ["ip", "netns", "exec", spec.namespace(d), sys.executable, "-m",
                "halollm.cli.main", "worker", "--listen", f"{spec.device_address(d)}:{spec.port}",
-               "--threads", str(threads)]
+               "--threads", str(threads), "--status-file", str(sdir / f"{d.name}.status.json")]
+        if d.memory_bytes:
+            cmd += ["--memory-budget", str(d.memory_bytes)]
         if model:
             cmd += ["--model", str(model)]
         logf = open(sdir / f"{d.name}.log", "w")  # noqa: SIM115 (kept by the child)
@@ -131,6 +133,39 @@ def _workers(spec: Spec, key: str, model: str | None, threads: int, sdir: Path,
                 raise HaloError(f"the worker of device {d.name} did not start in {timeout:.0f}s")
             time.sleep(0.1)
     return {"name": spec.name, "key": key, "workers": workers}
+
+
+def set_loss(spec: Spec, device: str, loss_in: float, loss_out: float) -> None:
+    """Change one device's packet loss while the testbed runs (a link that starts losing
+    packets, or recovers): its nftables rules are replaced, the other devices' kept."""
+    names = [d.name for d in spec.devices]
+    if device not in names:
+        raise HaloError(f"no device {device!r} in {spec.name} (devices: {', '.join(names)})")
+    for rate in (loss_in, loss_out):
+        if not 0.0 <= rate < 1.0:
+            raise HaloError(f"a loss rate must be in [0, 1) (got {rate})")
+    state = load_state(spec)
+    losses = state.setdefault("loss", {})
+    losses[device] = [loss_in, loss_out]
+    host_rules = []
+    for d in spec.devices:
+        lin, lout = losses.get(d.name, [d.loss_in, d.loss_out])
+        vc, vd = spec.veth(d)
+        if d.name == device:
+            ns = spec.namespace(d)
+            if system.nft_table_exists(spec.table, ns):
+                system.sh("nft", "delete", "table", "inet", spec.table, ns=ns)
+            if lin > 0:
+                system.sh("nft", "-f", "-", ns=ns, input=system.nft_loss_table(
+                    spec.table, [system.loss_rule(vd, lin)]))
+        if lout > 0:
+            host_rules.append(system.loss_rule(vc, lout))
+    if system.nft_table_exists(spec.table):
+        system.sh("nft", "delete", "table", "inet", spec.table)
+    if host_rules:
+        system.sh("nft", "-f", "-", input=system.nft_loss_table(spec.table, host_rules))
+    path = state_dir(spec) / "state.json"
+    path.write_text(json.dumps(state, indent=2))
 
 
 def load_state(spec: Spec) -> dict[str, Any]:
@@ -224,6 +259,19 @@ def leftovers(spec: Spec) -> list[str]:
     return left
 
 
+def _worker_status(state: dict[str, Any], device: str) -> dict[str, Any] | None:
+    """What the device's worker measured of itself (compute speed, memory budget, counters),
+    from the status file it keeps."""
+    for w in state.get("workers", []):
+        if w["device"] == device:
+            path = Path(w["log"]).with_suffix(".status.json")
+            try:
+                return json.loads(path.read_text())
+            except (OSError, ValueError):
+                return None
+    return None
+
+
 def status(spec: Spec) -> dict[str, Any]:
     existing = system.namespaces()
     host_drops = system.nft_counters(spec.table)
@@ -244,9 +292,11 @@ def status(spec: Spec) -> dict[str, Any]:
             "address": f"{spec.device_address(d)}:{spec.port}",
             "worker_alive": bool(pid and Path(f"/proc/{pid}").exists()
                                  and _proc_state(pid) != "Z"),
-            "loss_in": d.loss_in, "loss_out": d.loss_out,
+            "loss_in": state.get("loss", {}).get(d.name, [d.loss_in, d.loss_out])[0],
+            "loss_out": state.get("loss", {}).get(d.name, [d.loss_in, d.loss_out])[1],
             "dropped_arriving_at_device": system.nft_counters(spec.table, ns).get(vd, 0)
             if up_ else 0,
             "dropped_arriving_at_coordinator": host_drops.get(vc, 0),
-            "bandwidth_bps": d.bandwidth_bps, "cpu": d.cpu, "memory_bytes": d.memory_bytes})
+            "bandwidth_bps": d.bandwidth_bps, "cpu": d.cpu, "memory_bytes": d.memory_bytes,
+            "profile": _worker_status(state, d.name)})
     return {"name": spec.name, "up": bool(state), "devices": devices}

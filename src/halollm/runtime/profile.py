@@ -1,0 +1,145 @@
+"""What each device can do and how its link behaves: measured, not declared.
+
+* compute speed: a short benchmark at join (MLP neurons of this model per millisecond, run
+  long enough to span several CPU-quota periods), refined from the compute time workers
+  report in their heartbeats;
+* memory: the budget a device declares, or a safe share of the RAM it has available;
+* link: moving estimates, from live traffic, of how long a contribution takes to come back
+  and how often it misses its round's deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from halollm.errors import HaloError
+from halollm.model.config import ModelConfig
+from halollm.model.llama import MlpShard
+
+BENCH_SECONDS = 0.4  # four CFS periods of 100 ms: a CPU quota shows in the result
+SAFE_MEMORY_SHARE = 0.8  # of the available RAM, without a declared budget
+
+
+@torch.inference_mode()
+def compute_benchmark(config: ModelConfig, tensor: Callable[[str], torch.Tensor],
+                      seconds: float = BENCH_SECONDS) -> float:
+    """MLP neurons of layer 0 this device computes per millisecond (fp32, one token), timed
+    by the wall clock so that a CPU quota or a busy machine lowers it."""
+    n = max(1, config.intermediate_size // 8)
+    shard = MlpShard(config, 0, range(n), tensor, torch.float32)
+    x = torch.randn(1, config.hidden_size)
+    shard.forward(x)  # warm-up
+    calls = 0
+    t0 = time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < seconds:
+        shard.forward(x)
+        calls += 1
+    return n * calls / (1e3 * elapsed)
+
+
+def available_memory_bytes() -> int:
+    """RAM this process may still use: MemAvailable, capped by its cgroup's limit."""
+    avail = None
+    try:
+        text = Path("/proc/meminfo").read_text()
+        m = re.search(r"^MemAvailable:\s+(\d+) kB", text, re.M)
+        if m:
+            avail = int(m.group(1)) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max",
+                       "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit():
+            avail = min(avail, int(raw))
+    return avail
+
+
+def memory_budget(declared: int | None) -> int:
+    """The declared budget, or a safe share of the available RAM."""
+    return declared if declared is not None else int(SAFE_MEMORY_SHARE *
+                                                     available_memory_bytes())
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
+          "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
+          "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """'512M', '1.5G', '2GiB', '1000000' -> bytes (binary multiples)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise HaloError(f"not a size: {text!r} (use e.g. 512M, 1.5G or a number of bytes)")
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value < 1:
+        raise HaloError(f"a memory budget must be positive (got {text!r})")
+    return int(value)
+
+
+class LinkEstimate:
+    """Moving estimates for one worker's link, from live rounds: the share of contributions
+    missing at the deadline, and the time from sending the activation to the contribution's
+    arrival (both exponentially weighted; `alpha` = weight of the newest round)."""
+
+    def __init__(self, alpha: float = 0.02) -> None:
+        self.alpha = alpha
+        self.miss_rate = 0.0
+        self.delay_ms: float | None = None
+        self.rounds = 0
+        self.missed = 0
+
+    def observe(self, arrived: bool, delay_ms: float | None = None) -> None:
+        self.rounds += 1
+        a = max(self.alpha, 1.0 / self.rounds)  # a plain mean until the window fills
+        self.miss_rate += a * ((0.0 if arrived else 1.0) - self.miss_rate)
+        if not arrived:
+            self.missed += 1
+        if delay_ms is not None:
+            self.delay_ms = delay_ms if self.delay_ms is None else \
+                self.delay_ms + self.alpha * 5 * (delay_ms - self.delay_ms)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "missed": self.missed,
+                "miss_rate": round(self.miss_rate, 4),
+                "delay_ms": None if self.delay_ms is None else round(self.delay_ms, 3)}
+
+
+@dataclass
+class DeviceProfile:
+    """One device as the scheduler sees it."""
+
+    name: str
+    bench_speed: float  # neurons per ms at join
+    memory_bytes: int
+    live_speed: float | None = None  # from reported compute time, if any
+
+    @property
+    def speed(self) -> float:
+        return self.live_speed if self.live_speed else self.bench_speed
+
+    def observe_compute(self, units: float, ms: float) -> None:
+        """Units computed in `ms` of the device's own compute time since the last report."""
+        if units <= 0 or ms <= 0:
+            return
+        s = units / ms
+        self.live_speed = s if self.live_speed is None else self.live_speed + 0.3 * (
+            s - self.live_speed)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"speed_neurons_per_ms": round(self.speed, 1),
+                "bench_speed_neurons_per_ms": round(self.bench_speed, 1),
+                "memory_bytes": self.memory_bytes}
