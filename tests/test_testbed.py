@@ -135,3 +135,60 @@ def test_demo_json():
         assert len(out[mode]["token_ids"]) == 6
     assert out["strict"]["sync"]["lost"] == 0 and out["strict"]["agreement"] == 1.0
     assert out["speedup"] > 0 and 0 <= out["agreement"] <= 1
+
+
+@needs_root
+def test_live_replan_when_a_link_starts_losing_packets(tmp_path):
+    """HALO placement on three reliable devices, the coordinator's memory too small to hold
+    the model: the workers carry most groups. Mid-generation one link starts losing 30% of
+    its packets (`halo testbed loss`); the scheduler measures it, re-plans, and moves that
+    device's groups to the others between tokens. The generation completes."""
+    from halollm.generate import generate
+    from halollm.runtime.coordinator import ClusterOptions, Coordinator
+    from halollm.runtime.keys import key_bytes
+    from halollm.sampling import SamplingParams
+    from halollm.testbed import cluster
+
+    f = tmp_path / "replan.toml"
+    f.write_text('name = "treplan"\nsubnet = "10.83"\n[[device]]\nname = "a"\n'
+                 '[[device]]\nname = "b"\n[[device]]\nname = "c"\n')
+    spec = load_spec(f)
+    cluster.down(spec, quiet=True)
+    try:
+        assert run_halo("testbed", "up", str(f), timeout=300).returncode == 0
+        state = cluster.load_state(spec)
+        addrs = [(w["address"], int(w["port"])) for w in state["workers"]]
+        coord = Coordinator(None, None, addrs, key_bytes(state["key"]), ClusterOptions(
+            placement="halo", memory_budget=60 << 20, predictor=None, replan_every=4))
+        tokens = []
+
+        def degrade(_piece: str) -> None:
+            tokens.append(1)
+            if len(tokens) == 6:
+                proc = run_halo("testbed", "loss", str(f), "--device", "b", "--rate", "0.3")
+                assert proc.returncode == 0, proc.stderr
+
+        try:
+            before = coord.placement.summary()["groups_per_device"]
+            tok = coord.tokenizer
+            res = generate(coord, tok, tok.encode("Once upon a time"), max_tokens=48,
+                           sampling=SamplingParams(), on_text=degrade, ignore_eos=True)
+            sync = coord.sync_json()
+        finally:
+            coord.close()
+        assert len(res.token_ids) == 48
+        assert before[2] > 0  # b carried groups at first
+        replans = sync["placement"]["replans"]
+        assert replans[0]["reason"] == "initial"
+        moved = [r for r in replans[1:] if r["reason"] == "faster" and r["position"] > 6]
+        assert moved, replans
+        assert moved[0]["groups_per_device"][2] < before[2]  # b carries less (or nothing)
+        b = sync["workers"][1]["profile"]
+        assert b["miss_rate"] > 0.05 and b["speed_neurons_per_ms"] > 0
+        status = json.loads(run_halo("testbed", "status", str(f), "--json").stdout)
+        dev_b = next(d for d in status["devices"] if d["device"] == "b")
+        assert dev_b["loss_in"] == 0.3 and dev_b["dropped_arriving_at_device"] > 0
+        assert dev_b["profile"]["speed_neurons_per_ms"] > 0
+    finally:
+        run_halo("testbed", "down", str(f))
+    assert cluster.leftovers(spec) == []

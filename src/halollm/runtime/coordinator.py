@@ -51,6 +51,7 @@ from halollm.scheduler.solver import DeviceSpec
 MODES = ("strict", "relaxed")
 PLACEMENTS = ("static", "equal", "memory", "halo")
 KIND_OF = {ATTN: "attn", MLP: "mlp"}
+DWELL_CHECKS = 2  # a plan adopted for speed stays for at least this many re-planning checks
 DEFAULT_RTT_MS = 0.5  # a LAN round trip with Python at both ends, until one is measured
 
 
@@ -220,7 +221,7 @@ class Coordinator:
             self.initial_placement = self.placement
             self.model = self._build_model()
             self.history = History(self.config.n_layers, self.config.hidden_size)
-            self._tokens_since_plan = 0
+            self._tokens_since_plan = self._tokens_since_adopt = 0
             self._distribute()
         except BaseException:
             self.close()
@@ -324,7 +325,9 @@ class Coordinator:
         """The coordinator and the live workers as the scheduler sees them now: measured
         speed and memory, and for a worker what taking part in a round costs besides
         compute -- the round trip (live; a LAN guess before any round) plus, for a link that
-        misses rounds, the expected wait for the deadline."""
+        misses rounds, the expected wait for the deadline. A missed contribution is also
+        computed again by the coordinator when critical (counted as if it always were):
+        a link's effective speed is 1 / (1/speed + miss rate/coordinator speed)."""
         bytes_per_unit = 3 * self.config.hidden_size * torch.finfo(self.dtype).bits // 8
         specs = [DeviceSpec("coordinator", self.profile.speed,
                             self.profile.memory_bytes / bytes_per_unit)]
@@ -336,7 +339,8 @@ class Coordinator:
             est = link.estimate
             own = self._units_per_round(link.index) / link.profile.speed
             rtt = DEFAULT_RTT_MS if est.delay_ms is None else max(0.05, est.delay_ms - own)
-            specs.append(DeviceSpec(link.name, link.profile.speed,
+            speed = 1.0 / (1.0 / link.profile.speed + est.miss_rate / self.profile.speed)
+            specs.append(DeviceSpec(link.name, speed,
                                     link.profile.memory_bytes / bytes_per_unit,
                                     loss=est.miss_rate,
                                     latency=rtt + est.miss_rate * deadline))
@@ -369,12 +373,15 @@ class Coordinator:
         if self.opts.placement != "halo" or self.opts.plan is not None:
             return
         self._tokens_since_plan += 1
+        self._tokens_since_adopt += 1
         alive = {lk.index for lk in self.links if lk.alive}
         holders = {d for d in range(1, len(self.links) + 1) if self.placement.count(d)}
         changed = bool(holders - alive) or bool(self._taken) or self._force_replan
         self._force_replan = False
         if not changed and self._tokens_since_plan < self.opts.replan_every:
             return
+        if not changed and self._tokens_since_adopt < DWELL_CHECKS * self.opts.replan_every:
+            return  # a plan stays at least this long unless a device comes or goes
         self._tokens_since_plan = 0
         from halollm.runtime.placement import group_specs
         from halollm.scheduler.solver import makespan
@@ -432,6 +439,7 @@ class Coordinator:
             placement.units_of(link.index, i, "attn") != old.units_of(link.index, i, "attn")
             for i in range(self.config.n_layers))]
         self._set_placement(placement)
+        self._tokens_since_adopt = 0
         self.epoch += 1
         self._distribute()
         for link in moved_attn:
@@ -583,6 +591,9 @@ class Coordinator:
                 timeout = min(0.05, deadline - now)
             else:
                 if critical is None:
+                    if tag.ntok == 1:  # what the scheduler learns: these missed the deadline
+                        for link in pending.values():
+                            link.estimate.observe(False)
                     critical = self._critical_links(tag.layer, kind, x, targets)
                     if critical & pending.keys():
                         self.stats.critical_waits += 1
@@ -621,9 +632,6 @@ class Coordinator:
                     self._poll_control()
         self.stats.waited_ms += 1e3 * (time.perf_counter() - wait_start)
         self.stats.lost += len(pending)
-        if tag.ntok == 1:
-            for link in pending.values():
-                link.estimate.observe(False)
         return got
 
     def _wait_strict(self, poller: zmq.Poller, pending: dict[int, WorkerLink], timeout: float,
@@ -670,7 +678,8 @@ class Coordinator:
         self.stats.received += 1
         if tag.ntok == 1:
             self.deadline.observe(1e3 * (now - sent))
-            link.estimate.observe(True, 1e3 * (now - self._sent_wall))
+            if msg_tag not in self._retried:  # in time (an answer to a retry was a miss)
+                link.estimate.observe(True, 1e3 * (now - self._sent_wall))
 
     # -- control traffic -----------------------------------------------------------------
     def _drain(self, link: WorkerLink, on_data: Callable[[bytes], None] | None = None) -> None:

@@ -16,14 +16,17 @@ tie-break of at most a microsecond: fewer groups behind lossy links) subject to
 * memory: sum_h n[h, d] * cost[h] <= memory[d];
 * the critical groups of h fit on reliable devices (loss <= `reliable_loss`; the coordinator
   is always reliable);
-* expected significance lost: the worst link's loss times the significance of the groups
-  behind lossy links (the least significant ones) is at most `max_lost_share` of h's total
-  (a convex piecewise-linear bound, exact for one lossy device, conservative for several).
+* expected significance lost: the worst unreliable link's loss times the significance of
+  the groups behind unreliable links (the least significant ones) is at most
+  `max_lost_share` of h's total (a convex piecewise-linear bound, exact for one lossy
+  device, conservative for several; the small losses of reliable links are not counted).
 
 Costs are in units (neurons, or KV heads weighted to neuron-equivalents by the caller); speed
 in units per millisecond; memory in units. Without memory budgets the halves are independent
 and halves with the same shape share one solution (a model's 30 MLP halves are one small
-program); with budgets one program covers all halves.
+program); with budgets one program covers all halves, and halves of one size share their
+counts (every layer split alike: a restriction that keeps the program small enough to solve
+between two tokens).
 """
 
 from __future__ import annotations
@@ -77,16 +80,26 @@ def solve(groups: Sequence[GroupSpec], devices: Sequence[DeviceSpec],
     counts: dict[int, list[int]] = {}
     objective = 0.0
     if all(not np.isfinite(d.memory) for d in devices):
-        solved: dict[tuple, tuple[list[int], float]] = {}
+        # independent halves: one small program per distinct shape
+        classes: dict[tuple, list[_Half]] = {}
         for half in halves:
-            if half.shape not in solved:
-                n, ms = _solve_counts([half], devices, reliable_loss, time_limit_s)
-                solved[half.shape] = (n[0], ms)
-            counts[half.half], ms = solved[half.shape]
-            objective += ms
+            classes.setdefault(half.shape, []).append(half)
+        for members in classes.values():
+            n, ms = _solve_counts([members[:1]], devices, reliable_loss, time_limit_s)
+            for half in members:
+                counts[half.half] = n[0]
+            objective += ms * len(members)
     else:
-        n, objective = _solve_counts(halves, devices, reliable_loss, time_limit_s)
-        counts = {half.half: n[i] for i, half in enumerate(halves)}
+        # memory couples the halves: one program, the halves of one size sharing their
+        # counts (the same split in every layer), each half's own loss bound kept
+        by_size: dict[tuple, list[_Half]] = {}
+        for half in halves:
+            by_size.setdefault((len(half.members), half.cost, half.mean_cost), []).append(half)
+        groups_of = list(by_size.values())
+        n, objective = _solve_counts(groups_of, devices, reliable_loss, time_limit_s)
+        for k, members in enumerate(groups_of):
+            for half in members:
+                counts[half.half] = n[k]
     owner = [0] * len(groups)
     by_reliability = sorted(range(len(devices)), key=lambda d: (d != 0, devices[d].loss, d))
     for half in halves:
@@ -127,10 +140,11 @@ class _Half:
                                                    -groups[i].significance, i))
 
 
-def _solve_counts(halves: Sequence[_Half], devices: Sequence[DeviceSpec], reliable_loss: float,
-                  time_limit_s: float) -> tuple[list[list[int]], float]:
-    """Groups per device for each half (the program in the module docstring)."""
-    H, D = len(halves), len(devices)
+def _solve_counts(classes: Sequence[Sequence[_Half]], devices: Sequence[DeviceSpec],
+                  reliable_loss: float, time_limit_s: float) -> tuple[list[list[int]], float]:
+    """Groups per device for each class of halves of one size, which share their counts
+    (the program in the module docstring; the objective counts every half of a class)."""
+    H, D = len(classes), len(devices)
     n_vars = 2 * H * D + H  # n[h, d], u[h, d], t[h]
 
     def ni(h: int, d: int) -> int:
@@ -143,37 +157,40 @@ def _solve_counts(halves: Sequence[_Half], devices: Sequence[DeviceSpec], reliab
         return 2 * H * D + h
 
     reliable = [d for d in range(D) if d == 0 or devices[d].loss <= reliable_loss]
-    lossy = [d for d in range(D) if devices[d].loss > 0]
+    lossy = [d for d in range(D) if d not in reliable]
     worst = max((devices[d].loss for d in lossy), default=0.0)
     c = np.zeros(n_vars)
     lower, upper = np.zeros(n_vars), np.ones(n_vars)
     rows: list[tuple[dict[int, float], float, float]] = []
-    for h, half in enumerate(halves):
-        G = len(half.members)
-        c[ti(h)] = 1.0
+    for h, members in enumerate(classes):
+        first = members[0]
+        G, weight = len(first.members), len(members)
+        c[ti(h)] = weight
         upper[ti(h)] = np.inf
         for d, dev in enumerate(devices):
             upper[ni(h, d)] = G
-            c[ni(h, d)] = 1e-3 * dev.loss / G  # tie-break: fewer groups behind lossy links
+            c[ni(h, d)] = 1e-3 * weight * dev.loss / G  # tie-break: fewer behind lossy links
             rows.append(({ni(h, d): 1.0, ui(h, d): -float(G)}, -np.inf, 0.0))
-            rows.append(({ni(h, d): half.mean_cost / dev.speed,
+            rows.append(({ni(h, d): first.mean_cost / dev.speed,
                           ui(h, d): dev.latency if d != 0 else 0.0, ti(h): -1.0},
                          -np.inf, 0.0))
         rows.append(({ni(h, d): 1.0 for d in range(D)}, G, G))
-        if half.critical:
-            rows.append(({ni(h, d): 1.0 for d in reliable}, half.critical, np.inf))
-        if half.tail and lossy:
-            # groups behind lossy links: the m least significant; worst * tailsum(m) <= bound,
-            # tailsum convex and piecewise linear: one constraint per piece
-            acc = 0.0
-            for k, slope in enumerate(half.tail):
-                coef = {ni(h, d): worst * slope for d in lossy}
-                rows.append((coef, -np.inf, half.bound - worst * (acc - slope * k)))
-                acc += slope
+        critical = max(half.critical for half in members)
+        if critical:
+            rows.append(({ni(h, d): 1.0 for d in reliable}, critical, np.inf))
+        for half in members:
+            if half.tail and lossy:
+                # groups behind lossy links: the m least significant; worst * tailsum(m) <=
+                # bound, tailsum convex and piecewise linear: one constraint per piece
+                acc = 0.0
+                for k, slope in enumerate(half.tail):
+                    coef = {ni(h, d): worst * slope for d in lossy}
+                    rows.append((coef, -np.inf, half.bound - worst * (acc - slope * k)))
+                    acc += slope
     for d, dev in enumerate(devices):
         if np.isfinite(dev.memory):
-            rows.append(({ni(h, d): half.cost for h, half in enumerate(halves)}, -np.inf,
-                         dev.memory))
+            rows.append(({ni(h, d): members[0].cost * len(members)
+                          for h, members in enumerate(classes)}, -np.inf, dev.memory))
     A = lil_matrix((len(rows), n_vars))
     lo, hi = np.empty(len(rows)), np.empty(len(rows))
     for r, (coef, a, b) in enumerate(rows):
@@ -189,7 +206,8 @@ def _solve_counts(halves: Sequence[_Half], devices: Sequence[DeviceSpec], reliab
                         "relax the memory budgets, the reliability requirement or the "
                         "expected-loss bound")
     n = np.rint(res.x[: H * D]).astype(int).reshape(H, D)
-    return n.tolist(), float(res.x[2 * H * D:].sum())
+    t = res.x[2 * H * D:]
+    return n.tolist(), float(sum(t[h] * len(members) for h, members in enumerate(classes)))
 
 
 def makespan(groups: Sequence[GroupSpec], devices: Sequence[DeviceSpec],
