@@ -150,7 +150,7 @@ def test_live_replan_when_a_link_starts_losing_packets(tmp_path):
     from halollm.testbed import cluster
 
     f = tmp_path / "replan.toml"
-    f.write_text('name = "treplan"\nsubnet = "10.83"\n[[device]]\nname = "a"\n'
+    f.write_text('name = "treplan"\nsubnet = "10.85"\n[[device]]\nname = "a"\n'
                  '[[device]]\nname = "b"\n[[device]]\nname = "c"\n')
     spec = load_spec(f)
     cluster.down(spec, quiet=True)
