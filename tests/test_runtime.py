@@ -269,3 +269,31 @@ def test_equal_placement_strict_equals_single_device(workers, reference_tokens):
         assert result.token_ids == reference_tokens
     finally:
         coord.close()
+
+
+@pytest.mark.parametrize("placement", ["memory", "halo"])
+def test_strict_is_exact_with_every_placement(workers, reference_tokens, placement):
+    """Placement decides speed, never the result: strict mode stays token-exact. The
+    coordinator's memory budget (a fifth of the model) forces the workers to hold groups."""
+    result, sync = _generate(workers.addresses, mode="strict", placement=placement,
+                             memory_budget=12 << 20)
+    assert result.token_ids == reference_tokens
+    assert sync["placement"]["policy"] == placement
+    assert sum(sync["placement"]["groups_per_device"][1:]) > 0
+    assert all(w["profile"]["speed_neurons_per_ms"] > 0 for w in sync["workers"])
+
+
+def test_halo_replans_after_a_worker_dies_and_stays_exact(reference_tokens):
+    """HALO placement, strict mode: a worker killed mid-generation is taken over, the next
+    token re-plans over the devices left (the coordinator rebuilds its shards, attention
+    KV refilled from the token history), and the tokens stay exactly the single-device
+    ones."""
+    with LocalWorkers(2, KEY, threads=1) as lw:
+        result, sync = _generate(lw.addresses, mode="strict", placement="halo",
+                                 memory_budget=12 << 20, on_text=_kill_after(lw, 0, 5),
+                                 dead_after_s=0.6, rejoin_every_s=60)
+    assert result.token_ids == reference_tokens
+    assert len(sync["takeovers"]) == 1
+    reasons = [r["reason"] for r in sync["placement"]["replans"]]
+    assert reasons[0] == "initial" and "membership" in reasons
+    assert sync["placement"]["groups_per_device"][1] == 0  # nothing left on the dead worker

@@ -122,3 +122,35 @@ def test_critical_groups_go_to_reliable_devices_first():
     groups = [GroupSpec(0, 1.0, s, critical=s >= 4) for s in sig]
     sol = solve(groups, [DeviceSpec("coord"), DeviceSpec("wifi", loss=0.2)])
     assert sol.owner == [0, 0, 1, 1]  # the two significant ones on the coordinator
+
+
+def test_sizes_parse_and_bad_ones_are_clear():
+    from halollm.runtime.profile import parse_bytes
+
+    assert parse_bytes("512M") == 512 << 20 and parse_bytes("1.5G") == 3 << 29
+    assert parse_bytes("2GiB") == 2 << 30 and parse_bytes("1000") == 1000
+    for bad in ("lots", "12Q", "-1G", "0"):
+        with pytest.raises(HaloError):
+            parse_bytes(bad)
+
+
+def test_link_estimate_follows_a_link_that_starts_losing():
+    from halollm.runtime.profile import LinkEstimate
+
+    est = LinkEstimate(alpha=0.02)
+    for _ in range(300):
+        est.observe(True, 1.0)
+    assert est.miss_rate == 0.0 and est.delay_ms == pytest.approx(1.0)
+    for i in range(300):  # 30% of rounds now miss
+        est.observe(i % 10 >= 3, 1.0 if i % 10 >= 3 else None)
+    assert 0.2 < est.miss_rate < 0.4 and est.missed == 90
+
+
+def test_makespan_matches_the_solver_objective():
+    from halollm.scheduler.solver import makespan
+
+    groups = layers(3, 8)
+    devices = [DeviceSpec("coord", 2.0), DeviceSpec("w", 1.0, latency=0.5)]
+    sol = solve(groups, devices)
+    assert makespan(groups, devices, sol.owner) == pytest.approx(sol.objective_ms)
+    assert makespan(groups, devices, [0] * 24) == pytest.approx(12.0)

@@ -189,6 +189,10 @@ def test_live_replan_when_a_link_starts_losing_packets(tmp_path):
         dev_b = next(d for d in status["devices"] if d["device"] == "b")
         assert dev_b["loss_in"] == 0.3 and dev_b["dropped_arriving_at_device"] > 0
         assert dev_b["profile"]["speed_neurons_per_ms"] > 0
+        bad = run_halo("testbed", "loss", str(f), "--device", "zz", "--rate", "0.1")
+        assert bad.returncode == 2 and "no device 'zz'" in bad.stderr
+        bad = run_halo("testbed", "loss", str(f), "--device", "b")
+        assert bad.returncode == 2 and "--rate" in bad.stderr
     finally:
         run_halo("testbed", "down", str(f))
     assert cluster.leftovers(spec) == []

@@ -20,6 +20,7 @@ from halollm.cli.run import add_cluster_options, check_cluster_options, open_clu
 from halollm.errors import HaloError
 from halollm.eval import LogitsFn
 from halollm.generate import Decoder, LocalDecoder, teacher_forced
+from halollm.model.loader import LoadedModel, dtype_name, load_model
 from halollm.model.tokenizer import Tokenizer
 
 INTERRUPTED = 130  # exit code of an interrupted evaluation (its partial result is printed)
@@ -67,12 +68,13 @@ class Target:
 
 
 @contextmanager
-def open_target(args: argparse.Namespace, teacher_force: bool = False) -> Iterator[Target]:
-    """This device (`--model`, `--dtype`) or the cluster the options name. On one device a
-    sequence is scored in one pass unless `teacher_force`; a cluster's Decoder only gives
-    the last position's logits, so there every sequence is fed one token at a time (the
-    decode path, which is what runs under loss)."""
-    from halollm.model.loader import dtype_name, load_model
+def open_target(args: argparse.Namespace, teacher_force: bool = False,
+                loaded: LoadedModel | None = None) -> Iterator[Target]:
+    """This device (`--model`, `--dtype`; `loaded` if it is already in memory) or the
+    cluster the options name. On one device a sequence is scored in one pass unless
+    `teacher_force`; a cluster's Decoder only gives the last position's logits, so there
+    every sequence is fed one token at a time (the decode path, which is what runs under
+    loss)."""
 
     if is_cluster(args):
         coord = local = None
@@ -89,7 +91,7 @@ def open_target(args: argparse.Namespace, teacher_force: bool = False) -> Iterat
             if local is not None:
                 local.stop()
         return
-    model = load_model(args.model, args.dtype)
+    model = loaded if loaded is not None else load_model(args.model, args.dtype)
     transformer = model.transformer
     local_decoder = LocalDecoder(transformer)
     info = {"model": str(model.path), "dtype": dtype_name(model.dtype), "device": "single",

@@ -8,14 +8,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from halollm.cli.evalrun import add_common_options, check_common, finish, note, open_target
+import torch
+
+from halollm.cli.evalrun import (
+    add_common_options,
+    check_common,
+    finish,
+    is_cluster,
+    note,
+    open_target,
+)
 from halollm.cli.options import add_model_options
 from halollm.cli.progress import Bars
 from halollm.errors import HaloError
 from halollm.eval import agree as agree_eval
 from halollm.eval import data, zeroshot
 from halollm.eval.ppl import PerplexityTally, check_window, perplexity, sliding_windows
-from halollm.model.loader import content_hash, open_source, open_tokenizer
+from halollm.generate import LocalDecoder, teacher_forced
+from halollm.model.loader import content_hash, load_model, open_source, open_tokenizer, parse_dtype
 from halollm.predictor import report, store
 from halollm.predictor.calibrate import read_texts
 from halollm.predictor.signals import GroupedModel, chunked
@@ -261,9 +271,6 @@ def _zeroshot_table(result: dict[str, Any]) -> str:
 
 
 def run_agree(args: argparse.Namespace) -> int:
-    from halollm.generate import LocalDecoder, teacher_forced
-    from halollm.model.loader import load_model
-
     _positive("--tokens", args.tokens)
     check_common(args)
     text = data.read_text(args.text)
@@ -281,8 +288,10 @@ def run_agree(args: argparse.Namespace) -> int:
         advance = bars("reference (fp32, this device)", len(ids))
         ref = teacher_forced(LocalDecoder(reference.transformer), ids,
                              on_step=lambda i, _: advance(1))
+        same = not is_cluster(args) and parse_dtype(args.dtype) == torch.float32
+        loaded = reference if same else None  # fp32 on this device: the reference itself
         del reference
-        with open_target(args, teacher_force=True) as target:
+        with open_target(args, teacher_force=True, loaded=loaded) as target:
             result.update(target.info)
             try:
                 advance = bars("configuration", len(ids))
