@@ -47,6 +47,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--predictor", default="auto", metavar="PATH",
                    help="predictor for every relaxed configuration (default: the one `halo "
                         "calibrate` saved; 'none' for none)")
+    p.add_argument("--model", metavar="PATH",
+                   help="model for the coordinator, the workers and the reference (default: "
+                        "the default model); e.g. one from `halo make-model` for speed")
+    p.add_argument("--forced-tokens", type=int, default=None, metavar="N",
+                   help="teacher-force only the first N tokens of the fixed text (default: "
+                        "all, ~210)")
     p.add_argument("--memory-budget", default="1G", metavar="SIZE",
                    help="the coordinator's memory budget (default 1G)")
     p.add_argument("--out", type=Path, default=Path("docs/results"))
@@ -75,14 +81,16 @@ def run(args: argparse.Namespace) -> int:
     def say(m: str) -> None:
         print(f"[bench placement] {m}", file=sys.stderr, flush=True)
 
-    ref_model = load_model(None, None)
+    say("reference: the lossless single-device model, teacher-forced over the fixed text…")
+    ref_model = load_model(args.model, None)
     tok = ref_model.tokenizer
     prompt = tok.encode(tok.render_chat([{"role": "user", "content": PROMPT}]))
-    fixed = tok.encode(FIXED_TEXT)
+    fixed = tok.encode(FIXED_TEXT)[: args.forced_tokens]
     ref_logits = teacher_forced(LocalDecoder(ref_model.transformer), fixed)
+    del ref_model
     results: dict[str, dict[str, Any]] = {}
     say(f"testbed {spec.name} up ({len(spec.devices)} devices)…")
-    state = cluster.up(spec, log=lambda m: None)
+    state = cluster.up(spec, model=args.model, log=lambda m: None)
     addrs = [(w["address"], int(w["port"])) for w in state["workers"]]
     t0 = time.time()
     try:
@@ -95,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
                 f"groups per device {r['groups_per_device']}")
     finally:
         cluster.down(spec, quiet=True)
-    _write(args, spec, results)
+    _write(args, spec, results, len(fixed))
     return 0
 
 
@@ -107,7 +115,7 @@ def _measure(name: str, addrs: list[tuple[str, int]], key: str, budget: int,
     opts = ClusterOptions(mode="strict" if strict else "relaxed", placement=placement,
                           memory_budget=budget,
                           predictor=None if args.predictor == "none" else args.predictor)
-    coord = Coordinator(None, None, addrs, key_bytes(key), opts, log=lambda m: None)
+    coord = Coordinator(args.model, None, addrs, key_bytes(key), opts, log=lambda m: None)
     try:
         if args.warmup:
             generate(coord, tok, prompt, max_tokens=args.warmup, sampling=SamplingParams(),
@@ -138,17 +146,19 @@ def _measure(name: str, addrs: list[tuple[str, int]], key: str, budget: int,
         coord.close()
 
 
-def _write(args: argparse.Namespace, spec: Any, results: dict[str, dict[str, Any]]) -> None:
+def _write(args: argparse.Namespace, spec: Any, results: dict[str, dict[str, Any]],
+           n_forced: int) -> None:
     eq = results.get("equal")
     lines = ["# Placement on a heterogeneous testbed", "", "{header}",
              f"Spec: `{args.spec}` ({len(spec.devices)} devices: "
              + ", ".join(f"{d.name} (loss {d.loss_in:.0%}, cpu "
                          f"{'full' if d.cpu is None else f'{d.cpu:.0%}'}, memory "
                          f"{(d.memory_bytes or 0) / 2**20:.0f} MiB)" for d in spec.devices)
-             + f"); coordinator memory budget {args.memory_budget}. {args.warmup} warm-up "
+             + f"); model `{args.model or 'default (SmolLM2-135M-Instruct)'}`; coordinator "
+             f"memory budget {args.memory_budget}. {args.warmup} warm-up "
              f"tokens, then {args.tokens} measured (median per-token decode time). Agreement: "
-             f"teacher-forced over a fixed {len(FIXED_TEXT.split())}-word text against the "
-             "lossless single-device model.", "",
+             f"teacher-forced over {n_forced} tokens of a fixed text against "
+             "the lossless single-device model.", "",
              "| configuration | sync | ms/token | p95 | vs equal (relaxed) | agreement | KL | "
              "groups per device (coordinator first) |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
@@ -159,5 +169,6 @@ def _write(args: argparse.Namespace, spec: Any, results: dict[str, dict[str, Any
                      f"{r['decode_ms_p95']} | {ratio} | {r['agreement']:.1%} | {r['kl']:.4f} | "
                      f"{r['groups_per_device']} |")
     lines.append("")
-    data = {"spec": str(args.spec), "results": results}
+    data = {"spec": str(args.spec), "model": args.model or "default",
+            "forced_tokens": n_forced, "results": results}
     publish(args.out, "placement", data, lines, args.json)

@@ -10,7 +10,18 @@ from halollm.errors import HaloError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from halollm.cli import bench, calibrate, demo, evaluate, generate, run, serve, testbed, worker
+    from halollm.cli import (
+        bench,
+        calibrate,
+        demo,
+        evaluate,
+        generate,
+        make_model,
+        run,
+        serve,
+        testbed,
+        worker,
+    )
 
     parser = argparse.ArgumentParser(
         prog="halo",
@@ -27,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(sub)
     calibrate.register(sub)
     evaluate.register(sub)
+    make_model.register(sub)
     return parser
 
 
