@@ -25,6 +25,11 @@ from tests.conftest import SHARED_DATA, TEXT_200, run_halo
 WIKI = SHARED_DATA / "wikitext-2" / "wiki.test.raw"
 
 
+def halo_eval(*args: str, timeout: float = 300):
+    """`halo eval …` as a real subprocess, on one torch thread (the machine is shared)."""
+    return run_halo("eval", *args, "--threads", "1", timeout=timeout)
+
+
 def _one_clear_line(proc) -> str:
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -82,7 +87,7 @@ def _transformers_ppl(reference, ids: list[int], context: int, stride: int) -> f
 @pytest.mark.skipif(not WIKI.is_file(), reason=f"no WikiText-2 at {WIKI}")
 @pytest.mark.parametrize("stride", [128, 64])
 def test_ppl_equals_transformers(reference, reference_tokenizer, stride):
-    proc = run_halo("eval", "ppl", "--text", str(WIKI), "--limit-tokens", "300",
+    proc = halo_eval("ppl", "--text", str(WIKI), "--limit-tokens", "300",
                     "--context", "128", "--stride", str(stride), "--dtype", "fp32", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -135,7 +140,7 @@ def test_zeroshot_picks_certain_answers(tmp_path):
     arc_path = _jsonl(tmp_path / "arc.jsonl", [  # llm-foundry's form, the answer last
         {"query": f"Question: {g}", "choices": [w, w[::-1], r], "gold": 2}
         for g, r, w in CERTAIN_PIQA])
-    proc = run_halo("eval", "zeroshot", "--task", "piqa", "--data", piqa_path,
+    proc = halo_eval("zeroshot", "--task", "piqa", "--data", piqa_path,
                     "--task", "lambada", "--data", lambada_path, "--task", "arc_easy",
                     "--data", arc_path, "--dtype", "fp32", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -245,7 +250,7 @@ def test_agree_single_device(tmp_path, dtype):
     text = tmp_path / "text.txt"
     text.write_text(TEXT_200)
     out = tmp_path / "agree.json"
-    proc = run_halo("eval", "agree", "--text", str(text), "--tokens", "64", "--dtype", dtype,
+    proc = halo_eval("agree", "--text", str(text), "--tokens", "64", "--dtype", dtype,
                     "--json", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
@@ -278,15 +283,15 @@ def test_cluster_evals_strict_are_lossless(tmp_path):
     perplexity equals this device's."""
     text = tmp_path / "text.txt"
     text.write_text(TEXT_200)
-    proc = run_halo("eval", "agree", "--text", str(text), "--tokens", "24", "--dtype", "fp32",
+    proc = halo_eval("agree", "--text", str(text), "--tokens", "24", "--dtype", "fp32",
                     "--local", "2", "--sync", "strict", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["device"] == "cluster" and out["agreement"] == 1.0 and out["kl"] < 1e-4
-    args = ["eval", "ppl", "--text", str(text), "--limit-tokens", "40", "--context", "20",
+    args = ["ppl", "--text", str(text), "--limit-tokens", "40", "--context", "20",
             "--dtype", "fp32", "--json"]
-    cluster = run_halo(*args, "--local", "2", "--sync", "strict")
-    single = run_halo(*args)
+    cluster = halo_eval(*args, "--local", "2", "--sync", "strict")
+    single = halo_eval(*args)
     assert cluster.returncode == 0 and single.returncode == 0, cluster.stderr + single.stderr
     c, s = json.loads(cluster.stdout), json.loads(single.stdout)
     assert c["scoring"] == "teacher-forced" and c["tokens"] == s["tokens"] == 39
@@ -315,7 +320,7 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
     ]
     for i, (args, words) in enumerate(cases):
         if i < 2:  # the real command line
-            proc = run_halo("eval", *args, timeout=60)
+            proc = halo_eval(*args, timeout=60)
         else:  # the same entry point in-process (fast)
             code = main(["eval", *args])
             proc = SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
@@ -327,7 +332,7 @@ def test_eval_json_fields_and_out(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(TEXT_200)
     out = tmp_path / "sub" / "ppl.json"
-    proc = run_halo("eval", "ppl", "--text", str(text), "--context", "64", "--dtype", "fp32",
+    proc = halo_eval("ppl", "--text", str(text), "--context", "64", "--dtype", "fp32",
                     "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("perplexity ")

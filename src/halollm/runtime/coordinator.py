@@ -221,7 +221,9 @@ class Coordinator:
             self.initial_placement = self.placement
             self.model = self._build_model()
             self.history = History(self.config.n_layers, self.config.hidden_size)
-            self._tokens_since_plan = self._tokens_since_adopt = 0
+            self._tokens_since_plan = 0
+            # the first plan knows no link yet: the first check may replace it
+            self._tokens_since_adopt = DWELL_CHECKS * options.replan_every
             self._distribute()
         except BaseException:
             self.close()
