@@ -84,7 +84,7 @@ def open_target(args: argparse.Namespace, teacher_force: bool = False,
             info = {"model": str(coord.source.path), "dtype": dtype_name(coord.dtype),
                     "device": "cluster", "sync_mode": args.sync, "scoring": "teacher-forced"}
             yield Target(decoder, lambda ids: teacher_forced(decoder, ids), coord.tokenizer,
-                         coord.config.max_position, info, coord.sync_json)
+                         coord.config.max_position, info, lambda: _sync_summary(decoder))
         finally:
             if coord is not None:
                 coord.close()
@@ -103,6 +103,12 @@ def open_target(args: argparse.Namespace, teacher_force: bool = False,
     yield Target(local_decoder,
                  (lambda ids: teacher_forced(local_decoder, ids)) if teacher_force else one_pass,
                  model.tokenizer, model.config.max_position, info)
+
+
+def _sync_summary(coord: Any) -> dict[str, Any]:
+    """The cluster's synchronisation statistics without the per-token list (an evaluation
+    runs thousands of tokens)."""
+    return {k: v for k, v in coord.sync_json().items() if k != "per_token"}
 
 
 def note(args: argparse.Namespace, message: str) -> None:

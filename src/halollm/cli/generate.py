@@ -18,10 +18,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Load a model on this device, generate from PROMPT and "
                                    "stream the text; report tokens/s at the end (on stderr).")
     add_generation_options(p)
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="keep at most SIZE of dequantized group weights in memory (e.g. 512M, "
+                        "1G, or 25%% of the model's); the rest is read from the memory-mapped "
+                        "model file when needed (docs/loader.md). Default: everything resident")
+    p.add_argument("--loader", choices=["prefetch", "demand", "window"], default="prefetch",
+                   help="with --memory-budget: prefetch (default: keep what is needed "
+                        "farthest ahead out, load the next groups in the background), demand "
+                        "(no background loading), window (TPI-LLM's sliding window)")
+    p.add_argument("--mlp-groups", type=int, default=None, metavar="N",
+                   help="with --memory-budget: MLP groups per layer, the loading unit "
+                        "(default 4)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.memory_budget is not None:
+        return run_streamed(args)
     quiet = args.json
     sampling, text = checked_request(args)  # before the slow model load
     t0 = time.perf_counter()
@@ -52,4 +65,65 @@ def run(args: argparse.Namespace) -> int:
               f"({1e3 / max(result.decode_ms_per_token, 1e-9):.1f} tokens/s), prefill "
               f"{result.prompt_tokens} tokens at {result.prefill_tokens_per_s:.0f} tokens/s, "
               f"finish: {result.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def run_streamed(args: argparse.Namespace) -> int:
+    """halo generate --memory-budget: group weights streamed from the model file."""
+    from halollm.loader.streamed import (
+        DEFAULT_MLP_GROUPS,
+        StreamedDecoder,
+        peak_rss_bytes,
+        rss_anon_bytes,
+    )
+    from halollm.model.loader import open_source, open_tokenizer, parse_dtype
+
+    quiet = args.json
+    sampling, text = checked_request(args)
+    if args.mlp_groups is not None and args.mlp_groups < 1:
+        raise HaloError("--mlp-groups must be at least 1")
+    source = open_source(args.model)
+    dtype = parse_dtype(args.dtype)
+    try:
+        tokenizer = open_tokenizer(source)
+        decoder = StreamedDecoder(source, dtype, args.memory_budget, args.loader,
+                                  mlp_groups=args.mlp_groups or DEFAULT_MLP_GROUPS)
+    except BaseException:
+        source.close()
+        raise
+    try:
+        if not quiet:
+            print(f"{source.config.name}: keeping at most {decoder.budget / 2**20:.0f} MiB of "
+                  f"its {decoder.model_bytes / 2**20:.0f} MiB of group weights "
+                  f"({dtype_name(dtype)}) in memory, loader: {args.loader}",
+                  file=sys.stderr, flush=True)
+        ids = prompt_ids(tokenizer, args, text)
+        if not ids:
+            raise HaloError("the prompt is empty")
+
+        def show(piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        result = generate(decoder, tokenizer, ids, max_tokens=args.max_tokens,
+                          sampling=sampling, stop=args.stop,
+                          max_position=source.config.max_position,
+                          on_text=None if quiet else show, ignore_eos=args.ignore_eos)
+        loader = decoder.loader_json()
+        loader["rss_anon_bytes"] = rss_anon_bytes()  # with the store still full
+    finally:
+        decoder.close()
+        source.close()
+    if quiet:
+        out = result.to_json()
+        out.update(model=str(source.path), dtype=dtype_name(dtype), loader=loader,
+                   peak_rss_bytes=peak_rss_bytes())
+        print(json.dumps(out))
+    else:
+        print(file=sys.stdout)
+        print(f"[{len(result.token_ids)} tokens, {result.decode_ms_per_token:.1f} ms/token; "
+              f"loader: {loader['hits']} hits, {loader['misses']} misses, "
+              f"{loader['bytes_loaded'] / 2**20:.0f} MiB read, stalled "
+              f"{loader['stall_ms']:.0f} ms; peak RSS {peak_rss_bytes() / 2**20:.0f} MiB]",
+              file=sys.stderr)
     return 0

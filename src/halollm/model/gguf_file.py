@@ -149,6 +149,44 @@ class GGUFModelFile:
                 w = unpermute_rows(w, self.config.n_kv_heads)
         return w
 
+    def rows(self, name: str, index: np.ndarray) -> tuple[np.ndarray, int]:
+        """Rows `index` of a matrix (float32, PyTorch layout) and the file bytes read: only
+        those rows' quantized blocks are touched. Rows of q/k must be whole heads."""
+        import gguf
+
+        t = self._tensors[name]
+        raw = t.data[index]
+        w = np.asarray(gguf.quants.dequantize(raw, t.tensor_type), dtype=np.float32)
+        w = w.reshape(len(index), int(t.shape[0]))
+        leaf = name.rsplit(".", 1)[-1]
+        if SUPPORTED_ARCHS[self.arch] and leaf in ("wq", "wk"):
+            w = unpermute_rows(w, len(index) // self.config.head_dim)
+        return w, int(raw.nbytes)
+
+    def cols(self, name: str, index: np.ndarray) -> tuple[np.ndarray, int]:
+        """Columns `index` of a matrix (float32) and the file bytes read: in every row only
+        the quantization blocks holding those columns (a block covers 32 or 256 columns)."""
+        import gguf
+
+        t = self._tensors[name]
+        if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                             gguf.GGMLQuantizationType.BF16):
+            raw = t.data[:, index]
+            return np.asarray(gguf.quants.dequantize(raw, t.tensor_type),
+                              dtype=np.float32), int(raw.nbytes)
+        block, block_bytes = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        q = t.data.reshape(t.data.shape[0], -1, block_bytes)
+        blocks = np.unique(index // block)
+        raw = np.ascontiguousarray(q[:, blocks]).reshape(q.shape[0], -1)
+        w = np.asarray(gguf.quants.dequantize(raw, t.tensor_type), dtype=np.float32)
+        where = np.searchsorted(blocks, index // block) * block + index % block
+        w = np.ascontiguousarray(w[:, where])
+        leaf = name.rsplit(".", 1)[-1]
+        if SUPPORTED_ARCHS[self.arch] and leaf in ("wq", "wk"):
+            n = self.config.n_heads if leaf == "wq" else self.config.n_kv_heads
+            w = unpermute_rows(w, n)
+        return w, int(raw.nbytes)
+
     def close(self) -> None:
         mm = getattr(self._reader, "data", None)
         if mm is not None and hasattr(mm, "_mmap") and mm._mmap is not None:

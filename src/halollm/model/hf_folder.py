@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from halollm.errors import ModelLoadError
 from halollm.model.config import ModelConfig, RopeScaling
@@ -129,5 +130,33 @@ class HFModelFolder:
         h, key = self._where[name]
         return h.get_tensor(key).float().numpy()
 
+    def rows(self, name: str, index: np.ndarray) -> tuple[np.ndarray, int]:
+        """Rows `index` of a matrix (float32) and the bytes read: one slice per run of
+        consecutive rows, nothing else of the tensor is read."""
+        h, key = self._where[name]
+        sl = h.get_slice(key)
+        parts = [sl[a:b] for a, b in _runs(index)]
+        out = torch.cat(parts).float().numpy() if parts else np.zeros((0, 0), np.float32)
+        return out, sum(p.numel() * p.element_size() for p in parts)
+
+    def cols(self, name: str, index: np.ndarray) -> tuple[np.ndarray, int]:
+        """Columns `index` of a matrix (float32) and the bytes read."""
+        h, key = self._where[name]
+        sl = h.get_slice(key)
+        parts = [sl[:, a:b] for a, b in _runs(index)]
+        out = torch.cat(parts, dim=1).float().numpy()
+        return out, sum(p.numel() * p.element_size() for p in parts)
+
     def close(self) -> None:
         self._handles.clear()
+
+
+def _runs(index: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted-or-not indices -> [start, end) runs of consecutive values, in order."""
+    out: list[tuple[int, int]] = []
+    for i in (int(v) for v in index):
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out

@@ -162,6 +162,19 @@ class AttentionShard:
         self.rope = rope
         self.cache = KVCache(self.n_kv, hd)
 
+    @classmethod
+    def without_weights(cls, config: ModelConfig, kv_heads: Sequence[int], rope: Rope
+                        ) -> AttentionShard:
+        """A shard holding only its KV cache; `w_qkv`, `b_qkv` and `w_o` are set before each
+        use and dropped after (weights streamed from a group store)."""
+        shard = cls.__new__(cls)
+        shard.kv_heads = tuple(kv_heads)
+        shard.n_kv, shard.n_q = len(shard.kv_heads), len(shard.kv_heads) * config.q_per_kv
+        shard.head_dim, shard.rope = config.head_dim, rope
+        shard.w_qkv = shard.b_qkv = shard.w_o = None  # type: ignore[assignment]
+        shard.cache = KVCache(shard.n_kv, config.head_dim)
+        return shard
+
     def _qkv(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor,
                                                          torch.Tensor]:
         """q [n_q, T, hd], k and v [n_kv, T, hd] (float32, RoPE applied) for x [T, d]."""
@@ -212,6 +225,15 @@ class MlpShard:
         self.w_gate_up = torch.cat([gate, up]).to(dtype).contiguous()
         self.w_down = torch.from_numpy(tensor(p + "w_down"))[:, idx].to(dtype).contiguous()
         self.n = len(self.neurons)
+
+    @classmethod
+    def of(cls, neurons: Sequence[int], w_gate_up: torch.Tensor, w_down: torch.Tensor
+           ) -> MlpShard:
+        """A shard over weights already read ([2n, d] gate rows then up rows; [d, n])."""
+        shard = cls.__new__(cls)
+        shard.neurons, shard.n = tuple(neurons), len(neurons)
+        shard.w_gate_up, shard.w_down = w_gate_up, w_down
+        return shard
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for each neuron: [T, n]."""

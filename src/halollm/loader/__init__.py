@@ -1,0 +1,1 @@
+"""Neuron groups loaded on demand from the memory-mapped model file under a memory budget."""

@@ -1,0 +1,197 @@
+"""A cache of group weights under a byte budget, with a background loader.
+
+Decoding visits the groups in the same cyclic order every token (layer 0 attention, layer 0
+MLP, layer 1 attention, …). With that order known, the group to evict is the one needed
+farthest in the future (Belady's rule, optimal for a known sequence): a budget of X% keeps
+a fixed X% resident and streams the rest, instead of streaming everything as a plain LRU or
+a sliding window must. Groups of one layer half are needed together; among them the less
+significant is evicted first.
+
+Policies:
+
+* ``prefetch`` (HALO): the farthest-future rule, and a background thread that loads the next
+  groups in order while the current ones compute, never evicting a group needed before the
+  one it loads;
+* ``demand``: the same cache, no background thread (a group is read when it is needed);
+* ``window`` (TPI-LLM's sliding window): a group is dropped as soon as it has been used, and
+  the background thread fills the budget with the groups that come next.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from halollm.errors import HaloError
+from halollm.groups import GroupId
+from halollm.loader.weights import GroupWeights
+
+POLICIES = ("prefetch", "demand", "window")
+
+
+@dataclass
+class LoaderStats:
+    hits: int = 0  # groups already resident when the computation needed them
+    misses: int = 0  # groups it had to wait for (being loaded, or read on demand)
+    loads: int = 0
+    evictions: int = 0
+    bytes_loaded: int = 0  # bytes of the model file read
+    load_ms: float = 0.0  # time spent reading and dequantizing, by any thread
+    stall_ms: float = 0.0  # time the computation waited for groups
+    peak_resident_bytes: int = 0
+    per_token: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        hidden = 1.0 - self.stall_ms / self.load_ms if self.load_ms > 0 else 1.0
+        return {"hits": self.hits, "misses": self.misses, "loads": self.loads,
+                "evictions": self.evictions, "bytes_loaded": self.bytes_loaded,
+                "load_ms": round(self.load_ms, 2), "stall_ms": round(self.stall_ms, 2),
+                "hidden_share": round(max(0.0, hidden), 4),
+                "peak_resident_bytes": self.peak_resident_bytes,
+                "per_token": self.per_token}
+
+
+class GroupStore:
+    """Group weights within `budget` bytes (dequantized, in the compute dtype)."""
+
+    def __init__(self, order: Sequence[GroupId], sizes: dict[GroupId, int],
+                 load: Callable[[GroupId], GroupWeights], budget: int, policy: str = "prefetch",
+                 significance: dict[GroupId, float] | None = None) -> None:
+        if policy not in POLICIES:
+            raise HaloError(f"--loader must be one of {', '.join(POLICIES)}")
+        self.order = list(order)
+        self.pos = {g: i for i, g in enumerate(self.order)}
+        self.sizes, self._load, self.budget, self.policy = sizes, load, budget, policy
+        self.sig = significance or {}
+        self.stats = LoaderStats()
+        self.resident: dict[GroupId, GroupWeights] = {}
+        self.inflight: set[GroupId] = set()
+        self.used = 0  # bytes resident or being loaded
+        self.cursor = 0  # position in `order` of the group being computed
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        if policy != "demand":
+            self._thread = threading.Thread(target=self._prefetch_loop, name="halo-loader",
+                                            daemon=True)
+            self._thread.start()
+
+    # -- the computation's side ---------------------------------------------------------
+    def get(self, gid: GroupId) -> GroupWeights:
+        """The weights of `gid`, waiting for (or doing) its load if it is not resident."""
+        with self._cv:
+            if self.policy == "window":
+                self._drop_behind(self.pos[gid])
+            self.cursor = self.pos[gid]
+            self._cv.notify_all()
+            w = self.resident.get(gid)
+            if w is not None:
+                self.stats.hits += 1
+                return w
+            self.stats.misses += 1
+            t0 = time.perf_counter()
+            while gid in self.inflight:
+                self._cv.wait()
+            w = self.resident.get(gid)
+            if w is None:
+                self._make_room(self.sizes[gid], before=None)
+                self.inflight.add(gid)
+                self.used += self.sizes[gid]
+        if w is None:
+            w = self._do_load(gid)
+        with self._cv:
+            self.stats.stall_ms += 1e3 * (time.perf_counter() - t0)
+        return w
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # -- loading and evicting -----------------------------------------------------------
+    def _distance(self, gid: GroupId) -> int:
+        """How many groups from the one being computed until `gid` is needed again."""
+        return (self.pos[gid] - self.cursor) % len(self.order)
+
+    def _victims(self) -> list[GroupId]:
+        """Resident groups, the first to evict first: needed farthest in the future, the
+        less significant first within a layer half."""
+        return sorted(self.resident, key=lambda g: (-self._distance(g), self.sig.get(g, 0.0)))
+
+    def _make_room(self, size: int, before: GroupId | None) -> bool:
+        """Evict until `size` more bytes fit. With `before`, only groups needed after it
+        (a prefetch must not push out what is needed sooner); False if that is not enough."""
+        limit = None if before is None else self._distance(before)
+        for victim in self._victims():
+            if self.used + size <= self.budget:
+                break
+            if victim == self.order[self.cursor]:
+                continue  # in use right now
+            if limit is not None and self._distance(victim) <= limit:
+                return False
+            self.used -= self.sizes[victim]
+            del self.resident[victim]
+            self.stats.evictions += 1
+        return self.used + size <= self.budget
+
+    def _do_load(self, gid: GroupId) -> GroupWeights:
+        t0 = time.perf_counter()
+        try:
+            w = self._load(gid)
+        except BaseException:
+            with self._cv:
+                self.inflight.discard(gid)
+                self.used -= self.sizes[gid]
+                self._cv.notify_all()
+            raise
+        with self._cv:
+            self.stats.load_ms += 1e3 * (time.perf_counter() - t0)
+            self.stats.loads += 1
+            self.stats.bytes_loaded += w.file_bytes
+            self.inflight.discard(gid)
+            self.resident[gid] = w
+            self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self.used)
+            self._cv.notify_all()
+        return w
+
+    def _drop_behind(self, new_cursor: int) -> None:
+        """Window policy: the groups used since the last call are released at once."""
+        n = len(self.order)
+        i = self.cursor
+        while i != new_cursor:
+            g = self.order[i]
+            if g in self.resident:
+                self.used -= self.sizes[g]
+                del self.resident[g]
+                self.stats.evictions += 1
+            i = (i + 1) % n
+
+    def _next_to_load(self) -> GroupId | None:
+        n = len(self.order)
+        for step in range(1, n):
+            g = self.order[(self.cursor + step) % n]
+            if g not in self.resident and g not in self.inflight:
+                return g
+        return None
+
+    def _prefetch_loop(self) -> None:
+        while True:
+            with self._cv:
+                while True:
+                    if self._stop:
+                        return
+                    gid = self._next_to_load()
+                    if gid is not None and self._make_room(self.sizes[gid], before=gid):
+                        self.inflight.add(gid)
+                        self.used += self.sizes[gid]
+                        break
+                    self._cv.wait(timeout=0.5)
+            try:
+                self._do_load(gid)
+            except Exception:  # the computation will read it itself and see the error
+                continue

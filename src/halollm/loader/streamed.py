@@ -1,0 +1,159 @@
+"""A single-device decoder whose group weights live in a GroupStore under a memory budget.
+
+Resident always: the embedding, the output head, the norms and the KV caches (the stated
+overhead). Streamed: every attention and MLP group, read from the memory-mapped model file
+(only its rows and column blocks) and dequantized when the store loads it. The groups of a
+layer half are computed one by one and their partial updates summed in float32, exactly as
+the distributed runtime sums the devices' partials.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from halollm.errors import HaloError
+from halollm.groups import KINDS, GroupId, Partition
+from halollm.loader.store import GroupStore
+from halollm.loader.weights import GroupWeights, read_attention, read_mlp
+from halollm.model.llama import AttentionShard, MlpShard, Transformer, rms_norm, sum_partials
+
+DEFAULT_MLP_GROUPS = 4  # per layer: fewer, larger groups cost less Python per token
+
+
+def group_bytes(partition: Partition, gid: GroupId, config: Any, dtype: torch.dtype) -> int:
+    """Dequantized size of a group in the compute dtype (what counts against the budget)."""
+    units = partition.units(gid)
+    d, size = config.hidden_size, torch.finfo(dtype).bits // 8
+    if gid.kind == "mlp":
+        return 3 * len(units) * d * size
+    g, hd = config.q_per_kv, config.head_dim
+    q, kv = len(units) * g * hd, len(units) * hd
+    bias = (q + 2 * kv) * size if config.attn_bias else 0
+    return ((q + 2 * kv) * d + d * q) * size + bias
+
+
+def parse_budget(text: str, model_bytes: int) -> int:
+    """'512M', '1.5G', '25%' (of the model's group weights) -> bytes."""
+    from halollm.runtime.profile import parse_bytes
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*%\s*", text)
+    if m:
+        share = float(m.group(1)) / 100
+        if not 0 < share:
+            raise HaloError(f"a memory budget must be positive (got {text!r})")
+        return int(share * model_bytes)
+    return parse_bytes(text)
+
+
+class StreamedDecoder:
+    """generate.Decoder over a GroupStore."""
+
+    def __init__(self, source: Any, dtype: torch.dtype, budget: str | int,
+                 policy: str = "prefetch", attn_groups: int | None = 1,
+                 mlp_groups: int = DEFAULT_MLP_GROUPS,
+                 significance: dict[GroupId, float] | None = None) -> None:
+        self.config, self.dtype, self.source = source.config, dtype, source
+        if not hasattr(source, "rows"):
+            raise HaloError("this model format cannot be read group by group")
+        self.partition = Partition.contiguous(self.config, attn_groups, mlp_groups)
+        self.head = Transformer(self.config, source.tensor, dtype, layers=[])
+        self.norms = [(torch.from_numpy(source.tensor(f"layers.{i}.attn_norm")).float(),
+                       torch.from_numpy(source.tensor(f"layers.{i}.mlp_norm")).float())
+                      for i in range(self.config.n_layers)]
+        order = [GroupId(i, kind, j) for i in range(self.config.n_layers) for kind in KINDS
+                 for j in range(self.partition.count(i, kind))]
+        sizes = {g: group_bytes(self.partition, g, self.config, dtype) for g in order}
+        self.model_bytes = sum(sizes.values())
+        self.budget = budget if isinstance(budget, int) else parse_budget(budget,
+                                                                          self.model_bytes)
+        need = max(sum(sizes[g] for g in order if (g.layer, g.kind) == (i, k))
+                   for i in range(self.config.n_layers) for k in KINDS)
+        if self.budget < need:
+            raise HaloError(f"a memory budget of {_mib(self.budget)} cannot hold one layer's "
+                            f"{'attention or MLP' if need else 'groups'} ({_mib(need)} in "
+                            f"{_dtype_name(dtype)}): give at least {_mib(need)} "
+                            f"({100 * need / self.model_bytes:.0f}% of the model's "
+                            f"{_mib(self.model_bytes)})")
+        self.attn = [[AttentionShard.without_weights(self.config, self.partition.units(
+            GroupId(i, "attn", j)), self.head.rope) for j in range(
+            self.partition.count(i, "attn"))] for i in range(self.config.n_layers)]
+        self.store = GroupStore(order, sizes, self._read, self.budget, policy, significance)
+        self._mark = (0, 0, 0, 0.0)
+
+    def _read(self, gid: GroupId) -> GroupWeights:
+        units = tuple(self.partition.units(gid))
+        if gid.kind == "mlp":
+            return read_mlp(self.source, gid.layer, units, self.dtype)
+        return read_attention(self.source, self.config, gid.layer, units, self.dtype)
+
+    @torch.inference_mode()
+    def forward_last(self, ids: Sequence[int], start: int) -> torch.Tensor:
+        s = self.store.stats
+        before = (s.hits, s.misses, s.bytes_loaded, s.stall_ms)
+        t0 = time.perf_counter()
+        h = self.head.embed(torch.as_tensor(list(ids), dtype=torch.long))
+        for i in range(self.config.n_layers):
+            attn_norm, mlp_norm = self.norms[i]
+            x = rms_norm(h, attn_norm, self.config.rms_eps, self.dtype)
+            parts = []
+            for j, shard in enumerate(self.attn[i]):
+                w = self.store.get(GroupId(i, "attn", j))
+                shard.w_qkv, shard.b_qkv, shard.w_o = w.tensors  # type: ignore[assignment]
+                parts.append(shard.forward(x, start))
+                shard.w_qkv = shard.b_qkv = shard.w_o = None  # type: ignore[assignment]
+            h = h + sum_partials(parts)
+            x = rms_norm(h, mlp_norm, self.config.rms_eps, self.dtype)
+            parts = []
+            for j in range(self.partition.count(i, "mlp")):
+                gid = GroupId(i, "mlp", j)
+                gate_up, down = self.store.get(gid).tensors
+                parts.append(MlpShard.of(self.partition.units(gid), gate_up, down).forward(x))
+            h = h + sum_partials(parts)
+        s.per_token.append({"pos": start, "hits": s.hits - before[0],
+                            "misses": s.misses - before[1],
+                            "bytes_loaded": s.bytes_loaded - before[2],
+                            "stall_ms": round(s.stall_ms - before[3], 3),
+                            "ms": round(1e3 * (time.perf_counter() - t0), 3)})
+        return self.head.logits(h[-1:])[-1]
+
+    def loader_json(self) -> dict[str, Any]:
+        return {"policy": self.store.policy, "budget_bytes": self.budget,
+                "model_group_bytes": self.model_bytes, **self.store.stats.to_json()}
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set (VmHWM), from /proc."""
+    return _status_kib("VmHWM") * 1024
+
+
+def rss_anon_bytes() -> int:
+    """Anonymous resident memory now (what dequantized weights occupy; file pages of the
+    memory-mapped model are not in it)."""
+    return _status_kib("RssAnon") * 1024
+
+
+def _status_kib(key: str) -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,58 @@
+"""One group's weights, read from the model file: only its rows and column blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from halollm.model.config import ModelConfig
+from halollm.model.llama import rows_of_heads
+
+
+@dataclass
+class GroupWeights:
+    """The compute-dtype tensors of one group, and what reading them cost."""
+
+    tensors: tuple[torch.Tensor | None, ...]
+    file_bytes: int  # bytes of the model file read (quantized)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors if t is not None)
+
+
+def read_mlp(source: Any, layer: int, neurons: tuple[int, ...], dtype: torch.dtype
+             ) -> GroupWeights:
+    """(gate and up rows stacked [2n, d], down columns [d, n])."""
+    idx = np.asarray(neurons)
+    p = f"layers.{layer}."
+    gate, b1 = source.rows(p + "w_gate", idx)
+    up, b2 = source.rows(p + "w_up", idx)
+    down, b3 = source.cols(p + "w_down", idx)
+    gate_up = torch.from_numpy(np.concatenate([gate, up])).to(dtype).contiguous()
+    return GroupWeights((gate_up, torch.from_numpy(down).to(dtype).contiguous()),
+                        b1 + b2 + b3)
+
+
+def read_attention(source: Any, config: ModelConfig, layer: int, kv_heads: tuple[int, ...],
+                   dtype: torch.dtype) -> GroupWeights:
+    """(q, k, v rows stacked [.., d], their biases or None, o columns [d, n_q * hd])."""
+    g, hd = config.q_per_kv, config.head_dim
+    q_rows = rows_of_heads([k * g + j for k in kv_heads for j in range(g)], hd).numpy()
+    kv_rows = rows_of_heads(kv_heads, hd).numpy()
+    p = f"layers.{layer}."
+    q, b1 = source.rows(p + "wq", q_rows)
+    k, b2 = source.rows(p + "wk", kv_rows)
+    v, b3 = source.rows(p + "wv", kv_rows)
+    o, b4 = source.cols(p + "wo", q_rows)
+    bias = None
+    if config.attn_bias:
+        bias = torch.from_numpy(np.concatenate([source.tensor(p + "bq")[q_rows],
+                                                source.tensor(p + "bk")[kv_rows],
+                                                source.tensor(p + "bv")[kv_rows]])).to(dtype)
+    qkv = torch.from_numpy(np.concatenate([q, k, v])).to(dtype).contiguous()
+    return GroupWeights((qkv, bias, torch.from_numpy(o).to(dtype).contiguous()),
+                        b1 + b2 + b3 + b4)
