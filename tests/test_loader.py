@@ -153,3 +153,23 @@ def test_an_impossible_budget_is_refused_clearly():
     assert "cannot hold one layer" in proc.stderr and "give at least" in proc.stderr
     proc = run_halo("generate", PROMPT, "--memory-budget", "lots")
     assert proc.returncode == 2 and "not a size" in proc.stderr
+
+
+def test_relaxed_loading_leaves_out_only_non_critical_groups(source, full_tokens):
+    """Relaxed loading: with every group critical it is the strict result; with half the
+    significance critical, groups not in memory are left out (counted), never waited for."""
+    tok = open_tokenizer(source)
+    for share, exact in ((1.0, True), (0.5, False)):
+        dec = StreamedDecoder(source, torch.float16, "25%", "prefetch", critical_share=share)
+        try:
+            res = generate(dec, tok, tok.encode(PROMPT), max_tokens=12,
+                           sampling=SamplingParams(), ignore_eos=True)
+            stats = dec.loader_json()
+        finally:
+            dec.close()
+        assert len(res.token_ids) == 12
+        if exact:
+            assert res.token_ids == full_tokens and stats["skipped"] == 0
+        else:
+            assert stats["skipped"] > 0
+            assert stats["critical_groups"] < len(dec.store.order)

@@ -26,6 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --memory-budget: prefetch (default: keep what is needed "
                         "farthest ahead out, load the next groups in the background), demand "
                         "(no background loading), window (TPI-LLM's sliding window)")
+    p.add_argument("--critical-share", type=float, default=None, metavar="S",
+                   help="with --memory-budget: relaxed loading -- per layer, MLP groups "
+                        "outside the smallest set carrying share S of the calibrated "
+                        "significance are left out when not in memory instead of waited for "
+                        "(default: wait for every group, exact)")
     p.add_argument("--mlp-groups", type=int, default=None, metavar="N",
                    help="with --memory-budget: MLP groups per layer, the loading unit "
                         "(default 4)")
@@ -82,12 +87,15 @@ def run_streamed(args: argparse.Namespace) -> int:
     sampling, text = checked_request(args)
     if args.mlp_groups is not None and args.mlp_groups < 1:
         raise HaloError("--mlp-groups must be at least 1")
+    if args.critical_share is not None and not 0 <= args.critical_share <= 1:
+        raise HaloError("--critical-share must be between 0 and 1")
     source = open_source(args.model)
     dtype = parse_dtype(args.dtype)
     try:
         tokenizer = open_tokenizer(source)
         decoder = StreamedDecoder(source, dtype, args.memory_budget, args.loader,
-                                  mlp_groups=args.mlp_groups or DEFAULT_MLP_GROUPS)
+                                  mlp_groups=args.mlp_groups or DEFAULT_MLP_GROUPS,
+                                  critical_share=args.critical_share)
     except BaseException:
         source.close()
         raise

@@ -35,6 +35,7 @@ POLICIES = ("prefetch", "demand", "window")
 @dataclass
 class LoaderStats:
     hits: int = 0  # groups already resident when the computation needed them
+    skipped: int = 0  # non-critical groups not resident when needed, left out (relaxed)
     misses: int = 0  # groups it had to wait for (being loaded, or read on demand)
     loads: int = 0
     evictions: int = 0
@@ -46,7 +47,8 @@ class LoaderStats:
 
     def to_json(self) -> dict[str, Any]:
         hidden = 1.0 - self.stall_ms / self.load_ms if self.load_ms > 0 else 1.0
-        return {"hits": self.hits, "misses": self.misses, "loads": self.loads,
+        return {"hits": self.hits, "misses": self.misses, "skipped": self.skipped,
+                "loads": self.loads,
                 "evictions": self.evictions, "bytes_loaded": self.bytes_loaded,
                 "load_ms": round(self.load_ms, 2), "stall_ms": round(self.stall_ms, 2),
                 "hidden_share": round(max(0.0, hidden), 4),
@@ -59,13 +61,15 @@ class GroupStore:
 
     def __init__(self, order: Sequence[GroupId], sizes: dict[GroupId, int],
                  load: Callable[[GroupId], GroupWeights], budget: int, policy: str = "prefetch",
-                 significance: dict[GroupId, float] | None = None) -> None:
+                 significance: dict[GroupId, float] | None = None,
+                 keep: frozenset[GroupId] = frozenset()) -> None:
         if policy not in POLICIES:
             raise HaloError(f"--loader must be one of {', '.join(POLICIES)}")
         self.order = list(order)
         self.pos = {g: i for i, g in enumerate(self.order)}
         self.sizes, self._load, self.budget, self.policy = sizes, load, budget, policy
         self.sig = significance or {}
+        self.keep = keep  # evicted only when nothing else is left (the critical groups)
         self.stats = LoaderStats()
         self.resident: dict[GroupId, GroupWeights] = {}
         self.inflight: set[GroupId] = set()
@@ -106,6 +110,21 @@ class GroupStore:
             self.stats.stall_ms += 1e3 * (time.perf_counter() - t0)
         return w
 
+    def get_if_resident(self, gid: GroupId) -> GroupWeights | None:
+        """The weights of `gid` if resident now, else None (counted as skipped): relaxed
+        decoding leaves out a non-critical group rather than wait for it."""
+        with self._cv:
+            if self.policy == "window":
+                self._drop_behind(self.pos[gid])
+            self.cursor = self.pos[gid]
+            self._cv.notify_all()
+            w = self.resident.get(gid)
+            if w is None:
+                self.stats.skipped += 1
+            else:
+                self.stats.hits += 1
+            return w
+
     def close(self) -> None:
         with self._cv:
             self._stop = True
@@ -120,8 +139,9 @@ class GroupStore:
 
     def _victims(self) -> list[GroupId]:
         """Resident groups, the first to evict first: needed farthest in the future, the
-        less significant first within a layer half."""
-        return sorted(self.resident, key=lambda g: (-self._distance(g), self.sig.get(g, 0.0)))
+        less significant first within a layer half; groups to keep (critical) last."""
+        return sorted(self.resident, key=lambda g: (g in self.keep, -self._distance(g),
+                                                    self.sig.get(g, 0.0)))
 
     def _make_room(self, size: int, before: GroupId | None) -> bool:
         """Evict until `size` more bytes fit. With `before`, only groups needed after it

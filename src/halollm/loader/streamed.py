@@ -57,11 +57,19 @@ class StreamedDecoder:
     def __init__(self, source: Any, dtype: torch.dtype, budget: str | int,
                  policy: str = "prefetch", attn_groups: int | None = 1,
                  mlp_groups: int = DEFAULT_MLP_GROUPS,
-                 significance: dict[GroupId, float] | None = None) -> None:
+                 critical_share: float | None = None) -> None:
+        """critical_share None: strict, every group is waited for. Else relaxed: per layer,
+        the MLP groups carrying that share of the calibrated significance are critical
+        (evicted last, always waited for); a non-critical one not resident when needed is
+        left out, never waited for. Attention is always critical (it feeds the KV cache).
+        (A predictor's contribution-ordered groups are not used here: their neurons are
+        scattered, so reading one group's down-projection columns reads nearly the whole
+        quantized tensor -- measured 3x slower than contiguous groups.)"""
         self.config, self.dtype, self.source = source.config, dtype, source
         if not hasattr(source, "rows"):
             raise HaloError("this model format cannot be read group by group")
         self.partition = Partition.contiguous(self.config, attn_groups, mlp_groups)
+        self.critical_share = critical_share
         self.head = Transformer(self.config, source.tensor, dtype, layers=[])
         self.norms = [(torch.from_numpy(source.tensor(f"layers.{i}.attn_norm")).float(),
                        torch.from_numpy(source.tensor(f"layers.{i}.mlp_norm")).float())
@@ -83,7 +91,21 @@ class StreamedDecoder:
         self.attn = [[AttentionShard.without_weights(self.config, self.partition.units(
             GroupId(i, "attn", j)), self.head.rope) for j in range(
             self.partition.count(i, "attn"))] for i in range(self.config.n_layers)]
-        self.store = GroupStore(order, sizes, self._read, self.budget, policy, significance)
+        self.critical: frozenset[GroupId] = frozenset(order)
+        significance: dict[GroupId, float] = {}
+        if critical_share is not None:
+            from halollm.model.loader import content_hash, open_tokenizer
+            from halollm.runtime.placement import critical_groups
+            from halollm.runtime.significance import RANKING_TEXT, cached_ranking
+
+            significance = cached_ranking(
+                content_hash(Path(source.path)), self.config, source.tensor, self.partition,
+                open_tokenizer(source).encode(RANKING_TEXT))
+            self.critical = critical_groups(self.partition, significance, critical_share) | {
+                g for g in order if g.kind == "attn"}
+        self.store = GroupStore(order, sizes, self._read, self.budget, policy, significance,
+                                keep=self.critical if critical_share is not None
+                                else frozenset())
         self._mark = (0, 0, 0, 0.0)
 
     def _read(self, gid: GroupId) -> GroupWeights:
@@ -95,7 +117,7 @@ class StreamedDecoder:
     @torch.inference_mode()
     def forward_last(self, ids: Sequence[int], start: int) -> torch.Tensor:
         s = self.store.stats
-        before = (s.hits, s.misses, s.bytes_loaded, s.stall_ms)
+        before = (s.hits, s.misses, s.bytes_loaded, s.stall_ms, s.skipped)
         t0 = time.perf_counter()
         h = self.head.embed(torch.as_tensor(list(ids), dtype=torch.long))
         for i in range(self.config.n_layers):
@@ -110,20 +132,34 @@ class StreamedDecoder:
             h = h + sum_partials(parts)
             x = rms_norm(h, mlp_norm, self.config.rms_eps, self.dtype)
             parts = []
+            needed = self._needed(i, x.shape[0])
             for j in range(self.partition.count(i, "mlp")):
                 gid = GroupId(i, "mlp", j)
-                gate_up, down = self.store.get(gid).tensors
+                w = self.store.get(gid) if needed[j] else self.store.get_if_resident(gid)
+                if w is None:
+                    continue
+                gate_up, down = w.tensors
                 parts.append(MlpShard.of(self.partition.units(gid), gate_up, down).forward(x))
             h = h + sum_partials(parts)
         s.per_token.append({"pos": start, "hits": s.hits - before[0],
                             "misses": s.misses - before[1],
+                            "skipped": s.skipped - before[4],
                             "bytes_loaded": s.bytes_loaded - before[2],
                             "stall_ms": round(s.stall_ms - before[3], 3),
                             "ms": round(1e3 * (time.perf_counter() - t0), 3)})
         return self.head.logits(h[-1:])[-1]
 
+    def _needed(self, layer: int, ntok: int) -> list[bool]:
+        """Which MLP groups of this layer must be waited for: all in strict mode and for a
+        prompt (its hidden states feed every later token); else the critical ones."""
+        n = self.partition.count(layer, "mlp")
+        if self.critical_share is None or ntok > 1:
+            return [True] * n
+        return [GroupId(layer, "mlp", j) in self.critical for j in range(n)]
+
     def loader_json(self) -> dict[str, Any]:
         return {"policy": self.store.policy, "budget_bytes": self.budget,
+                "critical_groups": len(self.critical),
                 "model_group_bytes": self.model_bytes, **self.store.stats.to_json()}
 
     def close(self) -> None:
