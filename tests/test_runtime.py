@@ -297,3 +297,21 @@ def test_halo_replans_after_a_worker_dies_and_stays_exact(reference_tokens):
     reasons = [r["reason"] for r in sync["placement"]["replans"]]
     assert reasons[0] == "initial" and "membership" in reasons
     assert sync["placement"]["groups_per_device"][1] == 0  # nothing left on the dead worker
+
+
+def test_workers_stream_a_plan_larger_than_their_memory_budget(reference_tokens):
+    """Workers offering 8 MiB hold shares of ~100 MiB: they stream their weights from the
+    model file (halo worker --memory-budget) and strict mode stays token-exact."""
+    with LocalWorkers(2, KEY, threads=1, extra_args=["--memory-budget", "8M"]) as lw:
+        result, sync = _generate(lw.addresses, mode="strict", placement="static")
+    assert result.token_ids == reference_tokens
+    loader = sync["workers"][0]["reported"]["loader"]
+    assert loader is not None and loader["loads"] > 0
+    assert loader["peak_resident_bytes"] <= 8 << 20
+
+
+def test_a_worker_whose_budget_cannot_hold_a_layer_share_is_a_clear_error():
+    with LocalWorkers(1, KEY, threads=1, extra_args=["--memory-budget", "64K"]) as lw:
+        with pytest.raises(HaloError, match="cannot take its groups: its memory budget"):
+            Coordinator(None, "fp32", lw.addresses, key_bytes(KEY),
+                        ClusterOptions(predictor=None, coordinator_share=0.5))

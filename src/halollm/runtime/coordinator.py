@@ -473,9 +473,14 @@ class Coordinator:
         for link in live:
             self._send_plan(link)
         for link in live:
-            if self._await(link, {"ready"}, timeout_s) is None:
+            header = self._await(link, {"ready"}, timeout_s)
+            if header is None:
                 raise HaloError(f"worker {link.name} did not load its groups within "
                                 f"{timeout_s:.0f}s")
+            if header.get("error"):
+                raise HaloError(f"worker {link.name} cannot take its groups: "
+                                f"{header['error']} (give it a larger --memory-budget, or "
+                                "use --placement memory|halo)")
 
     # -- decoding ------------------------------------------------------------------------
     @torch.inference_mode()

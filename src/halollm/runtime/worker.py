@@ -23,6 +23,9 @@ import torch
 import zmq
 
 from halollm.errors import HaloError
+from halollm.groups import GroupId
+from halollm.loader.store import GroupStore
+from halollm.loader.weights import GroupWeights, read_attention, read_mlp
 from halollm.model.llama import AttentionShard, MlpShard, Rope, cached
 from halollm.model.loader import DTYPES, content_hash, open_source
 from halollm.runtime import control, profile, protocol
@@ -39,6 +42,7 @@ class LayerWork:
     mlp_groups: tuple[int, ...] = ()
     attn: AttentionShard | None = None
     mlp: MlpShard | None = None
+    mlp_units: tuple[int, ...] = ()  # streamed: the MLP neurons, weights in the store
 
 
 @dataclass
@@ -51,6 +55,7 @@ class Session:
     wire: int = 1
     dtype: torch.dtype = torch.float16
     layers: list[LayerWork] = field(default_factory=list)
+    store: GroupStore | None = None  # the plan exceeds the memory budget: weights streamed
     request: int = -1
     known: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> filled positions
     asked: dict[int, set[int]] = field(default_factory=dict)  # layer -> positions requested
@@ -121,7 +126,7 @@ class Worker:
                 last_beat = now
             if s is not None and now - s.last_heard > self.idle_timeout:
                 self.log("coordinator silent for too long; waiting for a new one")
-                self.session = None
+                self._end_session()
 
     def close(self) -> None:
         self.router.close(0)
@@ -179,7 +184,12 @@ class Worker:
             self._send(s, "pong", t=h.get("t"))
         elif kind == "bye":
             self.log("session ended by the coordinator")
-            self.session = None
+            self._end_session()
+
+    def _end_session(self) -> None:
+        if self.session is not None and self.session.store is not None:
+            self.session.store.close()
+        self.session = None
 
     def _on_hello(self, identity: bytes, h: dict[str, Any]) -> None:
         def refuse(reason: str) -> None:
@@ -198,6 +208,7 @@ class Worker:
             return refuse(f"different model (worker has {self.model_hash[:12]}…, coordinator "
                           f"has {str(h.get('model_hash'))[:12]}…)")
         udp_host, udp_port = h["udp"]
+        self._end_session()
         self.session = Session(session=int(h["session"]), identity=identity,
                                udp_addr=(str(udp_host), int(udp_port)))
         self._need_sent.clear()
@@ -215,29 +226,87 @@ class Worker:
         dtype = DTYPES[h["dtype"]]
         layers = json.loads(h["layers"])
         tensor = cached(self.source.tensor)
+        units = [(tuple(spec["attn"]["units"]), tuple(spec["mlp"]["units"])) for spec in layers]
+        sizes = self._plan_sizes(units, dtype)
+        stream = sum(sizes.values()) > self.memory_bytes
+        if stream and max(sizes.values()) > self.memory_bytes:
+            self._send(s, "ready", epoch=int(h["epoch"]), error=(
+                f"its memory budget ({self.memory_bytes / 2**20:.1f} MiB) cannot hold one "
+                f"layer's share of the plan ({max(sizes.values()) / 2**20:.1f} MiB)"))
+            return
+        if s.store is not None:
+            s.store.close()
+            s.store = None
         keep = s.dtype == dtype and len(s.layers) == len(layers)
         new_layers = []
         for i, spec in enumerate(layers):
             old = s.layers[i] if keep else LayerWork()
             work = LayerWork(tuple(spec["attn"]["groups"]), tuple(spec["mlp"]["groups"]))
-            attn_units, mlp_units = tuple(spec["attn"]["units"]), tuple(spec["mlp"]["units"])
+            attn_units, mlp_units = units[i]
             if attn_units:
-                same = old.attn is not None and old.attn.kv_heads == attn_units
-                work.attn = old.attn if same else AttentionShard(
-                    self.config, i, attn_units, tensor, dtype, self.rope)
+                same = old.attn is not None and old.attn.kv_heads == attn_units and \
+                    (old.attn.w_qkv is None) == stream
+                if same:
+                    work.attn = old.attn
+                elif stream:
+                    work.attn = AttentionShard.without_weights(self.config, attn_units,
+                                                               self.rope)
+                else:
+                    work.attn = AttentionShard(self.config, i, attn_units, tensor, dtype,
+                                               self.rope)
                 if not same:
                     s.known.pop(i, None)
-            if mlp_units:
+            if mlp_units and stream:
+                work.mlp_units = mlp_units
+            elif mlp_units:
                 same = old.mlp is not None and old.mlp.neurons == mlp_units
                 work.mlp = old.mlp if same else MlpShard(self.config, i, mlp_units, tensor,
                                                          dtype)
             new_layers.append(work)
+        if stream:
+            s.store = GroupStore(list(sizes), sizes, lambda g: self._read(g, units, dtype),
+                                 self.memory_bytes)
+            self.log(f"plan of {sum(sizes.values()) / 2**20:.0f} MiB exceeds the memory budget "
+                     f"({self.memory_bytes / 2**20:.0f} MiB): streaming its weights")
         s.layers, s.dtype = new_layers, dtype
         s.device, s.epoch, s.wire = int(h["device"]), int(h["epoch"]), int(h["wire"])
         if h.get("request") is not None and h["request"] != s.request:
             s.start_request(int(h["request"]))
         self._send(s, "ready", epoch=s.epoch, build_ms=round(1e3 * (time.perf_counter() - t0),
                                                              1))
+
+    def _plan_sizes(self, units: list[tuple[tuple[int, ...], tuple[int, ...]]],
+                    dtype: torch.dtype) -> dict[GroupId, int]:
+        """Dequantized bytes of this device's share of every layer half (a store key)."""
+        d, size = self.config.hidden_size, torch.finfo(dtype).bits // 8
+        g, hd = self.config.q_per_kv, self.config.head_dim
+        out: dict[GroupId, int] = {}
+        for i, (attn, mlp) in enumerate(units):
+            if attn:
+                q = len(attn) * g * hd
+                out[GroupId(i, "attn", 0)] = ((q + 2 * len(attn) * hd) * d + d * q) * size
+            if mlp:
+                out[GroupId(i, "mlp", 0)] = 3 * len(mlp) * d * size
+        return out
+
+    def _read(self, gid: GroupId, units: list[tuple[tuple[int, ...], tuple[int, ...]]],
+              dtype: torch.dtype) -> GroupWeights:
+        attn, mlp = units[gid.layer]
+        if gid.kind == "mlp":
+            return read_mlp(self.source, gid.layer, mlp, dtype)
+        return read_attention(self.source, self.config, gid.layer, attn, dtype)
+
+    def _attention(self, s: Session, layer: int, work: LayerWork) -> AttentionShard:
+        """The layer's attention shard with its weights (from the store when streaming)."""
+        assert work.attn is not None
+        if s.store is not None:
+            work.attn.w_qkv, work.attn.b_qkv, work.attn.w_o = s.store.get(
+                GroupId(layer, "attn", 0)).tensors  # type: ignore[assignment]
+        return work.attn
+
+    def _release(self, s: Session, work: LayerWork) -> None:
+        if s.store is not None and work.attn is not None:
+            work.attn.w_qkv = work.attn.b_qkv = work.attn.w_o = None  # type: ignore[assignment]
 
     def _on_kv(self, s: Session, h: dict[str, Any], blobs: list[bytes]) -> None:
         """Keys/values for positions we missed (repair) or never had (replay)."""
@@ -253,7 +322,8 @@ class Worker:
         n = int(h["n"])
         x = control.blob_tensor(blobs[0], (n, self.config.hidden_size))
         with torch.inference_mode():
-            work.attn.fill_cache(x.to(s.dtype), start)
+            self._attention(s, layer, work).fill_cache(x.to(s.dtype), start)
+            self._release(s, work)
         self._mark_known(s, layer, start, n)
         if not h.get("replay"):
             self.stats["repaired"] += n
@@ -264,7 +334,12 @@ class Worker:
 
     def _public_stats(self) -> dict[str, Any]:
         ms = self.stats["repair_ms"]
+        s = self.session
+        loader = None
+        if s is not None and s.store is not None:
+            loader = {k: v for k, v in s.store.stats.to_json().items() if k != "per_token"}
         return {"rounds": self.stats["rounds"], "repair_requests": self.stats["repair_requests"],
+                "loader": loader,
                 "repaired_positions": self.stats["repaired"],
                 "repair_mean_ms": round(sum(ms) / len(ms), 3) if ms else None,
                 "compute_ms": round(self.stats["compute_ms"], 1),
@@ -321,14 +396,19 @@ class Worker:
             if work.attn is None:
                 return
             mask = self._key_mask(s, tag)
-            out = work.attn.forward(x, tag.pos, key_mask=mask)
+            out = self._attention(s, tag.layer, work).forward(x, tag.pos, key_mask=mask)
+            self._release(s, work)
             self._mark_known(s, tag.layer, tag.pos, tag.ntok)
             groups = work.attn_groups
         else:
-            if work.mlp is None:
+            mlp = work.mlp
+            if mlp is None and work.mlp_units and s.store is not None:
+                mlp = MlpShard.of(work.mlp_units,
+                                  *s.store.get(GroupId(tag.layer, "mlp", 0)).tensors)
+            if mlp is None:
                 return
-            out = work.mlp.forward(x)
-            self.stats["mlp_neurons"] += work.mlp.n * tag.ntok
+            out = mlp.forward(x)
+            self.stats["mlp_neurons"] += mlp.n * tag.ntok
             self.stats["mlp_ms"] += 1e3 * (time.perf_counter() - t0)
             groups = work.mlp_groups
         reply = encode_body(out, s.wire, groups)
