@@ -87,11 +87,7 @@ class GroupStore:
     def get(self, gid: GroupId) -> GroupWeights:
         """The weights of `gid`, waiting for (or doing) its load if it is not resident."""
         with self._cv:
-            if self.policy == "window":
-                self._drop_behind(self.pos[gid])
-            self.cursor = self.pos[gid]
-            self._cv.notify_all()
-            w = self.resident.get(gid)
+            w = self._arrive(gid)
             if w is not None:
                 self.stats.hits += 1
                 return w
@@ -114,16 +110,20 @@ class GroupStore:
         """The weights of `gid` if resident now, else None (counted as skipped): relaxed
         decoding leaves out a non-critical group rather than wait for it."""
         with self._cv:
-            if self.policy == "window":
-                self._drop_behind(self.pos[gid])
-            self.cursor = self.pos[gid]
-            self._cv.notify_all()
-            w = self.resident.get(gid)
+            w = self._arrive(gid)
             if w is None:
                 self.stats.skipped += 1
             else:
                 self.stats.hits += 1
             return w
+
+    def _arrive(self, gid: GroupId) -> GroupWeights | None:
+        """The computation has reached `gid` (lock held): move the cursor, wake the loader."""
+        if self.policy == "window":
+            self._drop_behind(self.pos[gid])
+        self.cursor = self.pos[gid]
+        self._cv.notify_all()
+        return self.resident.get(gid)
 
     def close(self) -> None:
         with self._cv:
