@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from halollm.model.config import ModelConfig
-from halollm.model.llama import rows_of_heads
+from halollm.model.llama import AttentionShard, MlpShard, Rope, rows_of_heads
 
 
 @dataclass
@@ -56,3 +56,18 @@ def read_attention(source: Any, config: ModelConfig, layer: int, kv_heads: tuple
     qkv = torch.from_numpy(np.concatenate([q, k, v])).to(dtype).contiguous()
     return GroupWeights((qkv, bias, torch.from_numpy(o).to(dtype).contiguous()),
                         b1 + b2 + b3 + b4)
+
+
+def mlp_shard(source: Any, layer: int, neurons: tuple[int, ...], dtype: torch.dtype
+              ) -> MlpShard:
+    """A resident MLP shard built from its own rows and columns only (not whole tensors)."""
+    return MlpShard.of(neurons, *read_mlp(source, layer, neurons, dtype).tensors)
+
+
+def attention_shard(source: Any, config: ModelConfig, layer: int, kv_heads: tuple[int, ...],
+                    dtype: torch.dtype, rope: Rope) -> AttentionShard:
+    """A resident attention shard built from its own rows and columns only."""
+    shard = AttentionShard.without_weights(config, kv_heads, rope)
+    shard.w_qkv, shard.b_qkv, shard.w_o = read_attention(  # type: ignore[assignment]
+        source, config, layer, kv_heads, dtype).tensors
+    return shard

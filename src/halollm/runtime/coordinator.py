@@ -21,7 +21,8 @@ import zmq
 
 from halollm.errors import HaloError
 from halollm.groups import GroupId, Partition
-from halollm.model.llama import AttentionShard, MlpShard, Transformer, cached, sum_partials
+from halollm.loader.weights import attention_shard, mlp_shard
+from halollm.model.llama import MlpShard, Transformer, sum_partials
 from halollm.model.loader import content_hash, dtype_name, open_source, open_tokenizer, parse_dtype
 from halollm.predictor import store as predictor_store
 from halollm.predictor.critical import SharePredictor, critical_devices
@@ -184,7 +185,6 @@ class Coordinator:
         self._position = 0
         self._owner: dict[tuple[int, str], np.ndarray] = {}
         self._fallback: dict[tuple[int, int, int], MlpShard] = {}
-        self._weights = cached(self.source.tensor, size=6)
         self._retried: set[RoundTag] = set()
         self._sent_wall = 0.0  # when the current round's activation went out
         self._force_replan = False
@@ -211,7 +211,7 @@ class Coordinator:
                 self.placement = static_plan(partition, ranking, len(self.links),
                                              options.coordinator_share)
             else:
-                self.profile.bench_speed = compute_benchmark(self.config, self._weights)
+                self.profile.bench_speed = compute_benchmark(self.config, self.source.tensor)
                 self.placement = self._plan()
                 self.replans.append({"position": 0, "reason": "initial",
                                      "predicted_ms": round(self._predicted_ms, 3),
@@ -412,7 +412,6 @@ class Coordinator:
         the new plan, and those whose attention groups changed get their KV by replay."""
         t0 = time.perf_counter()
         old = self.placement
-        tensor = self._weights
         for i, layer in enumerate(self.model.layers):
             assert layer is not None
             for kind in ("attn", "mlp"):
@@ -421,14 +420,14 @@ class Coordinator:
                 if units == old.units_of(COORDINATOR, i, kind) and not self._taken:
                     continue
                 if kind == "mlp":
-                    new = [MlpShard(self.config, i, units, tensor, self.dtype)] if units else []
+                    new = [mlp_shard(self.source, i, units, self.dtype)] if units else []
                 else:
                     keep = [sh for sh in shards if sh.kv_heads == units]
                     if keep:
                         new = keep[:1]
                     elif units:
-                        sh = AttentionShard(self.config, i, units, tensor, self.dtype,
-                                            self.model.rope)
+                        sh = attention_shard(self.source, self.config, i, units,
+                                             self.dtype, self.model.rope)
                         n = self.history.length[i]
                         if n:
                             sh.fill_cache(self.history.rows(i, 0, n).to(self.dtype), 0)
@@ -765,14 +764,13 @@ class Coordinator:
         link.alive = False
         link.last_attempt = time.monotonic()
         taken = []
-        tensor = cached(self.source.tensor)
         for layer in range(self.config.n_layers):
             target = self.model.layers[layer]
             assert target is not None
             units = self.placement.units_of(link.index, layer, "attn")
             if units:
-                shard = AttentionShard(self.config, layer, units, tensor, self.dtype,
-                                       self.model.rope)
+                shard = attention_shard(self.source, self.config, layer, units,
+                                        self.dtype, self.model.rope)
                 n = self.history.length[layer]
                 if n:
                     shard.fill_cache(self.history.rows(layer, 0, n).to(self.dtype), 0)
@@ -780,7 +778,7 @@ class Coordinator:
                 taken.append((layer, "attn", shard))
             units = self.placement.units_of(link.index, layer, "mlp")
             if units:
-                shard = MlpShard(self.config, layer, units, tensor, self.dtype)
+                shard = mlp_shard(self.source, layer, units, self.dtype)
                 target.mlp.append(shard)
                 taken.append((layer, "mlp", shard))
         self._taken[link.index] = taken
@@ -818,8 +816,8 @@ class Coordinator:
         shard = self._fallback.get(key)
         if shard is None:
             units = self.placement.units_of(link.index, tag.layer, "mlp")
-            shard = self._fallback[key] = MlpShard(self.config, tag.layer, units,
-                                                   self._weights, self.dtype)
+            shard = self._fallback[key] = mlp_shard(self.source, tag.layer, units,
+                                                    self.dtype)
         self.stats.fallbacks += 1
         return shard.forward(x)
 

@@ -25,7 +25,13 @@ import zmq
 from halollm.errors import HaloError
 from halollm.groups import GroupId
 from halollm.loader.store import GroupStore
-from halollm.loader.weights import GroupWeights, read_attention, read_mlp
+from halollm.loader.weights import (
+    GroupWeights,
+    attention_shard,
+    mlp_shard,
+    read_attention,
+    read_mlp,
+)
 from halollm.model.llama import AttentionShard, MlpShard, Rope, cached
 from halollm.model.loader import DTYPES, content_hash, open_source
 from halollm.runtime import control, profile, protocol
@@ -225,7 +231,6 @@ class Worker:
         t0 = time.perf_counter()
         dtype = DTYPES[h["dtype"]]
         layers = json.loads(h["layers"])
-        tensor = cached(self.source.tensor)
         units = [(tuple(spec["attn"]["units"]), tuple(spec["mlp"]["units"])) for spec in layers]
         sizes = self._plan_sizes(units, dtype)
         stream = sum(sizes.values()) > self.memory_bytes
@@ -252,16 +257,15 @@ class Worker:
                     work.attn = AttentionShard.without_weights(self.config, attn_units,
                                                                self.rope)
                 else:
-                    work.attn = AttentionShard(self.config, i, attn_units, tensor, dtype,
-                                               self.rope)
+                    work.attn = attention_shard(self.source, self.config, i, attn_units, dtype,
+                                                self.rope)
                 if not same:
                     s.known.pop(i, None)
             if mlp_units and stream:
                 work.mlp_units = mlp_units
             elif mlp_units:
                 same = old.mlp is not None and old.mlp.neurons == mlp_units
-                work.mlp = old.mlp if same else MlpShard(self.config, i, mlp_units, tensor,
-                                                         dtype)
+                work.mlp = old.mlp if same else mlp_shard(self.source, i, mlp_units, dtype)
             new_layers.append(work)
         if stream:
             s.store = GroupStore(list(sizes), sizes, lambda g: self._read(g, units, dtype),
