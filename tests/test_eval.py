@@ -317,6 +317,7 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
         (["zeroshot", "--task", "piqa", "--data", no_labels], "labels"),
         (["zeroshot", "--task", "piqa", "--task", "lambada", "--data", no_labels], "--data"),
         (["agree", "--text", str(good), "--tokens", "-3"], "--tokens"),
+        (["agree", "--text", str(good), "--out", str(tmp_path)], "is a directory"),
     ]
     for i, (args, words) in enumerate(cases):
         if i < 2:  # the real command line

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,10 +27,9 @@ from halollm.model.tokenizer import Tokenizer
 INTERRUPTED = 130  # exit code of an interrupted evaluation (its partial result is printed)
 
 
-def add_common_options(p: argparse.ArgumentParser, cluster: bool = True) -> None:
+def add_common_options(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
-    if cluster:
-        add_cluster_options(p, required=False)
+    add_cluster_options(p, required=False)
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch compute threads of this process (default: PyTorch's choice; "
                         "1 when sharing a small machine with local workers)")
@@ -49,10 +49,20 @@ def check_common(args: argparse.Namespace) -> None:
         if args.threads < 1:
             raise HaloError(f"--threads must be at least 1 (got {args.threads})")
         torch.set_num_threads(args.threads)
-    if args.out is not None and args.out.is_dir():
-        raise HaloError(f"--out {args.out}: is a directory")
-    if hasattr(args, "sync"):
-        check_cluster_options(args)
+    if args.out is not None:
+        _check_writable(args.out)
+    check_cluster_options(args)
+
+
+def _check_writable(path: Path) -> None:
+    """Fail now, not after an hour of scoring, if the result cannot be written."""
+    if path.is_dir():
+        raise HaloError(f"--out {path}: is a directory")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise HaloError(f"--out {path}: {folder} is not a writable folder")
 
 
 @dataclass
@@ -75,7 +85,6 @@ def open_target(args: argparse.Namespace, teacher_force: bool = False,
     `teacher_force`; a cluster's Decoder only gives the last position's logits, so there
     every sequence is fed one token at a time (the decode path, which is what runs under
     loss)."""
-
     if is_cluster(args):
         coord = local = None
         try:

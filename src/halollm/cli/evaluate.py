@@ -203,7 +203,7 @@ def run_ppl(args: argparse.Namespace) -> int:
         result: dict[str, Any] = {
             **tally.to_json(), "text": str(args.text), "text_tokens": len(ids),
             "file_tokens": len(all_ids), "context": context, "stride": stride,
-            "bos": bool(target.tokenizer.bos_id is not None and ids[0] == target.tokenizer.bos_id),
+            "bos": target.tokenizer.add_bos and target.tokenizer.bos_id is not None,
             **target.info, "seconds": round(seconds, 1)}
         if target.sync is not None:
             result["sync"] = target.sync()
