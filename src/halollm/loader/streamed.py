@@ -20,22 +20,10 @@ import torch
 from halollm.errors import HaloError
 from halollm.groups import KINDS, GroupId, Partition
 from halollm.loader.store import GroupStore
-from halollm.loader.weights import GroupWeights, read_attention, read_mlp
+from halollm.loader.weights import GroupWeights, group_nbytes, read_group
 from halollm.model.llama import AttentionShard, MlpShard, Transformer, rms_norm, sum_partials
 
 DEFAULT_MLP_GROUPS = 4  # per layer: fewer, larger groups cost less Python per token
-
-
-def group_bytes(partition: Partition, gid: GroupId, config: Any, dtype: torch.dtype) -> int:
-    """Dequantized size of a group in the compute dtype (what counts against the budget)."""
-    units = partition.units(gid)
-    d, size = config.hidden_size, torch.finfo(dtype).bits // 8
-    if gid.kind == "mlp":
-        return 3 * len(units) * d * size
-    g, hd = config.q_per_kv, config.head_dim
-    q, kv = len(units) * g * hd, len(units) * hd
-    bias = (q + 2 * kv) * size if config.attn_bias else 0
-    return ((q + 2 * kv) * d + d * q) * size + bias
 
 
 def parse_budget(text: str, model_bytes: int) -> int:
@@ -76,7 +64,8 @@ class StreamedDecoder:
                       for i in range(self.config.n_layers)]
         order = [GroupId(i, kind, j) for i in range(self.config.n_layers) for kind in KINDS
                  for j in range(self.partition.count(i, kind))]
-        sizes = {g: group_bytes(self.partition, g, self.config, dtype) for g in order}
+        sizes = {g: group_nbytes(self.config, g.kind, len(self.partition.units(g)), dtype)
+                 for g in order}
         self.model_bytes = sum(sizes.values())
         self.budget = budget if isinstance(budget, int) else parse_budget(budget,
                                                                           self.model_bytes)
@@ -106,13 +95,10 @@ class StreamedDecoder:
         self.store = GroupStore(order, sizes, self._read, self.budget, policy, significance,
                                 keep=self.critical if critical_share is not None
                                 else frozenset())
-        self._mark = (0, 0, 0, 0.0)
 
     def _read(self, gid: GroupId) -> GroupWeights:
-        units = tuple(self.partition.units(gid))
-        if gid.kind == "mlp":
-            return read_mlp(self.source, gid.layer, units, self.dtype)
-        return read_attention(self.source, self.config, gid.layer, units, self.dtype)
+        return read_group(self.source, self.config, gid.layer, gid.kind,
+                          tuple(self.partition.units(gid)), self.dtype)
 
     @torch.inference_mode()
     def forward_last(self, ids: Sequence[int], start: int) -> torch.Tensor:

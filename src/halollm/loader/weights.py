@@ -24,6 +24,25 @@ class GroupWeights:
         return sum(t.numel() * t.element_size() for t in self.tensors if t is not None)
 
 
+def group_nbytes(config: ModelConfig, kind: str, units: int, dtype: torch.dtype) -> int:
+    """Dequantized size in the compute dtype of a group of `units` MLP neurons or KV heads
+    (what counts against a memory budget)."""
+    d, size = config.hidden_size, torch.finfo(dtype).bits // 8
+    if kind == "mlp":
+        return 3 * units * d * size
+    q, kv = units * config.q_per_kv * config.head_dim, units * config.head_dim
+    bias = (q + 2 * kv) * size if config.attn_bias else 0
+    return ((q + 2 * kv) * d + d * q) * size + bias
+
+
+def read_group(source: Any, config: ModelConfig, layer: int, kind: str,
+               units: tuple[int, ...], dtype: torch.dtype) -> GroupWeights:
+    """The weights of MLP neurons or KV heads `units` of one layer half."""
+    if kind == "mlp":
+        return read_mlp(source, layer, units, dtype)
+    return read_attention(source, config, layer, units, dtype)
+
+
 def read_mlp(source: Any, layer: int, neurons: tuple[int, ...], dtype: torch.dtype
              ) -> GroupWeights:
     """(gate and up rows stacked [2n, d], down columns [d, n])."""

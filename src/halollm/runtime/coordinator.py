@@ -21,7 +21,7 @@ import zmq
 
 from halollm.errors import HaloError
 from halollm.groups import GroupId, Partition
-from halollm.loader.weights import attention_shard, mlp_shard
+from halollm.loader.weights import attention_shard, group_nbytes, mlp_shard
 from halollm.model.llama import MlpShard, Transformer, sum_partials
 from halollm.model.loader import content_hash, dtype_name, open_source, open_tokenizer, parse_dtype
 from halollm.predictor import store as predictor_store
@@ -31,6 +31,7 @@ from halollm.runtime.deadline import DeadlineEstimator
 from halollm.runtime.placement import (
     COORDINATOR,
     Placement,
+    PlanResult,
     equal_plan,
     solved_plan,
     static_plan,
@@ -212,10 +213,11 @@ class Coordinator:
                                              options.coordinator_share)
             else:
                 self.profile.bench_speed = compute_benchmark(self.config, self.source.tensor)
-                self.placement = self._plan()
+                plan = self._plan()
+                self.placement = plan.placement
                 self.replans.append({"position": 0, "reason": "initial",
-                                     "predicted_ms": round(self._predicted_ms, 3),
-                                     "solve_ms": round(self._solve_ms, 1),
+                                     "predicted_ms": round(plan.predicted_ms, 3),
+                                     "solve_ms": round(plan.solve_ms, 1),
                                      "groups_per_device":
                                          self.placement.summary()["groups_per_device"]})
             self.initial_placement = self.placement
@@ -330,7 +332,7 @@ class Coordinator:
         misses rounds, the expected wait for the deadline. A missed contribution is also
         computed again by the coordinator when critical (counted as if it always were):
         a link's effective speed is 1 / (1/speed + miss rate/coordinator speed)."""
-        bytes_per_unit = 3 * self.config.hidden_size * torch.finfo(self.dtype).bits // 8
+        bytes_per_unit = group_nbytes(self.config, "mlp", 1, self.dtype)
         specs = [DeviceSpec("coordinator", self.profile.speed,
                             self.profile.memory_bytes / bytes_per_unit)]
         index = [COORDINATOR]
@@ -358,15 +360,15 @@ class Coordinator:
         used = [n for n in sizes if n]
         return sum(used) / len(used) if used else 0.0
 
-    def _plan(self) -> Placement:
-        """A placement by the `memory` or `halo` policy over the live devices."""
+    def _plan(self, current: Placement | None = None) -> PlanResult:
+        """A placement by the `memory` or `halo` policy over the live devices (and, given
+        the current one, its predicted time on the same measurements)."""
         specs, index = self._device_specs()
-        placement, predicted, solve_ms = solved_plan(
+        return solved_plan(
             self._partition, self._ranking, self.opts.coordinator_share, specs, self.config,
             self.opts.placement, index, len(self.links) + 1,
-            reliable_loss=self.opts.reliable_loss, max_lost_share=self.opts.max_lost_share)
-        self._predicted_ms, self._solve_ms = predicted, solve_ms
-        return placement
+            reliable_loss=self.opts.reliable_loss, max_lost_share=self.opts.max_lost_share,
+            current=current)
 
     def _maybe_replan(self) -> None:
         """Between tokens (halo placement): every `replan_every` tokens, plan again from the
@@ -385,25 +387,18 @@ class Coordinator:
         if not changed and self._tokens_since_adopt < DWELL_CHECKS * self.opts.replan_every:
             return  # a plan stays at least this long unless a device comes or goes
         self._tokens_since_plan = 0
-        from halollm.runtime.placement import group_specs
-        from halollm.scheduler.solver import makespan
-
-        specs, index = self._device_specs()
         try:
-            candidate = self._plan()
+            plan = self._plan(current=self.placement)
         except HaloError as exc:
             self.log(f"re-planning failed, keeping the current plan: {exc}")
             return
-        where = {dev: k for k, dev in enumerate(index)}
-        groups = group_specs(self._partition, self._ranking, frozenset(), self.config)
-        owners = [self.placement.owner[g] for g in self._partition.groups()]
-        current = (makespan(groups, specs, [where[d] for d in owners])
-                   if all(d in where for d in owners) else float("inf"))
-        if not changed and self._predicted_ms > (1 - self.opts.hysteresis) * current:
+        current = plan.current_ms if plan.current_ms is not None else float("inf")
+        if not changed and plan.predicted_ms > (1 - self.opts.hysteresis) * current:
             return
-        self._adopt(candidate, {"position": self._position, "predicted_ms": round(
-            self._predicted_ms, 3), "previous_ms": round(current, 3) if current != float(
-            "inf") else None, "solve_ms": round(self._solve_ms, 1),
+        self._adopt(plan.placement, {
+            "position": self._position, "predicted_ms": round(plan.predicted_ms, 3),
+            "previous_ms": round(current, 3) if current != float("inf") else None,
+            "solve_ms": round(plan.solve_ms, 1),
             "reason": "membership" if changed else "faster"})
 
     def _adopt(self, placement: Placement, record: dict[str, Any]) -> None:

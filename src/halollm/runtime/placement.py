@@ -127,15 +127,24 @@ def attention_neuron_equivalents(config: ModelConfig) -> float:
     return (2 * q_per_kv + 2) * config.head_dim / 3
 
 
+@dataclass(frozen=True)
+class PlanResult:
+    placement: Placement
+    predicted_ms: float  # the scheduler's predicted sum of round times per token
+    solve_ms: float  # time the solver took
+    current_ms: float | None = None  # the `current` placement's prediction (same devices)
+
+
 def solved_plan(partition: Partition, significance: Mapping[GroupId, float],
                 critical_share: float, devices: Sequence[DeviceSpec], config: ModelConfig,
                 policy: str, device_index: Sequence[int], n_devices: int,
-                reliable_loss: float = 0.02, max_lost_share: float = 0.05
-                ) -> tuple[Placement, float, float]:
+                reliable_loss: float = 0.02, max_lost_share: float = 0.05,
+                current: Placement | None = None) -> PlanResult:
     """A placement by `policy` over the given devices (`device_index[k]` = the runtime's
     index of devices[k]; devices[0] is the coordinator): "memory" in proportion to memory
-    (exo, llama.cpp), "halo" by the scheduler. Returns it with the scheduler's predicted
-    sum of round times (ms per token) and the time the solver took (ms)."""
+    (exo, llama.cpp), "halo" by the scheduler. With `current`, also that placement's
+    predicted time on the same devices (inf if it uses a device not among them), so that
+    the two can be compared."""
     from halollm.scheduler.solver import makespan, memory_split, solve
 
     critical = critical_groups(partition, significance, critical_share)
@@ -150,7 +159,13 @@ def solved_plan(partition: Partition, significance: Mapping[GroupId, float],
     placement = Placement(partition, {g: device_index[d] for g, d in
                                       zip(partition.groups(), owner, strict=True)},
                           critical if policy == "halo" else frozenset(), n_devices)
-    return placement, makespan(specs, devices, owner), solve_ms
+    current_ms = None
+    if current is not None:
+        where = {dev: k for k, dev in enumerate(device_index)}
+        owners = [current.owner[g] for g in partition.groups()]
+        current_ms = (makespan(specs, devices, [where[d] for d in owners])
+                      if all(d in where for d in owners) else float("inf"))
+    return PlanResult(placement, makespan(specs, devices, owner), solve_ms, current_ms)
 
 
 def equal_plan(partition: Partition, n_devices: int) -> Placement:

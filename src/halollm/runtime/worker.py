@@ -28,9 +28,9 @@ from halollm.loader.store import GroupStore
 from halollm.loader.weights import (
     GroupWeights,
     attention_shard,
+    group_nbytes,
     mlp_shard,
-    read_attention,
-    read_mlp,
+    read_group,
 )
 from halollm.model.llama import AttentionShard, MlpShard, Rope, cached
 from halollm.model.loader import DTYPES, content_hash, open_source
@@ -282,23 +282,19 @@ class Worker:
     def _plan_sizes(self, units: list[tuple[tuple[int, ...], tuple[int, ...]]],
                     dtype: torch.dtype) -> dict[GroupId, int]:
         """Dequantized bytes of this device's share of every layer half (a store key)."""
-        d, size = self.config.hidden_size, torch.finfo(dtype).bits // 8
-        g, hd = self.config.q_per_kv, self.config.head_dim
         out: dict[GroupId, int] = {}
         for i, (attn, mlp) in enumerate(units):
-            if attn:
-                q = len(attn) * g * hd
-                out[GroupId(i, "attn", 0)] = ((q + 2 * len(attn) * hd) * d + d * q) * size
-            if mlp:
-                out[GroupId(i, "mlp", 0)] = 3 * len(mlp) * d * size
+            for kind, share in (("attn", attn), ("mlp", mlp)):
+                if share:
+                    out[GroupId(i, kind, 0)] = group_nbytes(self.config, kind, len(share),
+                                                            dtype)
         return out
 
     def _read(self, gid: GroupId, units: list[tuple[tuple[int, ...], tuple[int, ...]]],
               dtype: torch.dtype) -> GroupWeights:
         attn, mlp = units[gid.layer]
-        if gid.kind == "mlp":
-            return read_mlp(self.source, gid.layer, mlp, dtype)
-        return read_attention(self.source, self.config, gid.layer, attn, dtype)
+        return read_group(self.source, self.config, gid.layer, gid.kind,
+                          mlp if gid.kind == "mlp" else attn, dtype)
 
     def _attention(self, s: Session, layer: int, work: LayerWork) -> AttentionShard:
         """The layer's attention shard with its weights (from the store when streaming)."""
