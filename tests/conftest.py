@@ -72,3 +72,13 @@ def run_halo(*args: str, input: str | None = None, timeout: float = 300,
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "halollm.cli.main", *args], input=input,
                           capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def one_clear_line(proc) -> str:
+    """A user mistake: exit 2 and one `halo: error:` line on stderr, no traceback."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("halo: error: ")
+    return lines[0]

@@ -8,16 +8,7 @@ import pytest
 
 from halollm.generate import LocalDecoder, generate
 from halollm.sampling import SamplingParams
-from tests.conftest import run_halo
-
-
-def _one_clear_line(proc) -> str:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("halo: error: ")
-    return lines[0]
+from tests.conftest import one_clear_line, run_halo
 
 
 def test_generate_json_matches_library(model_fp32):
@@ -54,14 +45,14 @@ def test_generate_streams_chat_text():
     (["generate", "hi", "--temperature", "-1"], "--temperature must be >= 0"),
 ])
 def test_bad_input_gives_one_clear_line(args, needle):
-    line = _one_clear_line(run_halo(*args))
+    line = one_clear_line(run_halo(*args))
     assert needle in line
 
 
 def test_not_a_model_file(tmp_path):
     f = tmp_path / "x.bin"
     f.write_bytes(b"\x00" * 100)
-    line = _one_clear_line(run_halo("generate", "hi", "--model", str(f)))
+    line = one_clear_line(run_halo("generate", "hi", "--model", str(f)))
     assert "not a GGUF file" in line
 
 

@@ -20,7 +20,7 @@ from halollm.eval import data, zeroshot
 from halollm.eval.agree import AgreementTally, accuracy, compare_teacher_forced
 from halollm.eval.ppl import PerplexityTally, perplexity, sliding_windows
 from halollm.generate import LocalDecoder, teacher_forced
-from tests.conftest import SHARED_DATA, TEXT_200, run_halo
+from tests.conftest import SHARED_DATA, TEXT_200, one_clear_line, run_halo
 
 WIKI = SHARED_DATA / "wikitext-2" / "wiki.test.raw"
 
@@ -28,15 +28,6 @@ WIKI = SHARED_DATA / "wikitext-2" / "wiki.test.raw"
 def halo_eval(*args: str, timeout: float = 300):
     """`halo eval …` as a real subprocess, on one torch thread (the machine is shared)."""
     return run_halo("eval", *args, "--threads", "1", timeout=timeout)
-
-
-def _one_clear_line(proc) -> str:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("halo: error: ")
-    return lines[0]
 
 
 def _jsonl(path, records) -> str:
@@ -327,7 +318,7 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
         else:  # the same entry point in-process (fast)
             code = main(["eval", *args])
             proc = SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
-        line = _one_clear_line(proc)
+        line = one_clear_line(proc)
         assert words in line, (args, line)
 
 
