@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,3 +83,26 @@ def one_clear_line(proc) -> str:
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("halo: error: ")
     return lines[0]
+
+
+CALIBRATION = SHARED_DATA / "calibration" / "alice_in_wonderland.pg11.body.txt"
+
+
+@pytest.fixture(scope="session")
+def calibration_text(tmp_path_factory) -> Path:
+    """~3000 tokens of calibration text (the book if present, else a project text)."""
+    path = tmp_path_factory.mktemp("calib") / "calibration.txt"
+    text = CALIBRATION.read_text()[:12000] if CALIBRATION.is_file() else TEXT_200 * 12
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def predictor_file(calibration_text, tmp_path_factory) -> tuple[Path, dict]:
+    """A small predictor for the default model, trained by the real `halo calibrate`."""
+    out = tmp_path_factory.mktemp("pred") / "p.safetensors"
+    r = run_halo("calibrate", "--text", str(calibration_text), "--out", str(out),
+                 "--max-tokens", "2048", "--context", "128", "--holdout", "128",
+                 "--epochs", "10", "--json", timeout=600)
+    assert r.returncode == 0, r.stderr
+    return out, json.loads(r.stdout)

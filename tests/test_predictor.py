@@ -17,28 +17,7 @@ from halollm.predictor.critical import critical_devices, critical_mask
 from halollm.predictor.net import HalfPredictor
 from halollm.predictor.partition import by_contribution
 from halollm.predictor.signals import GroupedModel, chunked
-from tests.conftest import SHARED_DATA, TEXT_200, run_halo
-
-CALIBRATION = SHARED_DATA / "calibration" / "alice_in_wonderland.pg11.body.txt"
-
-
-@pytest.fixture(scope="module")
-def calibration_text(tmp_path_factory) -> Path:
-    """~3000 tokens of calibration text (the book if present, else a project text)."""
-    path = tmp_path_factory.mktemp("calib") / "calibration.txt"
-    text = CALIBRATION.read_text()[:12000] if CALIBRATION.is_file() else TEXT_200 * 12
-    path.write_text(text)
-    return path
-
-
-@pytest.fixture(scope="module")
-def predictor_file(calibration_text, tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("pred") / "p.safetensors"
-    r = run_halo("calibrate", "--text", str(calibration_text), "--out", str(out),
-                 "--max-tokens", "2048", "--context", "128", "--holdout", "128",
-                 "--epochs", "10", "--json", timeout=600)
-    assert r.returncode == 0, r.stderr
-    return out, json.loads(r.stdout)
+from tests.conftest import TEXT_200, run_halo
 
 
 def test_calibrate_writes_a_loadable_predictor(predictor_file, model_path):

@@ -10,7 +10,7 @@ import pytest
 
 from halollm.errors import HaloError
 from halollm.testbed.spec import load_spec, parse_spec
-from tests.conftest import run_halo
+from tests.conftest import SHARED_DATA, one_clear_line, run_halo
 
 ROOT_TOOLS = os.geteuid() == 0 and shutil.which("nft") and shutil.which("ip")
 needs_root = pytest.mark.skipif(not ROOT_TOOLS, reason="needs root with `ip` and `nft` "
@@ -199,3 +199,59 @@ def test_live_replan_when_a_link_starts_losing_packets(tmp_path):
     finally:
         run_halo("testbed", "down", str(f))
     assert cluster.leftovers(spec) == []
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--configs", "strict,fast"], "unknown configuration 'fast'"),
+    (["--rates", "0,x"], "--rates must be numbers"),
+    (["--rates", "0,0.1"], "--headline-rate 0.05 is not one of --rates"),
+    (["--spec", "/nonexistent.toml"], "no such file"),
+    (["--data", "/tmp"], "no wikitext-2/wiki.test.raw in it"),
+])
+def test_bench_paper_bad_arguments(args, needle):
+    base = {"--data": str(SHARED_DATA)}
+    for k, v in zip(args[::2], args[1::2], strict=True):
+        base[k] = v
+    proc = run_halo("bench", "paper", *[x for kv in base.items() for x in kv])
+    assert needle in one_clear_line(proc)
+
+
+@needs_root
+@pytest.mark.slow
+def test_bench_paper_small(tmp_path, predictor_file):
+    """`halo bench paper` end to end on a two-worker testbed (one wired, one lossy link),
+    tiny workloads: every configuration at every rate, the ablation at the headline rate,
+    the loss really applied (the equal split loses contributions at 10%), HALO accurate
+    under it, strict exact with nothing lost, and the report, data and plots written."""
+    f = tmp_path / "p.toml"
+    f.write_text('name = "tpaper"\nsubnet = "10.88"\n[[device]]\nname = "wired"\n'
+                 'memory = "64MiB"\n[[device]]\nname = "wifi"\nloss = 0.1\nmemory = "64MiB"\n')
+    out = tmp_path / "res"
+    proc = run_halo("bench", "paper", "--data", str(SHARED_DATA), "--spec", str(f),
+                    "--predictor", str(predictor_file[0]), "--rates", "0,0.1",
+                    "--headline-rate", "0.1", "--ablations", "halo-no-predictor",
+                    "--tokens", "3", "--warmup", "2", "--strict-tokens", "2",
+                    "--ppl-tokens", "48", "--piqa-items", "2", "--forced-tokens", "48",
+                    "--out", str(out), "--name", "t", "--json", timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    rows = {(r["loss"], r["config"]): r for r in res["rows"]}
+    assert set(rows) == {(r, c) for r in (0.0, 0.1) for c in ("strict", "relaxed", "halo")} \
+        | {(0.1, "halo-no-predictor")}
+    assert res["lossy"] == ["wifi"]
+    ref = res["reference"]
+    assert ref["ppl_tokens"] == 47 and ref["piqa_items"] == 2 and ref["ppl"] > 1
+    for (_, name), r in rows.items():
+        assert r["decode_ms_per_token"] > 0
+        if name == "strict":
+            assert "agreement" not in r and r["lost"] == 0
+        else:
+            assert 0 <= r["agreement"] <= 1 and r["piqa_items"] == 2
+    assert rows[(0.1, "relaxed")]["lost"] > 0  # the kernel really dropped packets
+    halo = rows[(0.1, "halo")]
+    assert halo["agreement"] >= 0.9 and abs(halo["ppl"] / ref["ppl"] - 1) < 0.05
+    assert res["headline"]["loss"] == 0.1 and res["headline"]["speedup"] > 0
+    for name in ("t.md", "t.json", "t_speed.png", "t_accuracy.png"):
+        assert (out / name).stat().st_size > 0
+    md = (out / "t.md").read_text()
+    assert "Headline, at 10% loss" in md and "| 10% | halo-no-predictor |" in md

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from halollm.bench.report import publish
+from halollm.bench.report import publish, stage_printer
 from halollm.errors import HaloError
 from halollm.generate import LocalDecoder, generate
 from halollm.loader.store import POLICIES
@@ -53,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
         raise HaloError("--budgets are percentages in (0, 100]; --tokens at least 2")
     torch.set_num_threads(args.threads)
 
-    def say(m: str) -> None:
-        print(f"[bench loader] {m}", file=sys.stderr, flush=True)
+    say = stage_printer("loader")
 
     rows: list[dict[str, Any]] = []
     say("resident: the whole model in memory (fused matrices)…")

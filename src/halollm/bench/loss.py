@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from halollm.bench.report import publish
+from halollm.bench.report import publish, stage_printer
 from halollm.errors import HaloError
 from halollm.eval.agree import accuracy
 from halollm.generate import LocalDecoder, generate, teacher_forced
@@ -95,8 +94,7 @@ def run(args: argparse.Namespace) -> int:
     network = args.network
     if network == "auto":
         network = "testbed" if _can_use_testbed()[0] else "userspace"
-    def say(m: str) -> None:
-        print(f"[bench loss] {m}", file=sys.stderr, flush=True)
+    say = stage_printer("loss")
 
     ref_model = load_model(None, None)
     tok = ref_model.tokenizer

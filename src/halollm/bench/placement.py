@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from halollm.bench.loss import FIXED_TEXT, PROMPT
-from halollm.bench.report import publish
+from halollm.bench.report import publish, require_testbed, stage_printer
 from halollm.errors import HaloError
 from halollm.eval.agree import accuracy
 from halollm.generate import LocalDecoder, generate, teacher_forced
@@ -62,7 +61,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from halollm.cli.demo import _can_use_testbed
     from halollm.testbed import cluster
     from halollm.testbed.spec import load_spec
 
@@ -72,14 +70,11 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens < 2 or args.warmup < 0:
         raise HaloError("--tokens must be at least 2 and --warmup at least 0")
     spec = load_spec(args.spec)
-    ok, why = _can_use_testbed()
-    if not ok:
-        raise HaloError(f"halo bench placement needs the kernel testbed: {why}")
+    require_testbed("placement")
     budget = parse_bytes(args.memory_budget)
     torch.set_num_threads(1)
 
-    def say(m: str) -> None:
-        print(f"[bench placement] {m}", file=sys.stderr, flush=True)
+    say = stage_printer("placement")
 
     say("reference: the lossless single-device model, teacher-forced over the fixed text…")
     ref_model = load_model(args.model, None)

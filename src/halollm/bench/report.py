@@ -8,6 +8,7 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +65,20 @@ def write_results(out_dir: Path, name: str, data: dict[str, Any], markdown: str)
               f"Date: {data['date']}\n\n")
     md.write_text(markdown.replace("{header}", header))
     return md
+
+
+def stage_printer(bench: str) -> Callable[[str], None]:
+    """Progress lines on stderr, `[bench NAME] …`."""
+    def say(message: str) -> None:
+        print(f"[bench {bench}] {message}", file=sys.stderr, flush=True)
+    return say
+
+
+def require_testbed(bench: str) -> None:
+    """HaloError unless the kernel testbed can run here (root, ip, nft)."""
+    from halollm.cli.demo import _can_use_testbed
+    from halollm.errors import HaloError
+
+    ok, why = _can_use_testbed()
+    if not ok:
+        raise HaloError(f"halo bench {bench} needs the kernel testbed: {why}")

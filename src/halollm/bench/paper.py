@@ -1,0 +1,432 @@
+"""`halo bench paper`: the paper's evaluation on the kernel testbed -- decode speed and
+accuracy versus packet-loss rate for strict tensor parallelism, relaxed synchronisation with a
+static placement, and full HALO, plus an ablation removing one mechanism at a time.
+
+The testbed comes up once from the spec; for each loss rate the lossy devices' nftables rules
+are replaced (`halo testbed loss`), then every configuration runs on a fresh coordinator:
+greedy decoding after a warm-up (during which HALO measures devices and links and re-plans),
+then, teacher-forced through the decode path under that loss: top-1 agreement and KL over a
+fixed text against the lossless single-device model, perplexity on a WikiText-2 slice, and
+PIQA accuracy on a subset. Strict synchronisation is exact by construction (and by test:
+tests/test_runtime.py), so its accuracy is the single-device model's and only its speed is
+measured under loss (teacher-forcing it at seconds per token would take hours).
+
+Configurations (all on the same partition: the predictor's groups):
+  strict             wait for every contribution over TCP, equal split (distributed-llama)
+  relaxed            relaxed sync, the same equal split, no per-token criticality
+  halo               relaxed + predictor (per-token criticality, missing critical groups
+                     recomputed by the coordinator) + scheduler (--placement halo, measured
+                     profiles, re-planning) + loader (devices stream a share beyond their
+                     memory budget)
+  halo-no-predictor  halo without per-token criticality
+  halo-no-scheduler  halo on the equal split
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from halollm.bench.loss import FIXED_TEXT, PROMPT
+from halollm.bench.report import publish, require_testbed, stage_printer
+from halollm.errors import HaloError
+from halollm.eval import data as eval_data
+from halollm.eval.agree import accuracy
+from halollm.eval.ppl import PerplexityTally, perplexity, sliding_windows
+from halollm.eval.zeroshot import TaskTally, evaluate, scorer
+from halollm.generate import Decoder, LocalDecoder, generate, teacher_forced
+from halollm.model.loader import load_model
+from halollm.runtime.coordinator import ClusterOptions, Coordinator
+from halollm.runtime.keys import key_bytes
+from halollm.runtime.profile import parse_bytes
+from halollm.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Config:
+    mode: str  # strict | relaxed
+    placement: str
+    critical_share: float | None  # None: the runtime's default (per-token criticality on)
+    what: str
+
+
+CONFIGS = {
+    "strict": Config("strict", "equal", None, "strict sync, equal split (distributed-llama)"),
+    "relaxed": Config("relaxed", "equal", 0.0, "relaxed sync, static equal split"),
+    "halo": Config("relaxed", "halo", None, "predictor + scheduler + loader"),
+    "halo-no-predictor": Config("relaxed", "halo", 0.0, "HALO without the predictor"),
+    "halo-no-scheduler": Config("relaxed", "equal", None, "HALO without the scheduler"),
+}
+MAIN = ("strict", "relaxed", "halo")
+ABLATIONS = ("halo-no-predictor", "halo-no-scheduler")
+DEFAULT_SPEC = Path("examples/paper.toml")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("paper", help="the paper's evaluation: speed and accuracy vs loss, "
+                                     "baselines and ablations (testbed, root)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, type=Path, metavar="DIR",
+                   help="the evaluation data folder (wikitext-2/wiki.test.raw, "
+                        "piqa/valid.jsonl + valid-labels.lst), e.g. ../shared/data")
+    p.add_argument("--spec", type=Path, default=DEFAULT_SPEC, metavar="FILE",
+                   help=f"testbed spec (default {DEFAULT_SPEC}: 8 nodes, 4 on lossy Wi-Fi)")
+    p.add_argument("--lossy", default=None, metavar="NAMES",
+                   help="devices whose loss is swept, comma-separated (default: those with "
+                        "a loss in the spec)")
+    p.add_argument("--rates", default="0,0.02,0.05,0.1",
+                   help="packet-loss rates per direction (default 0,0.02,0.05,0.1)")
+    p.add_argument("--configs", default=",".join(MAIN),
+                   help=f"configurations at every rate, some of {', '.join(CONFIGS)} "
+                        f"(default {','.join(MAIN)})")
+    p.add_argument("--ablations", default=",".join(ABLATIONS),
+                   help="configurations run only at --headline-rate (default "
+                        f"{','.join(ABLATIONS)}; '' for none)")
+    p.add_argument("--headline-rate", type=float, default=0.05, metavar="P",
+                   help="the loss rate of the headline comparison and of the ablation "
+                        "(default 0.05, the paper's)")
+    p.add_argument("--memory-budget", default="64MiB", metavar="SIZE",
+                   help="the coordinator's memory budget (default 64MiB, like the spec's "
+                        "devices: no node holds the whole model)")
+    p.add_argument("--tokens", type=int, default=16, help="decoded tokens measured (16)")
+    p.add_argument("--warmup", type=int, default=16,
+                   help="tokens decoded first, not measured (HALO measures and re-plans) (16)")
+    p.add_argument("--strict-tokens", type=int, default=6,
+                   help="tokens measured for strict sync, seconds each under loss (6)")
+    p.add_argument("--forced-tokens", type=int, default=None, metavar="N",
+                   help="agreement over the first N tokens of the fixed text (default all)")
+    p.add_argument("--ppl-tokens", type=int, default=256, metavar="N",
+                   help="perplexity on the first N tokens of WikiText-2 test, one window "
+                        "(default 256)")
+    p.add_argument("--piqa-items", type=int, default=12, metavar="N",
+                   help="PIQA validation items scored (default 12; 0 for none)")
+    p.add_argument("--model", metavar="PATH", help="model (default: the default model)")
+    p.add_argument("--predictor", default="auto", metavar="PATH",
+                   help="predictor file (default: the one `halo calibrate` saved for the "
+                        "model)")
+    p.add_argument("--out", type=Path, default=Path("docs/results"))
+    p.add_argument("--name", default="paper", help="result file names (default paper)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=run)
+
+
+def _names(text: str, what: str) -> list[str]:
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    bad = [c for c in names if c not in CONFIGS]
+    if bad:
+        raise HaloError(f"{what}: unknown configuration {bad[0]!r} (choose from "
+                        f"{', '.join(CONFIGS)})")
+    return names
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise HaloError(f"--rates must be numbers separated by commas (got {text!r})") from None
+    if not rates or any(not 0 <= r < 1 for r in rates):
+        raise HaloError("--rates must be loss rates in [0, 1)")
+    return rates
+
+
+@dataclass
+class Workload:
+    """What every configuration is measured on, and the lossless single device's answers."""
+
+    tok: Any
+    prompt: list[int]
+    fixed: list[int]
+    wiki: list[int]
+    piqa: list[Any]
+    ref_logits: torch.Tensor
+    reference: dict[str, Any]
+
+
+def run(args: argparse.Namespace) -> int:
+    from halollm.testbed import cluster
+    from halollm.testbed.spec import load_spec
+
+    configs = _names(args.configs, "--configs")
+    ablations = _names(args.ablations, "--ablations")
+    rates = _rates(args.rates)
+    if not configs:
+        raise HaloError("--configs names no configuration")
+    if args.headline_rate not in rates:
+        raise HaloError(f"--headline-rate {args.headline_rate} is not one of --rates "
+                        f"{args.rates}")
+    if min(args.tokens, args.strict_tokens) < 2 or args.warmup < 0 or args.ppl_tokens < 2 \
+            or args.piqa_items < 0:
+        raise HaloError("--tokens and --strict-tokens must be at least 2, --ppl-tokens at "
+                        "least 2, --warmup and --piqa-items at least 0")
+    if not args.spec.is_file():
+        raise HaloError(f"--spec {args.spec}: no such file (the default is relative to the "
+                        "repository's root)")
+    spec = load_spec(args.spec)
+    lossy = ([n.strip() for n in args.lossy.split(",") if n.strip()] if args.lossy else
+             [d.name for d in spec.devices if d.loss_in or d.loss_out])
+    unknown = set(lossy) - {d.name for d in spec.devices}
+    if unknown or not lossy:
+        why = f"no device {sorted(unknown)[0]!r}" if unknown else "no device is lossy"
+        raise HaloError(f"--lossy: {why} (devices: "
+                        f"{', '.join(d.name for d in spec.devices)})")
+    wiki_path = args.data / "wikitext-2" / "wiki.test.raw"
+    piqa_path = args.data / "piqa" / "valid.jsonl"
+    for path in (wiki_path, piqa_path) if args.piqa_items else (wiki_path,):
+        if not path.is_file():
+            raise HaloError(f"--data {args.data}: no {path.relative_to(args.data)} in it "
+                            "(the layout of ../shared/data)")
+    require_testbed("paper")
+    budget = parse_bytes(args.memory_budget)
+    torch.set_num_threads(1)
+
+    say = stage_printer("paper")
+
+    args.predictor = _predictor_path(args.model, args.predictor)
+    say("reference: the lossless single-device model…")
+    work = _reference(args, wiki_path, piqa_path)
+    say(f"    perplexity {work.reference['ppl']:.4f} on {work.reference['ppl_tokens']} "
+        f"tokens, PIQA {work.reference['piqa_acc']} on {len(work.piqa)} items")
+    plan = [(r, c) for r in rates for c in configs + (ablations if r == args.headline_rate
+                                                      else [])]
+    rows: list[dict[str, Any]] = []
+    say(f"testbed {spec.name} up ({len(spec.devices)} workers; loss swept on "
+        f"{', '.join(lossy)})…")
+    state = cluster.up(spec, model=args.model, log=lambda m: None)
+    addrs = [(w["address"], int(w["port"])) for w in state["workers"]]
+    t0 = time.time()
+    current: float | None = None
+    try:
+        for k, (rate, name) in enumerate(plan, start=1):
+            if rate != current:
+                for d in lossy:
+                    cluster.set_loss(spec, d, rate, rate)
+                current = rate
+            say(f"[{k}/{len(plan)}] loss {rate:.0%}: {name} ({time.time() - t0:.0f}s elapsed)")
+            row = {"loss": rate, "config": name,
+                   **_measure(CONFIGS[name], addrs, state["key"], budget, args, work)}
+            rows.append(row)
+            acc = (f", agreement {row['agreement']:.1%}, ppl {row['ppl']:.3f}, PIQA "
+                   f"{row['piqa_acc']}" if "agreement" in row else "")
+            say(f"    {row['decode_ms_per_token']} ms/token{acc}, groups per device "
+                f"{row['groups_per_device']}")
+    finally:
+        cluster.down(spec, quiet=True)
+    _write(args, spec, lossy, work, rows)
+    return 0
+
+
+def _predictor_path(model: str | None, predictor: str) -> str:
+    """The predictor every HALO configuration uses, checked now (not after the testbed)."""
+    from halollm.model.loader import content_hash, open_source
+    from halollm.predictor import store
+
+    source = open_source(model)
+    try:
+        path = Path(source.path)
+        return str(store.load_for(path, content_hash(path),
+                                  None if predictor == "auto" else predictor).path)
+    finally:
+        source.close()
+
+
+def _reference(args: argparse.Namespace, wiki_path: Path, piqa_path: Path) -> Workload:
+    model = load_model(args.model, None)
+    tok = model.tokenizer
+    prompt = tok.encode(tok.render_chat([{"role": "user", "content": PROMPT}]))
+    fixed = tok.encode(FIXED_TEXT)[:args.forced_tokens]
+    wiki = tok.encode(eval_data.read_text(wiki_path))[:args.ppl_tokens]
+    piqa = eval_data.piqa(piqa_path, args.piqa_items) if args.piqa_items else []
+    local = LocalDecoder(model.transformer)
+    ref_logits = teacher_forced(local, fixed)
+    ppl, piqa_tally = _accuracy(local, tok, model.config.max_position, wiki, piqa)
+    del model
+    reference = {"ppl": ppl.ppl, "ppl_tokens": ppl.tokens, "fixed_tokens": len(fixed),
+                 **_piqa_json(piqa_tally), "piqa_correct": piqa_tally.correct}
+    return Workload(tok, prompt, fixed, wiki, piqa, ref_logits, reference)
+
+
+def _accuracy(decoder: Decoder, tok: Any, max_position: int, wiki: list[int],
+              piqa: list[Any]) -> tuple[PerplexityTally, TaskTally]:
+    """Perplexity of the WikiText slice (one window) and PIQA, both through the decode path
+    (one token at a time: what runs under loss on a cluster)."""
+    def logits(ids: Any) -> torch.Tensor:
+        return teacher_forced(decoder, ids)
+
+    ppl = perplexity(logits, wiki, sliding_windows(len(wiki), len(wiki), len(wiki)))
+    tally = TaskTally("piqa", "choice", len(piqa))
+    if piqa:
+        evaluate(piqa, scorer(logits, tok.encode, max_position), tally)
+    return ppl, tally
+
+
+def _piqa_json(tally: TaskTally) -> dict[str, Any]:
+    j = tally.to_json()
+    return {"piqa_acc": j["acc"], "piqa_acc_norm": j.get("acc_norm"), "piqa_items": j["items"]}
+
+
+def _measure(cfg: Config, addrs: list[tuple[str, int]], key: str, budget: int,
+             args: argparse.Namespace, work: Workload) -> dict[str, Any]:
+    opts = ClusterOptions(mode=cfg.mode, placement=cfg.placement, memory_budget=budget,
+                          predictor=args.predictor)
+    if cfg.critical_share is not None:
+        opts.critical_share = cfg.critical_share
+    coord = Coordinator(args.model, None, addrs, key_bytes(key), opts, log=lambda m: None)
+    try:
+        strict = cfg.mode == "strict"
+        warmup = 1 if strict else args.warmup
+        if warmup:
+            generate(coord, work.tok, work.prompt, max_tokens=warmup,
+                     sampling=SamplingParams(), ignore_eos=True)
+        res = generate(coord, work.tok, work.prompt,
+                       max_tokens=args.strict_tokens if strict else args.tokens,
+                       sampling=SamplingParams(), ignore_eos=True)
+        steps = [1e3 * s for s in res.step_s]
+        out: dict[str, Any] = {
+            "mode": cfg.mode, "placement": cfg.placement,
+            "critical_share": opts.critical_share,
+            "decode_ms_per_token": round(statistics.median(steps), 2),
+            "decode_ms_p95": round(sorted(steps)[int(0.95 * (len(steps) - 1))], 2),
+            "prefill_ms": round(1e3 * res.prefill_s, 1)}
+        if not strict:
+            forced: list[float] = []
+            agree, kl = accuracy(teacher_forced(coord, work.fixed, forced), work.ref_logits)
+            ppl, piqa = _accuracy(coord, work.tok, coord.config.max_position, work.wiki,
+                                  work.piqa)
+            same = sum(a == b for a, b in zip(piqa.correct, work.reference["piqa_correct"],
+                                              strict=True))
+            out.update(agreement=round(agree, 4), kl=round(kl, 5), ppl=round(ppl.ppl, 4),
+                       forced_ms_per_token=round(1e3 * statistics.median(forced[1:]), 2),
+                       **_piqa_json(piqa), piqa_same_as_reference=same)
+        sync = coord.sync_json()
+        out.update(groups_per_device=sync["placement"]["groups_per_device"],
+                   replans=len(sync["placement"].get("replans", [])),
+                   lost=sync["lost"], expected=sync["expected"], fallbacks=sync["fallbacks"],
+                   streamed={w["address"]: (w.get("reported") or {}).get("loader")
+                             for w in sync["workers"]
+                             if (w.get("reported") or {}).get("loader")})
+        return out
+    finally:
+        coord.close()
+
+
+def _headline(rows: list[dict[str, Any]], ref: dict[str, Any], rate: float
+              ) -> dict[str, Any] | None:
+    strict = next((r for r in rows if r["loss"] == rate and r["config"] == "strict"), None)
+    halo = next((r for r in rows if r["loss"] == rate and r["config"] == "halo"), None)
+    if not strict or not halo:
+        return None
+    speedup = strict["decode_ms_per_token"] / halo["decode_ms_per_token"]
+    ppl_delta = halo["ppl"] / ref["ppl"] - 1
+    return {"loss": rate, "speedup": round(speedup, 2), "ppl_delta": round(ppl_delta, 5),
+            "met": speedup >= 3.41 and abs(ppl_delta) <= 0.01}
+
+
+def _write(args: argparse.Namespace, spec: Any, lossy: list[str], work: Workload,
+           rows: list[dict[str, Any]]) -> None:
+    ref = work.reference
+    head = _headline(rows, ref, args.headline_rate)
+    devices = ", ".join(
+        f"{d.name} (cpu {'full' if d.cpu is None else f'{d.cpu:.0%}'}, memory "
+        f"{(d.memory_bytes or 0) / 2**20:.0f} MiB{', lossy' if d.name in lossy else ''})"
+        for d in spec.devices)
+    lines = ["# The paper's evaluation: speed and accuracy versus packet loss", "", "{header}",
+             f"Spec: `{args.spec}`: the coordinator (this machine, memory budget "
+             f"{args.memory_budget}) and {len(spec.devices)} workers: {devices}. Loss: "
+             "kernel packet loss (nftables, random drop on arrival at both ends) on the lossy "
+             "links, the same rate each way. Model: "
+             f"`{args.model or 'default (SmolLM2-135M-Instruct)'}`.", "",
+             f"Speed: median decode time over {args.tokens} greedy tokens after "
+             f"{args.warmup} warm-up tokens ({args.strict_tokens} for strict). Accuracy, "
+             "teacher-forced through the decode path under the same loss: top-1 agreement "
+             f"and KL against the lossless single-device model over {ref['fixed_tokens']} "
+             f"tokens of a fixed text; perplexity on the first {ref['ppl_tokens'] + 1} tokens "
+             f"of WikiText-2 test (one window); PIQA acc on the first {ref['piqa_items']} "
+             "validation items (`same`: items whose outcome equals the single device's). "
+             "Strict is exact by construction and by test, so its accuracy is the single "
+             "device's.", "",
+             f"Lossless single device: perplexity **{ref['ppl']:.4f}**, PIQA acc "
+             f"{ref['piqa_acc']}.", ""]
+    if head:
+        lines += [f"**Headline, at {head['loss']:.0%} loss: HALO is {head['speedup']}x faster "
+                  f"than strict, perplexity {head['ppl_delta']:+.2%} against the lossless "
+                  f"single device** (aim: ≥ 3.41x and within 1%: "
+                  f"{'met' if head['met'] else 'missed'}).", ""]
+    lines += ["| loss | configuration | ms/token | p95 | speedup vs strict | agreement | KL | "
+              "perplexity (Δ) | PIQA acc (same) | lost / expected | groups per device "
+              "(coordinator first) | re-plans |",
+              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for r in rows:
+        strict = next((s for s in rows if s["loss"] == r["loss"] and s["config"] == "strict"),
+                      None)
+        speed = (f"{strict['decode_ms_per_token'] / r['decode_ms_per_token']:.2f}x"
+                 if strict else "")
+        if "agreement" in r:
+            acc = (f"{r['agreement']:.1%} | {r['kl']:.4f} | {r['ppl']:.3f} "
+                   f"({r['ppl'] / ref['ppl'] - 1:+.2%}) | {r['piqa_acc']} "
+                   f"({r['piqa_same_as_reference']}/{r['piqa_items']})")
+        else:
+            acc = "exact | 0 | = single device | = single device"
+        lines.append(f"| {r['loss']:.0%} | {r['config']} | {r['decode_ms_per_token']} | "
+                     f"{r['decode_ms_p95']} | {speed} | {acc} | {r['lost']} / {r['expected']} "
+                     f"| {r['groups_per_device']} | {r['replans']} |")
+    lines += ["", "Configurations: " + "; ".join(f"`{n}`: {c.what}" for n, c in CONFIGS.items()
+                                                 if any(r['config'] == n for r in rows)) + ".",
+              "", f"Plots: `{args.name}_speed.png`, `{args.name}_accuracy.png`.", ""]
+    args.out.mkdir(parents=True, exist_ok=True)
+    _plot(args.out, args.name, rows, ref)
+    data = {"spec": str(args.spec), "lossy": lossy, "model": args.model or "default",
+            "coordinator_memory_budget": args.memory_budget, "reference": ref,
+            "headline": head, "rows": rows}
+    publish(args.out, args.name, data, lines, args.json)
+
+
+def _plot(out: Path, name: str, rows: list[dict[str, Any]], ref: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    style = {"strict": "--", "relaxed": ":"}
+
+    def series(metric: str, cfg: str) -> tuple[list[float], list[float]]:
+        pts = sorted((r["loss"], r[metric]) for r in rows if r["config"] == cfg and metric in r)
+        return [100 * p[0] for p in pts], [p[1] for p in pts]
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for cfg in configs:
+        x, y = series("decode_ms_per_token", cfg)
+        ax.plot(x, y, marker="o", linestyle=style.get(cfg, "-"), label=cfg)
+    ax.set_xlabel("packet loss per direction on the lossy links (%)")
+    ax.set_ylabel("decode ms/token (median, log scale)")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / f"{name}_speed.png", dpi=110)
+    plt.close(fig)
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for cfg in configs:
+        if cfg == "strict":
+            continue
+        for ax, metric in ((a1, "ppl"), (a2, "agreement")):
+            x, y = series(metric, cfg)
+            ax.plot(x, y, marker="o", linestyle=style.get(cfg, "-"), label=cfg)
+    a1.axhline(ref["ppl"], color="k", linewidth=0.8, label="single device (= strict)")
+    a1.set_ylabel("WikiText-2 slice perplexity")
+    a2.axhline(1.0, color="k", linewidth=0.8, label="single device (= strict)")
+    a2.set_ylabel("top-1 agreement with the single device")
+    for ax in (a1, a2):
+        ax.set_xlabel("packet loss per direction on the lossy links (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / f"{name}_accuracy.png", dpi=110)
+    plt.close(fig)
