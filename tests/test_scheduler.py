@@ -154,3 +154,35 @@ def test_makespan_matches_the_solver_objective():
     sol = solve(groups, devices)
     assert makespan(groups, devices, sol.owner) == pytest.approx(sol.objective_ms)
     assert makespan(groups, devices, [0] * 24) == pytest.approx(12.0)
+
+
+def test_streaming_beyond_memory_when_loading_is_cheaper_than_a_lossy_link():
+    """Coordinator and a reliable worker both too small for the model; a lossy device with
+    room. Without a loader the lossy device must take the rest; a worker that streams fast
+    keeps everything reliable and streams the excess; one that streams slowly does not."""
+    from halollm.scheduler.solver import makespan
+
+    groups = layers(4, 8, cost=1.0)  # 32 units
+    sig = [GroupSpec(g.half, g.cost, 1.0) for g in groups]
+
+    def devices(load_speed: float) -> list[DeviceSpec]:
+        return [DeviceSpec("coord", 1.0, memory=8),
+                DeviceSpec("wired", 1.0, memory=8, load_speed=load_speed),
+                DeviceSpec("wifi", 1.0, loss=0.1, latency=20.0)]
+
+    hard = solve(sig, devices(0.0))
+    assert per_device(hard.owner, 3)[2] == 16  # what the two budgets cannot hold
+    fast = solve(sig, devices(100.0))
+    counts = per_device(fast.owner, 3)
+    assert counts[2] == 0 and counts[1] > 8  # the excess streams on the reliable worker
+    excess = counts[1] - 8
+    assert fast.objective_ms == pytest.approx(makespan(sig, devices(100.0), fast.owner))
+    assert fast.objective_ms == pytest.approx(4 * max(counts[:2]) / 4 + excess / 100.0,
+                                              rel=0.05)
+    slow = solve(sig, devices(0.01))  # 1 unit costs 100 ms to stream: not worth it
+    assert per_device(slow.owner, 3)[2] == 16
+    # the memory check counts a streaming device as unbounded
+    tiny = [DeviceSpec("coord", memory=1), DeviceSpec("w", memory=1, load_speed=1.0)]
+    assert sum(per_device(solve(sig, tiny).owner, 2)) == 32
+    with pytest.raises(HaloError, match="cannot hold"):
+        solve(sig, [DeviceSpec("coord", memory=1), DeviceSpec("w", memory=1)])

@@ -20,6 +20,7 @@ Configurations (all on the same partition: the predictor's groups):
                      memory budget)
   halo-no-predictor  halo without per-token criticality
   halo-no-scheduler  halo on the equal split
+  halo-no-loader     halo with every memory budget a hard limit (no streaming)
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Config:
     placement: str
     critical_share: float | None  # None: the runtime's default (per-token criticality on)
     what: str
+    streaming: bool = True  # halo placement may stream groups beyond a worker's memory
 
 
 CONFIGS = {
@@ -62,9 +64,11 @@ CONFIGS = {
     "halo": Config("relaxed", "halo", None, "predictor + scheduler + loader"),
     "halo-no-predictor": Config("relaxed", "halo", 0.0, "HALO without the predictor"),
     "halo-no-scheduler": Config("relaxed", "equal", None, "HALO without the scheduler"),
+    "halo-no-loader": Config("relaxed", "halo", None, "HALO without the loader: memory "
+                             "budgets are hard limits", streaming=False),
 }
 MAIN = ("strict", "relaxed", "halo")
-ABLATIONS = ("halo-no-predictor", "halo-no-scheduler")
+ABLATIONS = ("halo-no-predictor", "halo-no-scheduler", "halo-no-loader")
 DEFAULT_SPEC = Path("examples/paper.toml")
 
 
@@ -273,7 +277,7 @@ def _piqa_json(tally: TaskTally) -> dict[str, Any]:
 def _measure(cfg: Config, addrs: list[tuple[str, int]], key: str, budget: int,
              args: argparse.Namespace, work: Workload) -> dict[str, Any]:
     opts = ClusterOptions(mode=cfg.mode, placement=cfg.placement, memory_budget=budget,
-                          predictor=args.predictor)
+                          predictor=args.predictor, streaming=cfg.streaming)
     if cfg.critical_share is not None:
         opts.critical_share = cfg.critical_share
     coord = Coordinator(args.model, None, addrs, key_bytes(key), opts, log=lambda m: None)
@@ -394,6 +398,7 @@ def _plot(out: Path, name: str, rows: list[dict[str, Any]], ref: dict[str, Any])
 
     configs = list(dict.fromkeys(r["config"] for r in rows))
     style = {"strict": "--", "relaxed": ":"}
+    color = {name: f"C{k}" for k, name in enumerate(CONFIGS)}  # the same in both figures
 
     def series(metric: str, cfg: str) -> tuple[list[float], list[float]]:
         pts = sorted((r["loss"], r[metric]) for r in rows if r["config"] == cfg and metric in r)
@@ -402,7 +407,7 @@ def _plot(out: Path, name: str, rows: list[dict[str, Any]], ref: dict[str, Any])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for cfg in configs:
         x, y = series("decode_ms_per_token", cfg)
-        ax.plot(x, y, marker="o", linestyle=style.get(cfg, "-"), label=cfg)
+        ax.plot(x, y, marker="o", linestyle=style.get(cfg, "-"), color=color[cfg], label=cfg)
     ax.set_xlabel("packet loss per direction on the lossy links (%)")
     ax.set_ylabel("decode ms/token (median, log scale)")
     ax.set_yscale("log")
@@ -418,7 +423,8 @@ def _plot(out: Path, name: str, rows: list[dict[str, Any]], ref: dict[str, Any])
             continue
         for ax, metric in ((a1, "ppl"), (a2, "agreement")):
             x, y = series(metric, cfg)
-            ax.plot(x, y, marker="o", linestyle=style.get(cfg, "-"), label=cfg)
+            ax.plot(x, y, marker="o", linestyle=style.get(cfg, "-"), color=color[cfg],
+                    label=cfg)
     a1.axhline(ref["ppl"], color="k", linewidth=0.8, label="single device (= strict)")
     a1.set_ylabel("WikiText-2 slice perplexity")
     a2.axhline(1.0, color="k", linewidth=0.8, label="single device (= strict)")

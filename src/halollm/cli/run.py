@@ -53,6 +53,11 @@ def add_cluster_options(p: argparse.ArgumentParser, required: bool = True) -> No
     p.add_argument("--memory-budget", metavar="SIZE",
                    help="memory the coordinator offers for weights, e.g. 2G (default: 80%% "
                         "of the available RAM); used by --placement memory|halo")
+    p.add_argument("--no-streaming", dest="streaming", action="store_false",
+                   help="with --placement halo: treat every worker's memory budget as a hard "
+                        "limit (by default the scheduler may give a worker more groups than "
+                        "its budget holds when streaming the rest from its model file every "
+                        "token, at its measured loading speed, is faster than the alternatives)")
     p.add_argument("--replan-every", type=int, default=8, metavar="N",
                    help="with --placement halo: check every N tokens whether a new plan is "
                         "at least --hysteresis faster (default 8)")
@@ -92,6 +97,7 @@ def cluster_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                           memory_budget=parse_bytes(args.memory_budget)
                           if args.memory_budget else None,
                           replan_every=args.replan_every, hysteresis=args.hysteresis,
+                          streaming=args.streaming,
                           predictor=None if args.predictor == "none" else args.predictor,
                           attn_groups=args.attn_groups,
                           mtu=args.mtu)

@@ -90,6 +90,10 @@ class ClusterOptions:
     hysteresis: float = 0.15  # adopt a new plan only if predicted this much faster
     reliable_loss: float = 0.02  # links missing at most this share of rounds are reliable
     max_lost_share: float = 0.05  # bound on the expected significance lost per round
+    # halo placement: a worker may be given more groups than its memory budget holds and
+    # stream the rest from its model file every token (issue 7's loader), at its measured
+    # loading speed; False: budgets are hard limits
+    streaming: bool = True
     # the semantic-aware predictor: a file path, "auto" (the one `halo calibrate` saved for
     # the model, if any) or None (no per-token prediction: the static plan decides)
     predictor: str | None = "auto"
@@ -294,7 +298,8 @@ class Coordinator:
         link.info = {"cores": header.get("cores"), "threads": header.get("threads")}
         if link.profile is None:
             link.profile = DeviceProfile(link.name, float(header.get("speed") or 0.0),
-                                         int(header.get("memory") or available_memory_bytes()))
+                                         int(header.get("memory") or available_memory_bytes()),
+                                         load_speed=float(header.get("load_speed") or 0.0))
 
     def _await(self, link: WorkerLink, kinds: set[str], timeout_s: float,
                joining: bool = False) -> dict[str, Any] | None:
@@ -347,7 +352,9 @@ class Coordinator:
             specs.append(DeviceSpec(link.name, speed,
                                     link.profile.memory_bytes / bytes_per_unit,
                                     loss=est.miss_rate,
-                                    latency=rtt + est.miss_rate * deadline))
+                                    latency=rtt + est.miss_rate * deadline,
+                                    load_speed=link.profile.load_speed
+                                    if self.opts.streaming else 0.0))
             index.append(link.index)
         return specs, index
 

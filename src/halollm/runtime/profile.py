@@ -4,6 +4,9 @@
   long enough to span several CPU-quota periods), refined from the compute time workers
   report in their heartbeats;
 * memory: the budget a device declares, or a safe share of the RAM it has available;
+* loading speed: a short benchmark at join (MLP neurons whose weights this device reads from
+  the model file and dequantizes per millisecond): what streaming groups beyond the memory
+  budget costs;
 * link: moving estimates, from live traffic, of how long a contribution takes to come back
   and how often it misses its round's deadline.
 """
@@ -25,6 +28,7 @@ from halollm.model.config import ModelConfig
 from halollm.model.llama import MlpShard
 
 BENCH_SECONDS = 0.4  # four CFS periods of 100 ms: a CPU quota shows in the result
+LOAD_BENCH_SECONDS = 0.2
 SAFE_MEMORY_SHARE = 0.8  # of the available RAM, without a declared budget
 
 
@@ -41,6 +45,24 @@ def compute_benchmark(config: ModelConfig, tensor: Callable[[str], torch.Tensor]
     t0 = time.perf_counter()
     while (elapsed := time.perf_counter() - t0) < seconds:
         shard.forward(x)
+        calls += 1
+    return n * calls / (1e3 * elapsed)
+
+
+def load_benchmark(config: ModelConfig, source: Any, dtype: torch.dtype = torch.float16,
+                   seconds: float = LOAD_BENCH_SECONDS) -> float:
+    """MLP neurons per millisecond whose weights this device reads from the model file
+    (partial reads of scattered rows, as a calibrated group's are) and converts to the
+    compute dtype, timed by the wall clock."""
+    from halollm.loader.weights import read_mlp
+
+    n = max(1, config.intermediate_size // 16)
+    calls, layer = 0, 0
+    t0 = time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < seconds or not calls:
+        neurons = tuple(range(calls % 2, config.intermediate_size, 2))[:n]
+        read_mlp(source, layer, neurons, dtype)
+        layer = (layer + 1) % config.n_layers
         calls += 1
     return n * calls / (1e3 * elapsed)
 
@@ -126,6 +148,7 @@ class DeviceProfile:
     bench_speed: float  # neurons per ms at join
     memory_bytes: int
     live_speed: float | None = None  # from reported compute time, if any
+    load_speed: float = 0.0  # neurons per ms it can stream in beyond memory (0: it cannot)
 
     @property
     def speed(self) -> float:
@@ -147,4 +170,5 @@ class DeviceProfile:
     def to_json(self) -> dict[str, Any]:
         return {"speed_neurons_per_ms": round(self.speed, 1),
                 "bench_speed_neurons_per_ms": round(self.bench_speed, 1),
-                "memory_bytes": self.memory_bytes}
+                "memory_bytes": self.memory_bytes,
+                "load_neurons_per_ms": round(self.load_speed, 1)}

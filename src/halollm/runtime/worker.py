@@ -104,6 +104,7 @@ class Worker:
                                       "mlp_ms": 0.0}
         self.memory_bytes = profile.memory_budget(memory_budget)
         self.speed: float | None = None  # neurons per ms, benchmarked at the first join
+        self.load_speed = 0.0  # neurons per ms read from the model file, likewise
         self.status_file = status_file
         self._need_sent: dict[tuple[int, int], float] = {}
         self._stop = False
@@ -220,11 +221,13 @@ class Worker:
         self._need_sent.clear()
         if self.speed is None:
             self.speed = profile.compute_benchmark(self.config, cached(self.source.tensor))
-            self.log(f"compute benchmark: {self.speed:.0f} MLP neurons/ms")
+            self.load_speed = profile.load_benchmark(self.config, self.source)
+            self.log(f"compute benchmark: {self.speed:.0f} MLP neurons/ms; loading "
+                     f"{self.load_speed:.0f} neurons/ms")
         self._send(self.session, "welcome", proof=control.join_proof(
             self.key, "worker", nonce, self.model_hash), model_hash=self.model_hash,
             cores=os.cpu_count(), threads=torch.get_num_threads(), speed=self.speed,
-            memory=self.memory_bytes)
+            memory=self.memory_bytes, load_speed=self.load_speed)
         self.log(f"joined session {self.session.session:08x}")
 
     def _on_plan(self, s: Session, h: dict[str, Any]) -> None:

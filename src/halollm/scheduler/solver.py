@@ -13,7 +13,11 @@ tie-break of at most a microsecond: fewer groups behind lossy links) subject to
 * t[h] >= n[h, d] * cost[h] / speed[d] + latency[d] * u[h, d] (latency: what taking part in
   a round costs besides compute -- the round trip and, for a lossy link, the expected wait
   for the deadline; 0 for the coordinator, device 0);
-* memory: sum_h n[h, d] * cost[h] <= memory[d];
+* memory: sum_h n[h, d] * cost[h] <= memory[d] + e[d], where e[d] = 0 unless the device
+  can stream groups from its model file (load_speed > 0: issue 7's loader), in which case
+  the e[d] units beyond its budget are read again every token, and the token takes
+  T >= sum_h t[h] + e[d] / load_speed[d] (loading counted as not overlapping compute: on
+  small devices the loader shares the cores); the objective is then T;
 * the critical groups of h fit on reliable devices (loss <= `reliable_loss`; the coordinator
   is always reliable);
 * expected significance lost: the worst unreliable link's loss times the significance of
@@ -57,6 +61,11 @@ class DeviceSpec:
     memory: float = float("inf")  # units
     loss: float = 0.0  # probability that its contribution to a round goes missing
     latency: float = 0.0  # ms a round costs when this device takes part, besides compute
+    load_speed: float = 0.0  # units per ms it can stream beyond its memory (0: it cannot)
+
+    @property
+    def streams(self) -> bool:
+        return self.load_speed > 0 and bool(np.isfinite(self.memory))
 
 
 @dataclass
@@ -145,7 +154,9 @@ def _solve_counts(classes: Sequence[Sequence[_Half]], devices: Sequence[DeviceSp
     """Groups per device for each class of halves of one size, which share their counts
     (the program in the module docstring; the objective counts every half of a class)."""
     H, D = len(classes), len(devices)
-    n_vars = 2 * H * D + H  # n[h, d], u[h, d], t[h]
+    streaming = [d for d in range(D) if devices[d].streams]
+    # n[h, d], u[h, d], t[h], then (if a device streams) e[d] per streaming device and T
+    n_vars = 2 * H * D + H + (len(streaming) + 1 if streaming else 0)
 
     def ni(h: int, d: int) -> int:
         return h * D + d
@@ -156,6 +167,11 @@ def _solve_counts(classes: Sequence[Sequence[_Half]], devices: Sequence[DeviceSp
     def ti(h: int) -> int:
         return 2 * H * D + h
 
+    def ei(k: int) -> int:
+        return 2 * H * D + H + k
+
+    big_t = n_vars - 1  # T, when some device streams
+
     reliable = [d for d in range(D) if d == 0 or devices[d].loss <= reliable_loss]
     lossy = [d for d in range(D) if d not in reliable]
     worst = max((devices[d].loss for d in lossy), default=0.0)
@@ -165,7 +181,7 @@ def _solve_counts(classes: Sequence[Sequence[_Half]], devices: Sequence[DeviceSp
     for h, members in enumerate(classes):
         first = members[0]
         G, weight = len(first.members), len(members)
-        c[ti(h)] = weight
+        c[ti(h)] = 0.0 if streaming else weight
         upper[ti(h)] = np.inf
         for d, dev in enumerate(devices):
             upper[ni(h, d)] = G
@@ -189,8 +205,19 @@ def _solve_counts(classes: Sequence[Sequence[_Half]], devices: Sequence[DeviceSp
                     acc += slope
     for d, dev in enumerate(devices):
         if np.isfinite(dev.memory):
-            rows.append(({ni(h, d): members[0].cost * len(members)
-                          for h, members in enumerate(classes)}, -np.inf, dev.memory))
+            coef = {ni(h, d): members[0].cost * len(members)
+                    for h, members in enumerate(classes)}
+            if d in streaming:
+                coef[ei(streaming.index(d))] = -1.0
+            rows.append((coef, -np.inf, dev.memory))
+    if streaming:
+        compute = {ti(h): float(len(members)) for h, members in enumerate(classes)}
+        c[big_t], upper[big_t] = 1.0, np.inf
+        rows.append(({**compute, big_t: -1.0}, -np.inf, 0.0))
+        for k, d in enumerate(streaming):
+            upper[ei(k)] = np.inf
+            rows.append(({**compute, ei(k): 1.0 / devices[d].load_speed, big_t: -1.0},
+                         -np.inf, 0.0))
     A = lil_matrix((len(rows), n_vars))
     lo, hi = np.empty(len(rows)), np.empty(len(rows))
     for r, (coef, a, b) in enumerate(rows):
@@ -198,7 +225,7 @@ def _solve_counts(classes: Sequence[Sequence[_Half]], devices: Sequence[DeviceSp
             A[r, j] = v
         lo[r], hi[r] = a, b
     integrality = np.ones(n_vars)
-    integrality[2 * H * D:] = 0
+    integrality[2 * H * D:] = 0  # t, e, T are continuous
     res = milp(c, constraints=LinearConstraint(A.tocsr(), lo, hi), bounds=Bounds(lower, upper),
                integrality=integrality, options={"time_limit": time_limit_s})
     if res.x is None:
@@ -206,6 +233,8 @@ def _solve_counts(classes: Sequence[Sequence[_Half]], devices: Sequence[DeviceSp
                         "relax the memory budgets, the reliability requirement or the "
                         "expected-loss bound")
     n = np.rint(res.x[: H * D]).astype(int).reshape(H, D)
+    if streaming:
+        return n.tolist(), float(res.x[big_t])
     t = res.x[2 * H * D:]
     return n.tolist(), float(sum(t[h] * len(members) for h, members in enumerate(classes)))
 
@@ -213,28 +242,33 @@ def _solve_counts(classes: Sequence[Sequence[_Half]], devices: Sequence[DeviceSp
 def makespan(groups: Sequence[GroupSpec], devices: Sequence[DeviceSpec],
              owner: Sequence[int]) -> float:
     """The objective of a given placement (sum over rounds of the slowest device's compute
-    plus latency): how the scheduler compares the current plan with a new one."""
+    plus latency, plus the longest streaming of weights beyond a memory budget): how the
+    scheduler compares the current plan with a new one."""
     load: dict[tuple[int, int], float] = {}
+    held = [0.0] * len(devices)
     for g, d in zip(groups, owner, strict=True):
         load[(g.half, d)] = load.get((g.half, d), 0.0) + g.cost / devices[d].speed
+        held[d] += g.cost
     per_half: dict[int, float] = {}
     for (h, d), ms in load.items():
         t = ms + (devices[d].latency if d != 0 else 0.0)
         per_half[h] = max(per_half.get(h, 0.0), t)
-    return sum(per_half.values())
+    streaming = max((max(0.0, held[d] - dev.memory) / dev.load_speed
+                     for d, dev in enumerate(devices) if dev.streams), default=0.0)
+    return sum(per_half.values()) + streaming
 
 
 def _check_feasible(groups: Sequence[GroupSpec], devices: Sequence[DeviceSpec],
                     reliable_loss: float) -> None:
     """The infeasibilities a user can fix, named before the solver runs."""
     total = sum(g.cost for g in groups)
-    memory = sum(d.memory for d in devices)
+    memory = sum(np.inf if d.streams else d.memory for d in devices)
     if memory < total:
         raise HaloError(f"the devices' memory ({memory:g} units) cannot hold the model's "
                         f"groups ({total:g} units)")
     reliable = [d for i, d in enumerate(devices) if i == 0 or d.loss <= reliable_loss]
     critical = sum(g.cost for g in groups if g.critical)
-    room = sum(d.memory for d in reliable)
+    room = sum(np.inf if d.streams else d.memory for d in reliable)
     if critical > room:
         raise HaloError(f"the critical groups ({critical:g} units) do not fit on the reliable "
                         f"devices ({room:g} units of memory)")
