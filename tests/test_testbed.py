@@ -255,3 +255,31 @@ def test_bench_paper_small(tmp_path, predictor_file):
         assert (out / name).stat().st_size > 0
     md = (out / "t.md").read_text()
     assert "Headline, at 10% loss" in md and "| 10% | halo-no-predictor |" in md
+
+
+def test_bench_paper_report_keeps_failed_and_partial_runs(tmp_path):
+    """A configuration that cannot run (e.g. no placement fits the budgets) is a row of the
+    report, not a crash; an interrupted run says it is partial; no headline without HALO."""
+    import argparse
+    from pathlib import Path
+
+    from halollm.bench import paper
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "examples" / "paper.toml")
+    ref = {"ppl": 30.0, "ppl_tokens": 255, "fixed_tokens": 209, "piqa_acc": 0.5,
+           "piqa_items": 2}
+    rows = [{"loss": 0.05, "config": "strict", "decode_ms_per_token": 900.0,
+             "decode_ms_p95": 950.0, "lost": 0, "expected": 10, "groups_per_device": [1, 1],
+             "replans": 0},
+            {"loss": 0.05, "config": "halo", "error": "no placement satisfies the constraints"}]
+    args = argparse.Namespace(spec="examples/paper.toml", memory_budget="64MiB", model=None,
+                              tokens=4, warmup=2, strict_tokens=2, name="p", out=tmp_path,
+                              json=False, headline_rate=0.05)
+    work = paper.Workload(None, [], [], [], [], None, ref)  # type: ignore[arg-type]
+    paper._write(args, spec, ["wifi1"], work, rows, partial=True)
+    md = (tmp_path / "p.md").read_text()
+    assert "| 5% | halo | failed: no placement satisfies the constraints |" in md
+    assert "Interrupted: a partial result" in md and "Headline" not in md
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert data["partial"] is True and data["headline"] is None
+    assert (tmp_path / "p_speed.png").stat().st_size > 0

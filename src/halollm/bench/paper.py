@@ -205,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
     addrs = [(w["address"], int(w["port"])) for w in state["workers"]]
     t0 = time.time()
     current: float | None = None
+    partial = False
     try:
         for k, (rate, name) in enumerate(plan, start=1):
             if rate != current:
@@ -212,17 +213,26 @@ def run(args: argparse.Namespace) -> int:
                     cluster.set_loss(spec, d, rate, rate)
                 current = rate
             say(f"[{k}/{len(plan)}] loss {rate:.0%}: {name} ({time.time() - t0:.0f}s elapsed)")
-            row = {"loss": rate, "config": name,
-                   **_measure(CONFIGS[name], addrs, state["key"], budget, args, work)}
+            row: dict[str, Any] = {"loss": rate, "config": name}
+            try:
+                row.update(_measure(CONFIGS[name], addrs, state["key"], budget, args, work))
+            except HaloError as exc:  # a configuration that cannot run here is a result too
+                row["error"] = str(exc)
+                say(f"    failed: {exc}")
+                rows.append(row)
+                continue
             rows.append(row)
             acc = (f", agreement {row['agreement']:.1%}, ppl {row['ppl']:.3f}, PIQA "
                    f"{row['piqa_acc']}" if "agreement" in row else "")
             say(f"    {row['decode_ms_per_token']} ms/token{acc}, groups per device "
                 f"{row['groups_per_device']}")
+    except KeyboardInterrupt:
+        partial = True
+        say(f"interrupted: writing the {len(rows)} configurations measured so far")
     finally:
         cluster.down(spec, quiet=True)
-    _write(args, spec, lossy, work, rows)
-    return 0
+    _write(args, spec, lossy, work, rows, partial)
+    return 130 if partial else 0
 
 
 def _predictor_path(model: str | None, predictor: str) -> str:
@@ -244,7 +254,9 @@ def _reference(args: argparse.Namespace, wiki_path: Path, piqa_path: Path) -> Wo
     tok = model.tokenizer
     prompt = tok.encode(tok.render_chat([{"role": "user", "content": PROMPT}]))
     fixed = tok.encode(FIXED_TEXT)[:args.forced_tokens]
-    wiki = tok.encode(eval_data.read_text(wiki_path))[:args.ppl_tokens]
+    # one window: at most the model's context
+    wiki = tok.encode(eval_data.read_text(wiki_path))[:min(args.ppl_tokens,
+                                                           model.config.max_position)]
     piqa = eval_data.piqa(piqa_path, args.piqa_items) if args.piqa_items else []
     local = LocalDecoder(model.transformer)
     ref_logits = teacher_forced(local, fixed)
@@ -319,10 +331,15 @@ def _measure(cfg: Config, addrs: list[tuple[str, int]], key: str, budget: int,
         coord.close()
 
 
+def _row(rows: list[dict[str, Any]], rate: float, config: str) -> dict[str, Any] | None:
+    """The measured row of a configuration at a rate (None if absent or failed)."""
+    return next((r for r in rows if r["loss"] == rate and r["config"] == config
+                 and "error" not in r), None)
+
+
 def _headline(rows: list[dict[str, Any]], ref: dict[str, Any], rate: float
               ) -> dict[str, Any] | None:
-    strict = next((r for r in rows if r["loss"] == rate and r["config"] == "strict"), None)
-    halo = next((r for r in rows if r["loss"] == rate and r["config"] == "halo"), None)
+    strict, halo = _row(rows, rate, "strict"), _row(rows, rate, "halo")
     if not strict or not halo:
         return None
     speedup = strict["decode_ms_per_token"] / halo["decode_ms_per_token"]
@@ -332,7 +349,7 @@ def _headline(rows: list[dict[str, Any]], ref: dict[str, Any], rate: float
 
 
 def _write(args: argparse.Namespace, spec: Any, lossy: list[str], work: Workload,
-           rows: list[dict[str, Any]]) -> None:
+           rows: list[dict[str, Any]], partial: bool = False) -> None:
     ref = work.reference
     head = _headline(rows, ref, args.headline_rate)
     devices = ", ".join(
@@ -366,8 +383,11 @@ def _write(args: argparse.Namespace, spec: Any, lossy: list[str], work: Workload
               "(coordinator first) | re-plans |",
               "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for r in rows:
-        strict = next((s for s in rows if s["loss"] == r["loss"] and s["config"] == "strict"),
-                      None)
+        if "error" in r:
+            lines.append(f"| {r['loss']:.0%} | {r['config']} | failed: {r['error']} |"
+                         + " |" * 10)
+            continue
+        strict = _row(rows, r["loss"], "strict")
         speed = (f"{strict['decode_ms_per_token'] / r['decode_ms_per_token']:.2f}x"
                  if strict else "")
         if "agreement" in r:
@@ -382,9 +402,12 @@ def _write(args: argparse.Namespace, spec: Any, lossy: list[str], work: Workload
     lines += ["", "Configurations: " + "; ".join(f"`{n}`: {c.what}" for n, c in CONFIGS.items()
                                                  if any(r['config'] == n for r in rows)) + ".",
               "", f"Plots: `{args.name}_speed.png`, `{args.name}_accuracy.png`.", ""]
+    if partial:
+        lines[3:3] = ["**Interrupted: a partial result.**", ""]
     args.out.mkdir(parents=True, exist_ok=True)
-    _plot(args.out, args.name, rows, ref)
+    _plot(args.out, args.name, [r for r in rows if "error" not in r], ref)
     data = {"spec": str(args.spec), "lossy": lossy, "model": args.model or "default",
+            "partial": partial,
             "coordinator_memory_budget": args.memory_budget, "reference": ref,
             "headline": head, "rows": rows}
     publish(args.out, args.name, data, lines, args.json)
