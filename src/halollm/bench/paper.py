@@ -427,35 +427,31 @@ def _plot(out: Path, name: str, rows: list[dict[str, Any]], ref: dict[str, Any])
         pts = sorted((r["loss"], r[metric]) for r in rows if r["config"] == cfg and metric in r)
         return [100 * p[0] for p in pts], [p[1] for p in pts]
 
+    def draw(ax: Any, metric: str, ylabel: str, skip: tuple[str, ...] = ()) -> None:
+        for cfg in configs:
+            if cfg not in skip:
+                x, y = series(metric, cfg)
+                ax.plot(x, y, marker="o", linestyle=style.get(cfg, "-"), color=color[cfg],
+                        label=cfg)
+        ax.set_xlabel("packet loss per direction on the lossy links (%)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+
+    def save(fig: Any, axes: tuple[Any, ...], suffix: str) -> None:
+        for ax in axes:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / f"{name}_{suffix}.png", dpi=110)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for cfg in configs:
-        x, y = series("decode_ms_per_token", cfg)
-        ax.plot(x, y, marker="o", linestyle=style.get(cfg, "-"), color=color[cfg], label=cfg)
-    ax.set_xlabel("packet loss per direction on the lossy links (%)")
-    ax.set_ylabel("decode ms/token (median, log scale)")
+    draw(ax, "decode_ms_per_token", "decode ms/token (median, log scale)")
     ax.set_yscale("log")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / f"{name}_speed.png", dpi=110)
-    plt.close(fig)
+    save(fig, (ax,), "speed")
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for cfg in configs:
-        if cfg == "strict":
-            continue
-        for ax, metric in ((a1, "ppl"), (a2, "agreement")):
-            x, y = series(metric, cfg)
-            ax.plot(x, y, marker="o", linestyle=style.get(cfg, "-"), color=color[cfg],
-                    label=cfg)
     a1.axhline(ref["ppl"], color="k", linewidth=0.8, label="single device (= strict)")
-    a1.set_ylabel("WikiText-2 slice perplexity")
     a2.axhline(1.0, color="k", linewidth=0.8, label="single device (= strict)")
-    a2.set_ylabel("top-1 agreement with the single device")
-    for ax in (a1, a2):
-        ax.set_xlabel("packet loss per direction on the lossy links (%)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / f"{name}_accuracy.png", dpi=110)
-    plt.close(fig)
+    draw(a1, "ppl", "WikiText-2 slice perplexity", skip=("strict",))
+    draw(a2, "agreement", "top-1 agreement with the single device", skip=("strict",))
+    save(fig, (a1, a2), "accuracy")

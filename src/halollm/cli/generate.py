@@ -6,10 +6,11 @@ import argparse
 import json
 import sys
 import time
+from typing import Any
 
 from halollm.cli.options import add_generation_options, checked_request, prompt_ids
 from halollm.errors import HaloError
-from halollm.generate import LocalDecoder, generate
+from halollm.generate import GenerationResult, LocalDecoder, generate
 from halollm.model.loader import dtype_name, load_model
 
 
@@ -52,24 +53,32 @@ def run(args: argparse.Namespace) -> int:
     if not ids:
         raise HaloError("the prompt is empty")
 
-    def show(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
     result = generate(LocalDecoder(model.transformer), model.tokenizer, ids,
                       max_tokens=args.max_tokens, sampling=sampling,
                       stop=args.stop, max_position=model.config.max_position,
-                      on_text=None if quiet else show, ignore_eos=args.ignore_eos)
-    if quiet:
-        out = result.to_json()
-        out.update(model=str(model.path), dtype=dtype_name(model.dtype))
-        print(json.dumps(out))
+                      on_text=None if quiet else _show, ignore_eos=args.ignore_eos)
+    return _report(result, quiet, {"model": str(model.path), "dtype": dtype_name(model.dtype)},
+                   f" ({1e3 / max(result.decode_ms_per_token, 1e-9):.1f} tokens/s), prefill "
+                   f"{result.prompt_tokens} tokens at {result.prefill_tokens_per_s:.0f} "
+                   f"tokens/s, finish: {result.finish_reason}")
+
+
+def _show(piece: str) -> None:
+    """Stream generated text to stdout as it comes."""
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def _report(result: GenerationResult, as_json: bool, fields: dict[str, Any],
+            summary: str) -> int:
+    """The result as one JSON object (with `fields`), or a summary line on stderr after the
+    streamed text: tokens, ms/token, then `summary`."""
+    if as_json:
+        print(json.dumps({**result.to_json(), **fields}))
     else:
         print(file=sys.stdout)
-        print(f"[{len(result.token_ids)} tokens, {result.decode_ms_per_token:.1f} ms/token "
-              f"({1e3 / max(result.decode_ms_per_token, 1e-9):.1f} tokens/s), prefill "
-              f"{result.prompt_tokens} tokens at {result.prefill_tokens_per_s:.0f} tokens/s, "
-              f"finish: {result.finish_reason}]", file=sys.stderr)
+        print(f"[{len(result.token_ids)} tokens, {result.decode_ms_per_token:.1f} ms/token"
+              f"{summary}]", file=sys.stderr)
     return 0
 
 
@@ -109,29 +118,18 @@ def run_streamed(args: argparse.Namespace) -> int:
         if not ids:
             raise HaloError("the prompt is empty")
 
-        def show(piece: str) -> None:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-
         result = generate(decoder, tokenizer, ids, max_tokens=args.max_tokens,
                           sampling=sampling, stop=args.stop,
                           max_position=source.config.max_position,
-                          on_text=None if quiet else show, ignore_eos=args.ignore_eos)
+                          on_text=None if quiet else _show, ignore_eos=args.ignore_eos)
         loader = decoder.loader_json()
         loader["rss_anon_bytes"] = rss_anon_bytes()  # with the store still full
     finally:
         decoder.close()
         source.close()
-    if quiet:
-        out = result.to_json()
-        out.update(model=str(source.path), dtype=dtype_name(dtype), loader=loader,
-                   peak_rss_bytes=peak_rss_bytes())
-        print(json.dumps(out))
-    else:
-        print(file=sys.stdout)
-        print(f"[{len(result.token_ids)} tokens, {result.decode_ms_per_token:.1f} ms/token; "
-              f"loader: {loader['hits']} hits, {loader['misses']} misses, "
-              f"{loader['bytes_loaded'] / 2**20:.0f} MiB read, stalled "
-              f"{loader['stall_ms']:.0f} ms; peak RSS {peak_rss_bytes() / 2**20:.0f} MiB]",
-              file=sys.stderr)
-    return 0
+    peak = peak_rss_bytes()
+    return _report(result, quiet, {"model": str(source.path), "dtype": dtype_name(dtype),
+                                   "loader": loader, "peak_rss_bytes": peak},
+                   f"; loader: {loader['hits']} hits, {loader['misses']} misses, "
+                   f"{loader['bytes_loaded'] / 2**20:.0f} MiB read, stalled "
+                   f"{loader['stall_ms']:.0f} ms; peak RSS {peak / 2**20:.0f} MiB")
