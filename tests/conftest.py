@@ -52,8 +52,11 @@ def model_fp32():
 
 @pytest.fixture(scope="session")
 def reference(model_path):
-    """transformers' own LLaMA, loading the same GGUF file (dequantized to fp32)."""
-    transformers = pytest.importorskip("transformers")
+    """transformers' own LLaMA, loading the same GGUF file (dequantized to fp32). A test
+    dependency (installed by `scripts/setup.sh --test`): missing, the correctness tests
+    fail rather than skip."""
+    import transformers
+
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32)
     model.eval()
@@ -62,7 +65,8 @@ def reference(model_path):
 
 @pytest.fixture(scope="session")
 def reference_tokenizer(model_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     return transformers.AutoTokenizer.from_pretrained(str(model_path.parent),
                                                       gguf_file=model_path.name)
 

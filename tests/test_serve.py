@@ -10,10 +10,9 @@ import sys
 import threading
 import time
 
+import httpx
+import openai
 import pytest
-
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
 
 API_KEY = "test-serve-key"
 
