@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from halollm.runtime import control, protocol
+from halollm.runtime import protocol
 from halollm.runtime.protocol import ACTIVATION, PARTIAL, ProtocolError, Reassembler, RoundTag
 from halollm.runtime.tensor_codec import (
     WIRE_BF16,
@@ -121,19 +121,6 @@ def test_tensor_codec_roundtrip(wire, tol):
     bad = encode_body(torch.full((1, 4), float("nan")), WIRE_FP32)
     with pytest.raises(ProtocolError, match="non-finite"):
         decode_body(bad, WIRE_FP32, 1, 4)
-
-
-def test_control_messages_are_authenticated():
-    frames = control.pack(KEY, "plan", [b"blob"], epoch=3)
-    header, blobs = control.unpack(KEY, frames)
-    assert header == {"kind": "plan", "epoch": 3} and blobs == [b"blob"]
-    with pytest.raises(ProtocolError, match="unauthenticated"):
-        control.unpack(b"y" * 32, frames)
-    forged = [b'{"kind":"bye"}', frames[-1]]
-    with pytest.raises(ProtocolError, match="unauthenticated"):
-        control.unpack(KEY, forged)
-    with pytest.raises(ProtocolError, match="malformed"):
-        control.unpack(KEY, [b"only"])
 
 
 def test_udp_endpoint_counts_and_survives_hostile_datagrams():

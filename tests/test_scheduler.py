@@ -125,7 +125,7 @@ def test_critical_groups_go_to_reliable_devices_first():
 
 
 def test_sizes_parse_and_bad_ones_are_clear():
-    from halollm.runtime.profile import parse_bytes
+    from halollm.units import parse_bytes
 
     assert parse_bytes("512M") == 512 << 20 and parse_bytes("1.5G") == 3 << 29
     assert parse_bytes("2GiB") == 2 << 30 and parse_bytes("1000") == 1000
@@ -135,7 +135,7 @@ def test_sizes_parse_and_bad_ones_are_clear():
 
 
 def test_link_estimate_follows_a_link_that_starts_losing():
-    from halollm.runtime.profile import LinkEstimate
+    from halollm.scheduler.profile import LinkEstimate
 
     est = LinkEstimate(alpha=0.02)
     for _ in range(300):

@@ -69,8 +69,9 @@ def test_delay_is_refused_without_netem(tmp_path):
 def test_three_device_testbed_with_loss(tmp_path):
     """Up (twice), a relaxed generation over real kernel packet loss, down leaves nothing."""
     from halollm.generate import generate
-    from halollm.runtime.coordinator import ClusterOptions, Coordinator
+    from halollm.runtime.coordinator import Coordinator
     from halollm.runtime.keys import key_bytes
+    from halollm.runtime.options import ClusterOptions
     from halollm.sampling import SamplingParams
     from halollm.testbed import cluster
 
@@ -85,7 +86,8 @@ def test_three_device_testbed_with_loss(tmp_path):
         state = cluster.load_state(spec)
         addrs = [(w["address"], int(w["port"])) for w in state["workers"]]
         coord = Coordinator(None, None, addrs, key_bytes(state["key"]),
-                            ClusterOptions(mode="relaxed", attn_groups=3, coordinator_share=0.5,
+                            ClusterOptions.build(mode="relaxed", attn_groups=3,
+                                                 coordinator_share=0.5,
                                            predictor=None))
         try:
             tok = coord.tokenizer
@@ -144,8 +146,9 @@ def test_live_replan_when_a_link_starts_losing_packets(tmp_path):
     its packets (`halo testbed loss`); the scheduler measures it, re-plans, and moves that
     device's groups to the others between tokens. The generation completes."""
     from halollm.generate import generate
-    from halollm.runtime.coordinator import ClusterOptions, Coordinator
+    from halollm.runtime.coordinator import Coordinator
     from halollm.runtime.keys import key_bytes
+    from halollm.runtime.options import ClusterOptions
     from halollm.sampling import SamplingParams
     from halollm.testbed import cluster
 
@@ -158,7 +161,7 @@ def test_live_replan_when_a_link_starts_losing_packets(tmp_path):
         assert run_halo("testbed", "up", str(f), timeout=300).returncode == 0
         state = cluster.load_state(spec)
         addrs = [(w["address"], int(w["port"])) for w in state["workers"]]
-        coord = Coordinator(None, None, addrs, key_bytes(state["key"]), ClusterOptions(
+        coord = Coordinator(None, None, addrs, key_bytes(state["key"]), ClusterOptions.build(
             placement="halo", memory_budget=60 << 20, predictor=None, replan_every=4))
         raised_at: list[int] = []
 
@@ -168,7 +171,7 @@ def test_live_replan_when_a_link_starts_losing_packets(tmp_path):
             if not raised_at:
                 proc = run_halo("testbed", "loss", str(f), "--device", "b", "--rate", "0.3")
                 assert proc.returncode == 0, proc.stderr
-                raised_at.append(coord._position)
+                raised_at.append(coord.position)
 
         try:
             before = coord.placement.summary()["groups_per_device"]

@@ -26,9 +26,10 @@ from halollm.errors import HaloError
 from halollm.eval.agree import accuracy
 from halollm.generate import LocalDecoder, generate, teacher_forced
 from halollm.model.loader import load_model
-from halollm.runtime.coordinator import ClusterOptions, Coordinator
+from halollm.runtime.coordinator import Coordinator
 from halollm.runtime.keys import key_bytes
 from halollm.runtime.local import LocalWorkers
+from halollm.runtime.options import ClusterOptions
 from halollm.sampling import SamplingParams
 
 PROMPT = "Explain in a few sentences why the sky is blue."
@@ -120,12 +121,12 @@ def run(args: argparse.Namespace) -> int:
             for mode in modes:
                 # every mode gets the same partition and placement (the predictor's, when
                 # there is one): only what is waited for differs
-                opts = ClusterOptions(mode="strict" if mode == "strict" else "relaxed",
+                opts = ClusterOptions.build(mode="strict" if mode == "strict" else "relaxed",
                                       drop_rates=drop, predictor=args.predictor)
                 if mode == "relaxed":
-                    opts.critical_share = 0.0  # no per-token criticality
+                    opts.sync.critical_share = 0.0  # no per-token criticality
                 elif args.critical_share is not None:
-                    opts.critical_share = args.critical_share
+                    opts.sync.critical_share = args.critical_share
                 coord = Coordinator(None, None, addrs, key_bytes(KEY), opts)
                 if mode == "halo" and coord.predictor is None:
                     coord.close()

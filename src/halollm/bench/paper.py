@@ -43,10 +43,11 @@ from halollm.eval.ppl import PerplexityTally, perplexity, sliding_windows
 from halollm.eval.zeroshot import TaskTally, evaluate, scorer
 from halollm.generate import Decoder, LocalDecoder, generate, teacher_forced
 from halollm.model.loader import load_model
-from halollm.runtime.coordinator import ClusterOptions, Coordinator
+from halollm.runtime.coordinator import Coordinator
 from halollm.runtime.keys import key_bytes
-from halollm.runtime.profile import parse_bytes
+from halollm.runtime.options import ClusterOptions
 from halollm.sampling import SamplingParams
+from halollm.units import parse_bytes
 
 
 @dataclass(frozen=True)
@@ -288,10 +289,10 @@ def _piqa_json(tally: TaskTally) -> dict[str, Any]:
 
 def _measure(cfg: Config, addrs: list[tuple[str, int]], key: str, budget: int,
              args: argparse.Namespace, work: Workload) -> dict[str, Any]:
-    opts = ClusterOptions(mode=cfg.mode, placement=cfg.placement, memory_budget=budget,
+    opts = ClusterOptions.build(mode=cfg.mode, placement=cfg.placement, memory_budget=budget,
                           predictor=args.predictor, streaming=cfg.streaming)
     if cfg.critical_share is not None:
-        opts.critical_share = cfg.critical_share
+        opts.sync.critical_share = cfg.critical_share
     coord = Coordinator(args.model, None, addrs, key_bytes(key), opts, log=lambda m: None)
     try:
         strict = cfg.mode == "strict"
@@ -305,7 +306,7 @@ def _measure(cfg: Config, addrs: list[tuple[str, int]], key: str, budget: int,
         steps = [1e3 * s for s in res.step_s]
         out: dict[str, Any] = {
             "mode": cfg.mode, "placement": cfg.placement,
-            "critical_share": opts.critical_share,
+            "critical_share": opts.sync.critical_share,
             "decode_ms_per_token": round(statistics.median(steps), 2),
             "decode_ms_p95": round(sorted(steps)[int(0.95 * (len(steps) - 1))], 2),
             "prefill_ms": round(1e3 * res.prefill_s, 1)}

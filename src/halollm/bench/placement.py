@@ -25,10 +25,11 @@ from halollm.errors import HaloError
 from halollm.eval.agree import accuracy
 from halollm.generate import LocalDecoder, generate, teacher_forced
 from halollm.model.loader import load_model
-from halollm.runtime.coordinator import ClusterOptions, Coordinator
+from halollm.runtime.coordinator import Coordinator
 from halollm.runtime.keys import key_bytes
-from halollm.runtime.profile import parse_bytes
+from halollm.runtime.options import ClusterOptions
 from halollm.sampling import SamplingParams
+from halollm.units import parse_bytes
 
 CONFIGS = ("strict-equal", "equal", "memory", "halo")
 
@@ -107,7 +108,7 @@ def _measure(name: str, addrs: list[tuple[str, int]], key: str, budget: int,
              ref_logits: torch.Tensor) -> dict[str, Any]:
     strict = name == "strict-equal"
     placement = "equal" if strict else name
-    opts = ClusterOptions(mode="strict" if strict else "relaxed", placement=placement,
+    opts = ClusterOptions.build(mode="strict" if strict else "relaxed", placement=placement,
                           memory_budget=budget,
                           predictor=None if args.predictor == "none" else args.predictor)
     coord = Coordinator(args.model, None, addrs, key_bytes(key), opts, log=lambda m: None)
@@ -120,7 +121,7 @@ def _measure(name: str, addrs: list[tuple[str, int]], key: str, budget: int,
         steps = [1e3 * s for s in res.step_s]
         sync = coord.sync_json()
         out: dict[str, Any] = {
-            "mode": opts.mode, "placement": placement,
+            "mode": opts.sync.mode, "placement": placement,
             "decode_ms_per_token": round(statistics.median(steps), 2),
             "decode_ms_p95": round(sorted(steps)[int(0.95 * (len(steps) - 1))], 2),
             "groups_per_device": sync["placement"]["groups_per_device"],

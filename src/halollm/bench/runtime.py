@@ -15,11 +15,12 @@ from halollm.bench.report import publish
 from halollm.generate import LocalDecoder, generate
 from halollm.groups import GroupId, Partition
 from halollm.model.loader import load_model
-from halollm.runtime.coordinator import ClusterOptions, Coordinator
+from halollm.runtime.coordinator import Coordinator
 from halollm.runtime.keys import key_bytes
 from halollm.runtime.local import LocalWorkers
-from halollm.runtime.placement import Placement
+from halollm.runtime.options import ClusterOptions
 from halollm.sampling import SamplingParams
+from halollm.scheduler.placement import Placement
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 KEY = "bench-runtime"
@@ -71,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
     # the cost of a synchronisation round: 30 rounds/token, each with a 1-neuron group
     with LocalWorkers(1, KEY, threads=1) as lw:
         for mode in ("relaxed", "strict"):
-            opts = ClusterOptions(mode=mode, mlp_groups=1536, plan=echo_plan, predictor=None,
-                                  deadline_ms=50.0 if mode == "relaxed" else None)
+            opts = ClusterOptions.build(mode=mode, mlp_groups=1536, custom_plan=echo_plan,
+                                        predictor=None,
+                                        deadline_ms=50.0 if mode == "relaxed" else None)
             coord = Coordinator(None, args.dtype, lw.addresses, key_bytes(KEY), opts)
             try:
                 ms = _decode_ms(coord, tok, ids, args.tokens, args.repeats)
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         with LocalWorkers(n, KEY, threads=1) as lw:
             for mode in ("strict", "relaxed"):
                 coord = Coordinator(None, args.dtype, lw.addresses, key_bytes(KEY),
-                                    ClusterOptions(mode=mode, predictor=None))
+                                    ClusterOptions.build(mode=mode, predictor=None))
                 try:
                     ms = _decode_ms(coord, tok, ids, args.tokens, args.repeats)
                     sync = coord.sync_json()

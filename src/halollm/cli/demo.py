@@ -65,9 +65,10 @@ def agreement(model: Any, prompt: list[int], tokens: list[int]) -> float:
 def run(args: argparse.Namespace) -> int:
     from halollm.generate import generate
     from halollm.model.loader import load_model
-    from halollm.runtime.coordinator import ClusterOptions, Coordinator
+    from halollm.runtime.coordinator import Coordinator
     from halollm.runtime.keys import key_bytes, key_text
     from halollm.runtime.local import LocalWorkers
+    from halollm.runtime.options import ClusterOptions
     from halollm.sampling import SamplingParams
     from halollm.testbed import cluster
 
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         for mode in ("strict", "relaxed"):
             say(f"{mode}: generating {args.max_tokens} tokens…")
             coord = Coordinator(None, None, addresses, key_bytes(key),
-                                ClusterOptions(mode=mode, drop_rates=drop))
+                                ClusterOptions.build(mode=mode, drop_rates=drop))
             try:
                 tok = coord.tokenizer
                 prompt = tok.encode(tok.render_chat([{"role": "user", "content": args.prompt}]))

@@ -91,7 +91,7 @@ def open_target(args: argparse.Namespace, teacher_force: bool = False,
             coord, local = open_cluster(args, quiet=args.json)
             decoder = coord
             info = {"model": str(coord.source.path), "dtype": dtype_name(coord.dtype),
-                    "device": "cluster", "sync_mode": args.sync, "scoring": "teacher-forced"}
+                    "device": "cluster", "sync_mode": args.mode, "scoring": "teacher-forced"}
             yield Target(decoder, lambda ids: teacher_forced(decoder, ids), coord.tokenizer,
                          coord.config.max_position, info, lambda: _sync_summary(decoder))
         finally:

@@ -12,6 +12,7 @@ from halollm.errors import HaloError
 from halollm.generate import generate
 from halollm.model.loader import dtype_name
 from halollm.runtime.keys import ENV, key_bytes, key_text
+from halollm.runtime.options import ClusterOptions, add_flags
 from halollm.runtime.transport import parse_address
 
 
@@ -23,57 +24,9 @@ def add_cluster_options(p: argparse.ArgumentParser, required: bool = True) -> No
                        help="start N worker processes on this machine (stopped on exit)")
     where.add_argument("--testbed", metavar="SPEC",
                        help="use the workers of a running `halo testbed up SPEC`")
-    p.add_argument("--sync", choices=["relaxed", "strict"], default="relaxed",
-                   help="relaxed (default): wait for critical groups, the rest until a "
-                        "deadline, over UDP; strict: wait for everything, over TCP (the "
-                        "distributed-llama baseline)")
-    p.add_argument("--deadline-ms", type=float, default=None, metavar="MS",
-                   help="fix the relaxed-mode deadline (default: derived online from measured "
-                        "worker latency)")
-    p.add_argument("--coordinator-share", type=float, default=0.8, metavar="S",
-                   help="static plan: per layer half, the groups carrying this share of the "
-                        "calibrated significance stay on the coordinator (default 0.8)")
-    p.add_argument("--critical-share", type=float, default=0.98, metavar="S",
-                   help="with a predictor, per token and layer half: the groups carrying this "
-                        "share of the predicted significance must arrive; a missing one is "
-                        "computed by the coordinator (default 0.98; 1 = all, exact under loss; "
-                        "0 = none)")
-    p.add_argument("--predictor", default="auto", metavar="PATH",
-                   help="predictor file; 'auto' (default): the one `halo calibrate` saved for "
-                        "the model, if any; 'none': criticality from the static plan only")
-    p.add_argument("--placement", choices=["static", "equal", "memory", "halo"],
-                   default="static",
-                   help="static (default): critical groups on the coordinator, the rest spread "
-                        "over the workers; equal: every layer's groups dealt out equally over "
-                        "all devices, the coordinator included (distributed-llama's split); "
-                        "memory: in proportion to each device's memory budget (exo, "
-                        "llama.cpp); halo: the load-balancing scheduler, from measured compute "
-                        "speed, memory and link loss/round trip, re-planned as they drift "
-                        "(docs/scheduler.md)")
-    p.add_argument("--memory-budget", metavar="SIZE",
-                   help="memory the coordinator offers for weights, e.g. 2G (default: 80%% "
-                        "of the available RAM); used by --placement memory|halo")
-    p.add_argument("--no-streaming", dest="streaming", action="store_false",
-                   help="with --placement halo: treat every worker's memory budget as a hard "
-                        "limit (by default the scheduler may give a worker more groups than "
-                        "its budget holds when streaming the rest from its model file every "
-                        "token, at its measured loading speed, is faster than the alternatives)")
-    p.add_argument("--replan-every", type=int, default=8, metavar="N",
-                   help="with --placement halo: check every N tokens whether a new plan is "
-                        "at least --hysteresis faster (default 8)")
-    p.add_argument("--hysteresis", type=float, default=0.15, metavar="H",
-                   help="adopt a new plan only if predicted at least this share faster "
-                        "(default 0.15)")
-    p.add_argument("--attn-groups", type=int, default=1, metavar="N",
-                   help="attention groups per layer, at most the KV heads (default 1: all "
-                        "attention is one critical group on the coordinator)")
-    p.add_argument("--mlp-groups", type=int, default=16, metavar="N",
-                   help="MLP groups per layer (default 16)")
-    p.add_argument("--wire", choices=["fp32", "fp16", "bf16", "int8"], default=None,
-                   help="activation format on the wire (default: the compute dtype)")
+    add_flags(p)
     p.add_argument("--key", metavar="TEXT",
                    help=f"cluster key (default: ${ENV}; with --local a fresh one)")
-    p.add_argument("--mtu", type=int, default=1500, help="path MTU for datagrams (default 1500)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -86,21 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def cluster_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from halollm.runtime.coordinator import ClusterOptions
-    from halollm.runtime.profile import parse_bytes
-
-    return ClusterOptions(mode=args.sync, wire=args.wire, deadline_ms=args.deadline_ms,
-                          critical_share=args.critical_share, mlp_groups=args.mlp_groups,
-                          coordinator_share=args.coordinator_share,
-                          placement=args.placement,
-                          memory_budget=parse_bytes(args.memory_budget)
-                          if args.memory_budget else None,
-                          replan_every=args.replan_every, hysteresis=args.hysteresis,
-                          streaming=args.streaming,
-                          predictor=None if args.predictor == "none" else args.predictor,
-                          attn_groups=args.attn_groups,
-                          mtu=args.mtu)
+def cluster_options(args: argparse.Namespace) -> ClusterOptions:
+    return ClusterOptions.from_args(args)
 
 
 def check_cluster_options(args: argparse.Namespace) -> None:
@@ -146,7 +86,7 @@ def open_cluster(args: argparse.Namespace, quiet: bool):  # type: ignore[no-unty
         raise
     if not quiet:
         print(f"cluster ready in {time.perf_counter() - t0:.1f}s: {len(addresses)} workers, "
-              f"{args.sync} sync, placement {coord.placement.summary()['groups_per_device']}"
+              f"{args.mode} sync, placement {coord.placement.summary()['groups_per_device']}"
               " groups per device", file=sys.stderr, flush=True)
     return coord, local
 
@@ -176,13 +116,13 @@ def run(args: argparse.Namespace) -> int:
             local.stop()
     if quiet:
         out = result.to_json()
-        out.update(model=str(coord.source.path), dtype=dtype_name(coord.dtype), mode=args.sync,
+        out.update(model=str(coord.source.path), dtype=dtype_name(coord.dtype), mode=args.mode,
                    sync=sync)
         print(json.dumps(out))
     else:
         print()
         print(f"[{len(result.token_ids)} tokens, {result.decode_ms_per_token:.1f} ms/token, "
-              f"{args.sync}: {sync['received']}/{sync['expected']} contributions received, "
+              f"{args.mode}: {sync['received']}/{sync['expected']} contributions received, "
               f"{sync['lost']} lost, {sync['late']} late, waited {sync['waited_ms_per_token']:.2f}"
               f" ms/token]", file=sys.stderr)
     return 0

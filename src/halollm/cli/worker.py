@@ -11,8 +11,8 @@ import torch
 
 from halollm.errors import HaloError
 from halollm.runtime.keys import ENV, key_bytes, key_text
-from halollm.runtime.profile import parse_bytes
 from halollm.runtime.transport import parse_address
+from halollm.units import parse_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -21,14 +21,14 @@ from halollm.errors import HaloError
 from halollm.groups import KINDS, GroupId, Partition
 from halollm.loader.store import GroupStore
 from halollm.loader.weights import GroupWeights, group_nbytes, read_group
-from halollm.model.llama import AttentionShard, MlpShard, Transformer, rms_norm, sum_partials
+from halollm.model.llama import AttentionShard, Half, Layer, MlpShard, Transformer, sum_partials
 
 DEFAULT_MLP_GROUPS = 4  # per layer: fewer, larger groups cost less Python per token
 
 
 def parse_budget(text: str, model_bytes: int) -> int:
     """'512M', '1.5G', '25%' (of the model's group weights) -> bytes."""
-    from halollm.runtime.profile import parse_bytes
+    from halollm.units import parse_bytes
 
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*%\s*", text)
     if m:
@@ -59,9 +59,6 @@ class StreamedDecoder:
         self.partition = Partition.contiguous(self.config, attn_groups, mlp_groups)
         self.critical_share = critical_share
         self.head = Transformer(self.config, source.tensor, dtype, layers=[])
-        self.norms = [(torch.from_numpy(source.tensor(f"layers.{i}.attn_norm")).float(),
-                       torch.from_numpy(source.tensor(f"layers.{i}.mlp_norm")).float())
-                      for i in range(self.config.n_layers)]
         order = [GroupId(i, kind, j) for i in range(self.config.n_layers) for kind in KINDS
                  for j in range(self.partition.count(i, kind))]
         sizes = {g: group_nbytes(self.config, g.kind, len(self.partition.units(g)), dtype)
@@ -84,8 +81,8 @@ class StreamedDecoder:
         significance: dict[GroupId, float] = {}
         if critical_share is not None:
             from halollm.model.loader import content_hash, open_tokenizer
-            from halollm.runtime.placement import critical_groups
-            from halollm.runtime.significance import RANKING_TEXT, cached_ranking
+            from halollm.predictor.significance import RANKING_TEXT, cached_ranking
+            from halollm.scheduler.placement import critical_groups
 
             significance = cached_ranking(
                 content_hash(Path(source.path)), self.config, source.tensor, self.partition,
@@ -105,28 +102,7 @@ class StreamedDecoder:
         s = self.store.stats
         before = (s.hits, s.misses, s.bytes_loaded, s.stall_ms, s.skipped)
         t0 = time.perf_counter()
-        h = self.head.embed(torch.as_tensor(list(ids), dtype=torch.long))
-        for i in range(self.config.n_layers):
-            attn_norm, mlp_norm = self.norms[i]
-            x = rms_norm(h, attn_norm, self.config.rms_eps, self.dtype)
-            parts = []
-            for j, shard in enumerate(self.attn[i]):
-                w = self.store.get(GroupId(i, "attn", j))
-                shard.w_qkv, shard.b_qkv, shard.w_o = w.tensors  # type: ignore[assignment]
-                parts.append(shard.forward(x, start))
-                shard.w_qkv = shard.b_qkv = shard.w_o = None  # type: ignore[assignment]
-            h = h + sum_partials(parts)
-            x = rms_norm(h, mlp_norm, self.config.rms_eps, self.dtype)
-            parts = []
-            needed = self._needed(i, x.shape[0])
-            for j in range(self.partition.count(i, "mlp")):
-                gid = GroupId(i, "mlp", j)
-                w = self.store.get(gid) if needed[j] else self.store.get_if_resident(gid)
-                if w is None:
-                    continue
-                gate_up, down = w.tensors
-                parts.append(MlpShard.of(self.partition.units(gid), gate_up, down).forward(x))
-            h = h + sum_partials(parts)
+        h = self.head.hidden(list(ids), start, reduce=self._reduce)
         s.per_token.append({"pos": start, "hits": s.hits - before[0],
                             "misses": s.misses - before[1],
                             "skipped": s.skipped - before[4],
@@ -134,6 +110,23 @@ class StreamedDecoder:
                             "stall_ms": round(s.stall_ms - before[3], 3),
                             "ms": round(1e3 * (time.perf_counter() - t0), 3)})
         return self.head.logits(h[-1:])[-1]
+
+    def _reduce(self, i: int, half: Half, _layer: Layer, x: torch.Tensor, start: int
+                ) -> torch.Tensor:
+        """A layer half from the store, group by group, summed in float32."""
+        parts = []
+        if half == "attn":
+            for j, shard in enumerate(self.attn[i]):
+                w = self.store.get(GroupId(i, "attn", j))
+                parts.append(shard.with_weights(w.tensors).forward(x, start))
+        else:
+            needed = self._needed(i, x.shape[0])
+            for j in range(self.partition.count(i, "mlp")):
+                gid = GroupId(i, "mlp", j)
+                w = self.store.get(gid) if needed[j] else self.store.get_if_resident(gid)
+                if w is not None:
+                    parts.append(MlpShard.of(self.partition.units(gid), *w.tensors).forward(x))
+        return sum_partials(parts) if parts else torch.zeros(x.shape[0], x.shape[1])
 
     def _needed(self, layer: int, ntok: int) -> list[bool]:
         """Which MLP groups of this layer must be waited for: all in strict mode and for a

@@ -13,8 +13,10 @@ Hugging Face's LLaMA (norm in float32, RoPE tables in float32 cast to the comput
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from halollm.model.config import ModelConfig, RopeScaling
 
 TensorSource = Callable[[str], np.ndarray]  # canonical name -> float32 array
+Half = Literal["attn", "mlp"]
 
 
 def cached(tensor: TensorSource, size: int = 8) -> TensorSource:
@@ -38,6 +41,8 @@ def cached(tensor: TensorSource, size: int = 8) -> TensorSource:
         return memo[name]
 
     return get
+
+
 REFINE_TOP = 16  # logits recomputed in float32 per position when computing in fp16/bf16
 
 
@@ -152,34 +157,52 @@ class AttentionShard:
         def t(name: str) -> torch.Tensor:
             return torch.from_numpy(tensor(p + name))
 
-        self.w_qkv = torch.cat([t("wq")[q_rows], t("wk")[kv_rows], t("wv")[kv_rows]]
-                               ).to(dtype).contiguous()
-        self.b_qkv = None
+        self.w_qkv: torch.Tensor | None = torch.cat(
+            [t("wq")[q_rows], t("wk")[kv_rows], t("wv")[kv_rows]]).to(dtype).contiguous()
+        self.b_qkv: torch.Tensor | None = None
         if config.attn_bias:
             self.b_qkv = torch.cat([t("bq")[q_rows], t("bk")[kv_rows], t("bv")[kv_rows]]
                                    ).to(dtype)
-        self.w_o = t("wo")[:, q_rows].to(dtype).contiguous()
+        self.w_o: torch.Tensor | None = t("wo")[:, q_rows].to(dtype).contiguous()
         self.rope = rope
         self.cache = KVCache(self.n_kv, hd)
 
     @classmethod
     def without_weights(cls, config: ModelConfig, kv_heads: Sequence[int], rope: Rope
                         ) -> AttentionShard:
-        """A shard holding only its KV cache; `w_qkv`, `b_qkv` and `w_o` are set before each
-        use and dropped after (weights streamed from a group store)."""
+        """A shard holding only its KV cache: it computes through `with_weights` (weights
+        streamed from a group store, read for one use)."""
         shard = cls.__new__(cls)
         shard.kv_heads = tuple(kv_heads)
         shard.n_kv, shard.n_q = len(shard.kv_heads), len(shard.kv_heads) * config.q_per_kv
         shard.head_dim, shard.rope = config.head_dim, rope
-        shard.w_qkv = shard.b_qkv = shard.w_o = None  # type: ignore[assignment]
+        shard.w_qkv = shard.b_qkv = shard.w_o = None
         shard.cache = KVCache(shard.n_kv, config.head_dim)
         return shard
+
+    @property
+    def streamed(self) -> bool:
+        """True for a shard made without weights (they come with each use)."""
+        return self.w_qkv is None
+
+    def with_weights(self, weights: Sequence[torch.Tensor | None]) -> AttentionShard:
+        """This shard (its KV cache shared) computing with weights (w_qkv, b_qkv or None,
+        w_o) read for this use only (a group store's `GroupWeights.tensors`)."""
+        shard = copy.copy(self)
+        shard.w_qkv, shard.b_qkv, shard.w_o = weights
+        return shard
+
+    def _weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        if self.w_qkv is None or self.w_o is None:
+            raise RuntimeError("a shard made without weights computes through with_weights()")
+        return self.w_qkv, self.b_qkv, self.w_o
 
     def _qkv(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor,
                                                          torch.Tensor]:
         """q [n_q, T, hd], k and v [n_kv, T, hd] (float32, RoPE applied) for x [T, d]."""
         T, hd = x.shape[0], self.head_dim
-        qkv = project(x, self.w_qkv, self.b_qkv).float()
+        w_qkv, b_qkv, _ = self._weights()
+        qkv = project(x, w_qkv, b_qkv).float()
         n_qk = self.n_q + self.n_kv
         qk = self.rope.apply(qkv[:, : n_qk * hd].view(T, n_qk, hd).transpose(0, 1), start)
         v = qkv[:, n_qk * hd:].view(T, self.n_kv, hd).transpose(0, 1)
@@ -209,7 +232,7 @@ class AttentionShard:
         out = F.scaled_dot_product_attention(
             q[None], self.cache.k[None, :, :end], self.cache.v[None, :, :end], attn_mask=mask,
             is_causal=mask is None and T > 1, enable_gqa=self.n_q != self.n_kv)
-        return project(out[0].transpose(0, 1).reshape(T, self.n_q * hd), self.w_o)
+        return project(out[0].transpose(0, 1).reshape(T, self.n_q * hd), self._weights()[2])
 
 
 class MlpShard:
@@ -244,9 +267,6 @@ class MlpShard:
         return project(self.activations(x), self.w_down)
 
 
-Shard = AttentionShard | MlpShard
-
-
 def sum_partials(partials: Sequence[torch.Tensor]) -> torch.Tensor:
     """The residual update of a layer half: the float32 sum of its shards' partial updates,
     added to the residual stream once (as the coordinator does with what arrives)."""
@@ -275,11 +295,20 @@ class Layer:
     def mlp_input(self, h: torch.Tensor) -> torch.Tensor:
         return rms_norm(h, self.mlp_norm, self.eps, self.dtype)
 
-    def forward(self, h: torch.Tensor, start: int) -> torch.Tensor:
-        x = self.attn_input(h)
-        h = h + sum_partials([shard.forward(x, start) for shard in self.attn])
-        x = self.mlp_input(h)
-        return h + sum_partials([shard.forward(x) for shard in self.mlp])
+
+# (layer index, half, the layer, its normalised input x [T, d] in the compute dtype, start
+# position) -> the float32 update [T, d] of the residual stream
+Reducer = Callable[[int, Half, Layer, torch.Tensor, int], torch.Tensor]
+
+
+def local_reduce(index: int, half: Half, layer: Layer, x: torch.Tensor, start: int
+                 ) -> torch.Tensor:
+    """The default: the layer half computed here, the float32 sum of the layer's own shards
+    of that half (zeros [T, d] if it has none)."""
+    shards: Sequence[AttentionShard | MlpShard] = layer.attn if half == "attn" else layer.mlp
+    if not shards:
+        return torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
+    return sum_partials([shard.forward(x, start) for shard in shards])
 
 
 class Transformer:
@@ -291,7 +320,8 @@ class Transformer:
                  layers: Sequence[int] | None = None,
                  progress: Callable[[int], None] | None = None) -> None:
         """attn_sets[i] / mlp_sets[i]: the unit sets of layer i's shards (default: one shard
-        with every unit). `layers` restricts which layers get weights (the rest stay empty)."""
+        with every unit). `layers` restricts which layers get weights: the others hold their
+        norms only (their halves are reduced from elsewhere: a group store)."""
         self.config, self.dtype = config, dtype
         tensor = cached(tensor)
         self.rope = Rope(config)
@@ -303,10 +333,10 @@ class Transformer:
         all_kv = [tuple(range(config.n_kv_heads))]
         all_mlp = [tuple(range(config.intermediate_size))]
         wanted = set(range(config.n_layers) if layers is None else layers)
-        self.layers: list[Layer | None] = []
+        self.layers: list[Layer] = []
         for i in range(config.n_layers):
             if i not in wanted:
-                self.layers.append(None)
+                self.layers.append(Layer(config, i, tensor, dtype, self.rope, [], []))
                 continue
             self.layers.append(Layer(config, i, tensor, dtype, self.rope,
                                      attn_sets[i] if attn_sets else all_kv,
@@ -334,15 +364,23 @@ class Transformer:
             logits.scatter_(-1, top, exact)
         return logits
 
+    def hidden(self, ids: torch.Tensor | Sequence[int], start: int = 0,
+               reduce: Reducer = local_reduce) -> torch.Tensor:
+        """The one layer loop: tokens at positions start.. (the KV caches hold positions <
+        start) -> the float32 residual stream [T, d] before the final norm. Each layer half
+        adds reduce(...) once: the local shards by default; the runtime plugs in a
+        synchronisation round, the loader a streamed group store, calibration observers."""
+        h = self.embed(torch.as_tensor(ids, dtype=torch.long))
+        for i, layer in enumerate(self.layers):
+            h = h + reduce(i, "attn", layer, layer.attn_input(h), start)
+            h = h + reduce(i, "mlp", layer, layer.mlp_input(h), start)
+        return h
+
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor | Sequence[int], start: int = 0,
-                last_only: bool = False) -> torch.Tensor:
-        """Run tokens at positions start.. (the KV caches hold positions < start)."""
-        ids = torch.as_tensor(ids, dtype=torch.long)
-        h = self.embed(ids)
-        for layer in self.layers:
-            assert layer is not None, "forward needs every layer"
-            h = layer.forward(h, start)
+                last_only: bool = False, reduce: Reducer = local_reduce) -> torch.Tensor:
+        """Logits of tokens at positions start.. (the KV caches hold positions < start)."""
+        h = self.hidden(ids, start, reduce)
         if last_only:
             h = h[-1:]
         return self.logits(h)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from halollm.eval.metrics import kl_per_position, token_nll, top1_match
-from halollm.groups import KINDS, Kind
+from halollm.groups import Kind
 from halollm.predictor.net import HalfPredictor
 from halollm.predictor.signals import GroupedModel, Signals, significance
 
@@ -71,15 +71,11 @@ def drop_lowest(ranker: Ranker, drop: dict[Kind, int]) -> Masker:
 def forward_masked(gm: GroupedModel, ids: Sequence[int], masker: Masker | None) -> torch.Tensor:
     """Logits [T, vocab] of one causal sequence, each layer half summing only the groups
     `masker` keeps for each token."""
-    h = gm.model.embed(torch.tensor(list(ids)))
-    for i in range(len(gm.layers)):
-        for kind in KINDS:
-            x = gm.input_of(i, kind, h)
-            parts = gm.parts(i, kind, x)
-            keep = None if masker is None else masker(i, kind, x, significance(parts))
-            if keep is not None:
-                parts = parts * keep.T[..., None]
-            h = h + parts.sum(0)
+    def keep(i: int, kind: Kind, x: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
+        mask = None if masker is None else masker(i, kind, x, significance(parts))
+        return parts if mask is None else parts * mask.T[..., None]
+
+    h = gm.hidden(ids, keep)
     return gm.model.logits(h)
 
 

@@ -7,7 +7,7 @@ normalised input of each half and every group's partial update. Calibration reco
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,9 +15,10 @@ import torch
 
 from halollm.groups import Kind, Partition
 from halollm.model.config import ModelConfig
-from halollm.model.llama import Layer, Transformer, cached
+from halollm.model.llama import Half, Layer, Transformer, cached
 
 TensorSource = Callable[[str], np.ndarray]
+PartsHook = Callable[[int, Kind, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class GroupedModel:
@@ -34,7 +35,7 @@ class GroupedModel:
 
     @property
     def layers(self) -> list[Layer]:
-        return self.model.layers  # type: ignore[return-value]
+        return self.model.layers
 
     def attn_parts(self, layer: int, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         """[G_attn, T, d]: each attention group's partial update."""
@@ -49,9 +50,15 @@ class GroupedModel:
     def parts(self, layer: int, kind: Kind, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         return self.attn_parts(layer, x, start) if kind == "attn" else self.mlp_parts(layer, x)
 
-    def input_of(self, layer: int, kind: Kind, h: torch.Tensor) -> torch.Tensor:
-        lay = self.layers[layer]
-        return lay.attn_input(h) if kind == "attn" else lay.mlp_input(h)
+    def hidden(self, ids: Sequence[int], on_parts: PartsHook) -> torch.Tensor:
+        """The float32 residual stream [T, d] after every layer, each layer half adding the
+        sum of the group parts that on_parts(layer, half, x, parts [G, T, d]) returns (it
+        may record them, or mask some)."""
+        def reduce(i: int, half: Half, _layer: Layer, x: torch.Tensor, start: int
+                   ) -> torch.Tensor:
+            return on_parts(i, half, x, self.parts(i, half, x, start)).sum(0)
+
+        return self.model.hidden(list(ids), 0, reduce=reduce)
 
 
 def significance(parts: torch.Tensor) -> torch.Tensor:
@@ -79,15 +86,14 @@ def collect(gm: GroupedModel, chunks: Iterable[list[int]],
     inputs and group significances of every layer half."""
     xs: dict[tuple[int, Kind], list[torch.Tensor]] = {}
     sigs: dict[tuple[int, Kind], list[torch.Tensor]] = {}
+
+    def record(i: int, kind: Kind, x: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
+        xs.setdefault((i, kind), []).append(x.half())
+        sigs.setdefault((i, kind), []).append(significance(parts))
+        return parts
+
     for ids in chunks:
-        h = gm.model.embed(torch.tensor(ids))
-        for i in range(len(gm.layers)):
-            for kind in ("attn", "mlp"):
-                x = gm.input_of(i, kind, h)  # type: ignore[arg-type]
-                parts = gm.parts(i, kind, x)  # type: ignore[arg-type]
-                xs.setdefault((i, kind), []).append(x.half())  # type: ignore[arg-type]
-                sigs.setdefault((i, kind), []).append(significance(parts))  # type: ignore
-                h = h + parts.sum(0)
+        gm.hidden(ids, record)
         if progress is not None:
             progress(len(ids))
     return Signals(x={k: torch.cat(v) for k, v in xs.items()},
@@ -103,15 +109,18 @@ def neuron_contributions(config: ModelConfig, tensor: TensorSource,
     gm = GroupedModel(config, tensor, Partition.whole(config))
     total = torch.zeros(config.n_layers, config.intermediate_size)
     n = 0
+
+    def observe(i: int, half: Half, layer: Layer, x: torch.Tensor, start: int) -> torch.Tensor:
+        if half == "attn":
+            return layer.attn[0].forward(x, start)
+        (shard,) = layer.mlp
+        act = shard.activations(x)
+        total[i] += act.abs().sum(0) * shard.w_down.norm(dim=0)
+        return act @ shard.w_down.T
+
     with torch.inference_mode():
         for ids in chunks:
-            h = gm.model.embed(torch.tensor(ids))
-            for i, lay in enumerate(gm.layers):
-                h = h + lay.attn[0].forward(lay.attn_input(h), 0)
-                (shard,) = lay.mlp
-                act = shard.activations(lay.mlp_input(h))
-                total[i] += act.abs().sum(0) * shard.w_down.norm(dim=0)
-                h = h + act @ shard.w_down.T
+            gm.model.hidden(ids, 0, reduce=observe)
             n += len(ids)
             if progress is not None:
                 progress(len(ids))

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from halollm.errors import HaloError
 from halollm.groups import KINDS, GroupId, Kind, Partition
+from halollm.paths import cache_dir
 from halollm.predictor.net import HalfPredictor
-from halollm.runtime.significance import cache_dir
 
 FORMAT = "halo-predictor/1"
 SUFFIX = ".halo-predictor.safetensors"

@@ -15,7 +15,6 @@ import select
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,53 +22,44 @@ import torch
 import zmq
 
 from halollm.errors import HaloError
-from halollm.groups import GroupId
 from halollm.loader.store import GroupStore
-from halollm.loader.weights import (
-    GroupWeights,
-    attention_shard,
-    group_nbytes,
-    mlp_shard,
-    read_group,
-)
-from halollm.model.llama import AttentionShard, MlpShard, Rope, cached
+from halollm.model.llama import Rope, cached
 from halollm.model.loader import DTYPES, content_hash, open_source
-from halollm.runtime import control, profile, protocol
+from halollm.runtime import protocol
+from halollm.runtime.device_bench import compute_benchmark, load_benchmark
+from halollm.runtime.messages import (
+    PROTOCOL_VERSION,
+    Bye,
+    Heartbeat,
+    Hello,
+    Kv,
+    Message,
+    Need,
+    Ping,
+    Plan,
+    Pong,
+    Ready,
+    Refused,
+    Welcome,
+    blob_tensor,
+    decode,
+    encode,
+    join_proof,
+    keyless_refusal,
+)
 from halollm.runtime.protocol import ACTIVATION, ATTN, PARTIAL, ProtocolError, RoundTag
 from halollm.runtime.tensor_codec import decode_body, encode_body
 from halollm.runtime.transport import UdpEndpoint
+from halollm.runtime.worker_session import (
+    Session,
+    build_layers,
+    group_reader,
+    parse_layers,
+    plan_sizes,
+)
+from halollm.scheduler import profile
 
 HEARTBEAT_S = 0.25
-
-
-@dataclass
-class LayerWork:
-    attn_groups: tuple[int, ...] = ()
-    mlp_groups: tuple[int, ...] = ()
-    attn: AttentionShard | None = None
-    mlp: MlpShard | None = None
-    mlp_units: tuple[int, ...] = ()  # streamed: the MLP neurons, weights in the store
-
-
-@dataclass
-class Session:
-    session: int
-    identity: bytes  # the coordinator's ZeroMQ identity on our ROUTER
-    udp_addr: tuple[str, int]
-    device: int = -1
-    epoch: int = -1
-    wire: int = 1
-    dtype: torch.dtype = torch.float16
-    layers: list[LayerWork] = field(default_factory=list)
-    store: GroupStore | None = None  # the plan exceeds the memory budget: weights streamed
-    request: int = -1
-    known: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> filled positions
-    asked: dict[int, set[int]] = field(default_factory=dict)  # layer -> positions requested
-    last_heard: float = field(default_factory=time.monotonic)
-
-    def start_request(self, request: int) -> None:
-        """A new request: no cached position is known any more."""
-        self.request, self.known, self.asked = request, {}, {}
 
 
 class Worker:
@@ -128,7 +118,7 @@ class Worker:
             s = self.session
             if now - last_beat >= HEARTBEAT_S:
                 if s is not None:
-                    self._send(s, "heartbeat", stats=self._public_stats())
+                    self._send(s, self._heartbeat(s))
                 self._write_status()
                 last_beat = now
             if s is not None and now - s.last_heard > self.idle_timeout:
@@ -153,187 +143,130 @@ class Worker:
                 self._on_datagram(rest[0], identity)
                 continue
             try:
-                header, blobs = control.unpack(self.key, rest)
+                msg = decode(self.key, rest)
             except ProtocolError as exc:
                 self.udp.counters[exc.reason] += 1
                 if exc.reason == "unauthenticated":
-                    self.router.send_multipart([identity, json.dumps(
-                        {"kind": "refused", "reason": "wrong cluster key"}).encode(),
-                        b"\0" * protocol.MAC_SIZE])
+                    self.router.send_multipart([identity, *keyless_refusal("wrong cluster key")])
                 continue
             try:
-                self._on_control(identity, header, blobs)
-            except (ProtocolError, KeyError, ValueError, TypeError) as exc:
-                self.udp.counters["malformed"] += 1
-                self.log(f"bad control message {header.get('kind')!r}: {exc}")
+                self._on_control(identity, msg)
+            except (HaloError, ProtocolError, KeyError, ValueError, TypeError,
+                    IndexError) as exc:
+                self.udp.counters["bad_control"] += 1
+                self.log(f"bad control message {msg.kind!r}: {exc}")
 
     # -- control plane -------------------------------------------------------------------
-    def _send(self, s: Session, kind: str, blobs: list[bytes] | None = None, **fields: Any
-              ) -> None:
-        self.router.send_multipart([s.identity, *control.pack(self.key, kind, blobs,
-                                                               session=s.session, **fields)])
+    def _send(self, s: Session, msg: Message) -> None:
+        self.router.send_multipart([s.identity, *encode(self.key, msg)])
 
-    def _on_control(self, identity: bytes, h: dict[str, Any], blobs: list[bytes]) -> None:
-        kind = h["kind"]
-        if kind == "hello":
-            self._on_hello(identity, h)
+    def _on_control(self, identity: bytes, msg: Message) -> None:
+        if isinstance(msg, Hello):
+            self._on_hello(identity, msg)
             return
         s = self.session
-        if s is None or h.get("session") != s.session or identity != s.identity:
+        if s is None or getattr(msg, "session", None) != s.session or identity != s.identity:
             self.udp.counters["stale_control"] += 1
             return
         s.last_heard = time.monotonic()
-        if kind == "plan":
-            self._on_plan(s, h)
-        elif kind == "kv":
-            self._on_kv(s, h, blobs)
-        elif kind == "ping":
-            self._send(s, "pong", t=h.get("t"))
-        elif kind == "bye":
-            self.log("session ended by the coordinator")
-            self._end_session()
+        match msg:
+            case Plan():
+                self._on_plan(s, msg)
+            case Kv():
+                self._on_kv(s, msg)
+            case Ping(t=t):
+                self._send(s, Pong(s.session, t))
+            case Bye():
+                self.log("session ended by the coordinator")
+                self._end_session()
+            case _:
+                self.udp.counters["unexpected_control"] += 1
 
     def _end_session(self) -> None:
-        if self.session is not None and self.session.store is not None:
-            self.session.store.close()
+        if self.session is not None:
+            self.session.close()
         self.session = None
 
-    def _on_hello(self, identity: bytes, h: dict[str, Any]) -> None:
+    def _on_hello(self, identity: bytes, h: Hello) -> None:
         def refuse(reason: str) -> None:
-            self.router.send_multipart([identity, *control.pack(self.key, "refused",
-                                                                 reason=reason)])
+            self.router.send_multipart([identity, *encode(self.key, Refused(reason))])
             self.log(f"refused a coordinator: {reason}")
 
-        if h.get("version") != control.PROTOCOL_VERSION:
-            return refuse(f"protocol version {h.get('version')} (this worker speaks "
-                          f"{control.PROTOCOL_VERSION})")
-        nonce = str(h.get("nonce", ""))
-        if h.get("proof") != control.join_proof(self.key, "coordinator", nonce,
-                                                  str(h.get("model_hash"))):
+        if h.version != PROTOCOL_VERSION:
+            return refuse(f"protocol version {h.version} (this worker speaks "
+                          f"{PROTOCOL_VERSION})")
+        if h.proof != join_proof(self.key, "coordinator", h.nonce, h.model_hash):
             return refuse("wrong cluster key")
-        if h.get("model_hash") != self.model_hash:
+        if h.model_hash != self.model_hash:
             return refuse(f"different model (worker has {self.model_hash[:12]}…, coordinator "
-                          f"has {str(h.get('model_hash'))[:12]}…)")
-        udp_host, udp_port = h["udp"]
+                          f"has {h.model_hash[:12]}…)")
+        udp_host, udp_port = h.udp
         self._end_session()
-        self.session = Session(session=int(h["session"]), identity=identity,
+        self.session = Session(session=h.session, identity=identity,
                                udp_addr=(str(udp_host), int(udp_port)))
         self._need_sent.clear()
         if self.speed is None:
-            self.speed = profile.compute_benchmark(self.config, cached(self.source.tensor))
-            self.load_speed = profile.load_benchmark(self.config, self.source)
+            self.speed = compute_benchmark(self.config, cached(self.source.tensor))
+            self.load_speed = load_benchmark(self.config, self.source)
             self.log(f"compute benchmark: {self.speed:.0f} MLP neurons/ms; loading "
                      f"{self.load_speed:.0f} neurons/ms")
-        self._send(self.session, "welcome", proof=control.join_proof(
-            self.key, "worker", nonce, self.model_hash), model_hash=self.model_hash,
-            cores=os.cpu_count(), threads=torch.get_num_threads(), speed=self.speed,
-            memory=self.memory_bytes, load_speed=self.load_speed)
-        self.log(f"joined session {self.session.session:08x}")
+        self._send(self.session, Welcome(
+            h.session, join_proof(self.key, "worker", h.nonce, self.model_hash),
+            self.model_hash, os.cpu_count(), torch.get_num_threads(), self.speed,
+            self.memory_bytes, self.load_speed))
+        self.log(f"joined session {h.session:08x}")
 
-    def _on_plan(self, s: Session, h: dict[str, Any]) -> None:
+    def _on_plan(self, s: Session, p: Plan) -> None:
         t0 = time.perf_counter()
-        dtype = DTYPES[h["dtype"]]
-        layers = json.loads(h["layers"])
-        units = [(tuple(spec["attn"]["units"]), tuple(spec["mlp"]["units"])) for spec in layers]
-        sizes = self._plan_sizes(units, dtype)
+        if p.dtype not in DTYPES:
+            raise HaloError(f"unknown dtype {p.dtype!r}")
+        dtype = DTYPES[p.dtype]
+        try:
+            layers = parse_layers(p.layers, self.config)
+        except HaloError as exc:
+            self._send(s, Ready(s.session, p.epoch, error=str(exc)))
+            raise
+        sizes = plan_sizes(self.config, layers, dtype)
         stream = sum(sizes.values()) > self.memory_bytes
         if stream and max(sizes.values()) > self.memory_bytes:
-            self._send(s, "ready", epoch=int(h["epoch"]), error=(
+            self._send(s, Ready(s.session, p.epoch, error=(
                 f"its memory budget ({self.memory_bytes / 2**20:.1f} MiB) cannot hold one "
-                f"layer's share of the plan ({max(sizes.values()) / 2**20:.1f} MiB)"))
+                f"layer's share of the plan ({max(sizes.values()) / 2**20:.1f} MiB)")))
             return
-        if s.store is not None:
-            s.store.close()
-            s.store = None
-        keep = s.dtype == dtype and len(s.layers) == len(layers)
-        new_layers = []
-        for i, spec in enumerate(layers):
-            old = s.layers[i] if keep else LayerWork()
-            work = LayerWork(tuple(spec["attn"]["groups"]), tuple(spec["mlp"]["groups"]))
-            attn_units, mlp_units = units[i]
-            if attn_units:
-                same = old.attn is not None and old.attn.kv_heads == attn_units and \
-                    (old.attn.w_qkv is None) == stream
-                if same:
-                    work.attn = old.attn
-                elif stream:
-                    work.attn = AttentionShard.without_weights(self.config, attn_units,
-                                                               self.rope)
-                else:
-                    work.attn = attention_shard(self.source, self.config, i, attn_units, dtype,
-                                                self.rope)
-                if not same:
-                    s.known.pop(i, None)
-            if mlp_units and stream:
-                work.mlp_units = mlp_units
-            elif mlp_units:
-                same = old.mlp is not None and old.mlp.neurons == mlp_units
-                work.mlp = old.mlp if same else mlp_shard(self.source, i, mlp_units, dtype)
-            new_layers.append(work)
+        s.close()
+        s.layers = build_layers(self.source, self.rope, s, layers, dtype, stream)
         if stream:
-            s.store = GroupStore(list(sizes), sizes, lambda g: self._read(g, units, dtype),
+            s.store = GroupStore(list(sizes), sizes, group_reader(self.source, layers, dtype),
                                  self.memory_bytes)
             self.log(f"plan of {sum(sizes.values()) / 2**20:.0f} MiB exceeds the memory budget "
                      f"({self.memory_bytes / 2**20:.0f} MiB): streaming its weights")
-        s.layers, s.dtype = new_layers, dtype
-        s.device, s.epoch, s.wire = int(h["device"]), int(h["epoch"]), int(h["wire"])
-        if h.get("request") is not None and h["request"] != s.request:
-            s.start_request(int(h["request"]))
-        self._send(s, "ready", epoch=s.epoch, build_ms=round(1e3 * (time.perf_counter() - t0),
-                                                             1))
+        s.dtype, s.device, s.epoch, s.wire = dtype, p.device, p.epoch, p.wire
+        if p.request != s.request:
+            s.start_request(p.request)
+        self._send(s, Ready(s.session, s.epoch,
+                            build_ms=round(1e3 * (time.perf_counter() - t0), 1)))
 
-    def _plan_sizes(self, units: list[tuple[tuple[int, ...], tuple[int, ...]]],
-                    dtype: torch.dtype) -> dict[GroupId, int]:
-        """Dequantized bytes of this device's share of every layer half (a store key)."""
-        out: dict[GroupId, int] = {}
-        for i, (attn, mlp) in enumerate(units):
-            for kind, share in (("attn", attn), ("mlp", mlp)):
-                if share:
-                    out[GroupId(i, kind, 0)] = group_nbytes(self.config, kind, len(share),
-                                                            dtype)
-        return out
-
-    def _read(self, gid: GroupId, units: list[tuple[tuple[int, ...], tuple[int, ...]]],
-              dtype: torch.dtype) -> GroupWeights:
-        attn, mlp = units[gid.layer]
-        return read_group(self.source, self.config, gid.layer, gid.kind,
-                          mlp if gid.kind == "mlp" else attn, dtype)
-
-    def _attention(self, s: Session, layer: int, work: LayerWork) -> AttentionShard:
-        """The layer's attention shard with its weights (from the store when streaming)."""
-        assert work.attn is not None
-        if s.store is not None:
-            work.attn.w_qkv, work.attn.b_qkv, work.attn.w_o = s.store.get(
-                GroupId(layer, "attn", 0)).tensors  # type: ignore[assignment]
-        return work.attn
-
-    def _release(self, s: Session, work: LayerWork) -> None:
-        if s.store is not None and work.attn is not None:
-            work.attn.w_qkv = work.attn.b_qkv = work.attn.w_o = None  # type: ignore[assignment]
-
-    def _on_kv(self, s: Session, h: dict[str, Any], blobs: list[bytes]) -> None:
+    def _on_kv(self, s: Session, m: Kv) -> None:
         """Keys/values for positions we missed (repair) or never had (replay)."""
-        if h["request"] != s.request:
-            if h.get("replay"):
-                s.start_request(int(h["request"]))
-            else:
+        if m.request != s.request:
+            if not m.replay:
                 return
-        layer, start = int(h["layer"]), int(h["start"])
-        work = s.layers[layer] if layer < len(s.layers) else None
-        if work is None or work.attn is None:
+            s.start_request(m.request)
+        if not 0 <= m.layer < len(s.layers) or s.layers[m.layer].attn is None or m.start < 0:
             return
-        n = int(h["n"])
-        x = control.blob_tensor(blobs[0], (n, self.config.hidden_size))
+        x = blob_tensor(m.x, (m.n, self.config.hidden_size))
         with torch.inference_mode():
-            self._attention(s, layer, work).fill_cache(x.to(s.dtype), start)
-            self._release(s, work)
-        self._mark_known(s, layer, start, n)
-        if not h.get("replay"):
-            self.stats["repaired"] += n
-            for p in range(start, start + n):
-                sent = self._need_sent.pop((layer, p), None)
+            s.attention(m.layer).fill_cache(x.to(s.dtype), m.start)
+        s.mark_known(m.layer, m.start, m.n)
+        if not m.replay:
+            self.stats["repaired"] += m.n
+            for p in range(m.start, m.start + m.n):
+                sent = self._need_sent.pop((m.layer, p), None)
                 if sent is not None:
                     self.stats["repair_ms"].append(1e3 * (time.monotonic() - sent))
+
+    def _heartbeat(self, s: Session) -> Message:
+        return Heartbeat(s.session, self._public_stats())
 
     def _public_stats(self) -> dict[str, Any]:
         ms = self.stats["repair_ms"]
@@ -393,29 +326,11 @@ class Worker:
             return
         if tag.request != s.request:
             s.start_request(tag.request)
-        work = s.layers[tag.layer]
-        t0 = time.perf_counter()
-        if tag.phase == ATTN:
-            if work.attn is None:
-                return
-            mask = self._key_mask(s, tag)
-            out = self._attention(s, tag.layer, work).forward(x, tag.pos, key_mask=mask)
-            self._release(s, work)
-            self._mark_known(s, tag.layer, tag.pos, tag.ntok)
-            groups = work.attn_groups
-        else:
-            mlp = work.mlp
-            if mlp is None and work.mlp_units and s.store is not None:
-                mlp = MlpShard.of(work.mlp_units,
-                                  *s.store.get(GroupId(tag.layer, "mlp", 0)).tensors)
-            if mlp is None:
-                return
-            out = mlp.forward(x)
-            self.stats["mlp_neurons"] += mlp.n * tag.ntok
-            self.stats["mlp_ms"] += 1e3 * (time.perf_counter() - t0)
-            groups = work.mlp_groups
-        reply = encode_body(out, s.wire, groups)
-        self.stats["compute_ms"] += 1e3 * (time.perf_counter() - t0)
+        out = self._compute(s, tag, x)
+        if out is None:
+            return
+        groups, y = out
+        reply = encode_body(y, s.wire, groups)
         self.stats["rounds"] += 1
         if via_udp:
             self.udp.send(PARTIAL, s.device, s.wire, tag, reply, [s.udp_addr])
@@ -424,25 +339,35 @@ class Worker:
                                    mtu=1 << 30)[0]
             self.router.send_multipart([s.identity, data])
 
-    def _known(self, s: Session, layer: int, upto: int) -> torch.Tensor:
-        known = s.known.get(layer)
-        if known is None or known.shape[0] < upto:
-            grown = torch.zeros(max(upto, 256, 2 * (0 if known is None else known.shape[0])),
-                                dtype=torch.bool)
-            if known is not None:
-                grown[: known.shape[0]] = known
-            s.known[layer] = known = grown
-        return known
-
-    def _mark_known(self, s: Session, layer: int, start: int, n: int) -> None:
-        self._known(s, layer, start + n)[start:start + n] = True
+    def _compute(self, s: Session, tag: RoundTag, x: torch.Tensor
+                 ) -> tuple[tuple[int, ...], torch.Tensor] | None:
+        """(groups, partial update) of this device's share of the round, or None."""
+        work = s.layers[tag.layer]
+        t0 = time.perf_counter()
+        if tag.phase == ATTN:
+            if work.attn is None:
+                return None
+            mask = self._key_mask(s, tag)
+            y = s.attention(tag.layer).forward(x, tag.pos, key_mask=mask)
+            s.mark_known(tag.layer, tag.pos, tag.ntok)
+            groups = work.attn_groups
+        else:
+            mlp = s.mlp(tag.layer)
+            if mlp is None:
+                return None
+            y = mlp.forward(x)
+            self.stats["mlp_neurons"] += mlp.n * tag.ntok
+            self.stats["mlp_ms"] += 1e3 * (time.perf_counter() - t0)
+            groups = work.mlp_groups
+        self.stats["compute_ms"] += 1e3 * (time.perf_counter() - t0)
+        return groups, y
 
     def _key_mask(self, s: Session, tag: RoundTag) -> torch.Tensor | None:
         """None when every earlier position is in the cache; otherwise a mask that hides the
         missing ones, after asking the coordinator for them (KV repair)."""
         if tag.pos == 0:
             return None
-        known = self._known(s, tag.layer, tag.pos + tag.ntok)
+        known = s.known_upto(tag.layer, tag.pos + tag.ntok)
         if bool(known[: tag.pos].all()):
             return None
         missing = (~known[: tag.pos]).nonzero().flatten().tolist()
@@ -454,7 +379,7 @@ class Worker:
             for p in new:
                 self._need_sent[(tag.layer, p)] = now
             self.stats["repair_requests"] += 1
-            self._send(s, "need", request=s.request, layer=tag.layer, positions=new)
+            self._send(s, Need(s.session, s.request, tag.layer, new))
         mask = known.clone()
         mask[tag.pos: tag.pos + tag.ntok] = True
         return mask

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from halollm.groups import GroupId, Partition
 from halollm.model.config import ModelConfig
-from halollm.model.llama import Transformer, cached
+from halollm.model.llama import Half, Layer, Transformer, cached, sum_partials
+from halollm.paths import cache_dir
 
 # A fixed English text written for this project (not evaluation data), ~300 tokens.
 RANKING_TEXT = (
@@ -42,11 +41,6 @@ RANKING_TEXT = (
 )
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "halo"
-
-
 @torch.inference_mode()
 def measure(config: ModelConfig, tensor: Callable[[str], np.ndarray], partition: Partition,
             ids: list[int], dtype: torch.dtype = torch.float32) -> dict[GroupId, float]:
@@ -54,25 +48,20 @@ def measure(config: ModelConfig, tensor: Callable[[str], np.ndarray], partition:
     tensor = cached(tensor, size=16)
     model = Transformer(config, tensor, dtype, attn_sets=[lg.attn for lg in partition.layers])
     out: dict[GroupId, float] = {}
-    h = model.embed(torch.tensor(ids))
-    for i, layer in enumerate(model.layers):
-        assert layer is not None
-        x = layer.attn_input(h)
-        parts = [s.forward(x, 0).float() for s in layer.attn]
+
+    def observe(i: int, half: Half, layer: Layer, x: torch.Tensor, start: int) -> torch.Tensor:
+        if half == "attn":
+            parts = [s.forward(x, start).float() for s in layer.attn]
+        else:  # one pass for the activations, then each group's slice of the down projection
+            (mlp,) = layer.mlp
+            act, down = mlp.activations(x).float(), mlp.w_down.float()
+            parts = [act[:, idx] @ down[:, idx].T
+                     for idx in map(torch.tensor, partition.layers[i].mlp)]
         for j, p in enumerate(parts):
-            out[GroupId(i, "attn", j)] = float(p.norm(dim=-1).mean())
-        h = h + sum(parts)
-        # MLP: one pass for the activations, then each group's slice of the down projection
-        (mlp,) = layer.mlp
-        act = mlp.activations(layer.mlp_input(h)).float()
-        down = mlp.w_down.float()
-        total = torch.zeros_like(h)
-        for j, units in enumerate(partition.layers[i].mlp):
-            idx = torch.tensor(units)
-            p = act[:, idx] @ down[:, idx].T
-            out[GroupId(i, "mlp", j)] = float(p.norm(dim=-1).mean())
-            total += p
-        h = h + total
+            out[GroupId(i, half, j)] = float(p.norm(dim=-1).mean())
+        return sum_partials(parts)
+
+    model.hidden(ids, 0, reduce=observe)
     return out
 
 

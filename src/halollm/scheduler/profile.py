@@ -15,56 +15,11 @@ from __future__ import annotations
 
 import os
 import re
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from halollm.errors import HaloError
-from halollm.model.config import ModelConfig
-from halollm.model.llama import MlpShard
-
-BENCH_SECONDS = 0.4  # four CFS periods of 100 ms: a CPU quota shows in the result
-LOAD_BENCH_SECONDS = 0.2
 SAFE_MEMORY_SHARE = 0.8  # of the available RAM, without a declared budget
-
-
-@torch.inference_mode()
-def compute_benchmark(config: ModelConfig, tensor: Callable[[str], torch.Tensor],
-                      seconds: float = BENCH_SECONDS) -> float:
-    """MLP neurons of layer 0 this device computes per millisecond (fp32, one token), timed
-    by the wall clock so that a CPU quota or a busy machine lowers it."""
-    n = max(1, config.intermediate_size // 8)
-    shard = MlpShard(config, 0, range(n), tensor, torch.float32)
-    x = torch.randn(1, config.hidden_size)
-    shard.forward(x)  # warm-up
-    calls = 0
-    t0 = time.perf_counter()
-    while (elapsed := time.perf_counter() - t0) < seconds:
-        shard.forward(x)
-        calls += 1
-    return n * calls / (1e3 * elapsed)
-
-
-def load_benchmark(config: ModelConfig, source: Any, dtype: torch.dtype = torch.float16,
-                   seconds: float = LOAD_BENCH_SECONDS) -> float:
-    """MLP neurons per millisecond whose weights this device reads from the model file
-    (partial reads of scattered rows, as a calibrated group's are) and converts to the
-    compute dtype, timed by the wall clock."""
-    from halollm.loader.weights import read_mlp
-
-    n = max(1, config.intermediate_size // 16)
-    calls, layer = 0, 0
-    t0 = time.perf_counter()
-    while (elapsed := time.perf_counter() - t0) < seconds or not calls:
-        neurons = tuple(range(calls % 2, config.intermediate_size, 2))[:n]
-        read_mlp(source, layer, neurons, dtype)
-        layer = (layer + 1) % config.n_layers
-        calls += 1
-    return n * calls / (1e3 * elapsed)
 
 
 def available_memory_bytes() -> int:
@@ -96,20 +51,6 @@ def memory_budget(declared: int | None) -> int:
                                                      available_memory_bytes())
 
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
-          "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
-          "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
-
-
-def parse_bytes(text: str) -> int:
-    """'512M', '1.5G', '2GiB', '1000000' -> bytes (binary multiples)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise HaloError(f"not a size: {text!r} (use e.g. 512M, 1.5G or a number of bytes)")
-    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if value < 1:
-        raise HaloError(f"a memory budget must be positive (got {text!r})")
-    return int(value)
 
 
 class LinkEstimate:

@@ -1,0 +1,267 @@
+"""The coordinator's links to its workers: connect, join, heartbeats, control messages in and
+out. Links report what happened (a worker went silent, one came back, one needs KV repair) as
+events; they do not act on them -- the coordinator applies every change between tokens."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from halollm.errors import HaloError
+from halollm.runtime import protocol
+from halollm.runtime.messages import PROTOCOL_VERSION as CONTROL_VERSION
+from halollm.runtime.messages import (
+    Heartbeat,
+    Hello,
+    Message,
+    Need,
+    Refused,
+    Welcome,
+    decode,
+    encode,
+    is_keyless_refusal,
+    join_proof,
+)
+from halollm.runtime.options import LinkOptions
+from halollm.runtime.protocol import ProtocolError
+from halollm.runtime.stats import SyncStats
+from halollm.runtime.transport import Address, local_address_towards
+from halollm.scheduler.profile import DeviceProfile, LinkEstimate, available_memory_bytes
+
+WRONG_KEY = "wrong cluster key"
+
+
+@dataclass
+class WorkerLink:
+    index: int  # the worker's device number (the coordinator is 0)
+    host: str
+    port: int
+    sock: Any = None
+    alive: bool = False
+    last_seen: float = 0.0
+    last_attempt: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+    heartbeat: dict[str, Any] = field(default_factory=dict)
+    profile: DeviceProfile | None = None
+    estimate: LinkEstimate = field(default_factory=LinkEstimate)
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def udp_addr(self) -> Address:
+        return (self.host, self.port)
+
+
+@dataclass(frozen=True)
+class Dead:
+    link: WorkerLink
+    reason: str
+
+
+@dataclass(frozen=True)
+class Rejoined:
+    link: WorkerLink
+
+
+@dataclass(frozen=True)
+class RepairNeeded:
+    link: WorkerLink
+    request: int
+    layer: int
+    positions: list[int]
+
+
+Event = Dead | Rejoined | RepairNeeded
+DataHandler = Callable[[WorkerLink, bytes], None]
+
+
+class Links:
+    def __init__(self, addresses: Sequence[Address], key: bytes, session: int, model_hash: str,
+                 udp_port: int, opts: LinkOptions, stats: SyncStats,
+                 log: Callable[[str], None]) -> None:
+        self.key, self.session, self.model_hash = key, session, model_hash
+        self.udp_port, self.opts, self.stats, self.log = udp_port, opts, stats, log
+        self.ctx = zmq.Context.instance()
+        self.links = [WorkerLink(i + 1, h, p) for i, (h, p) in enumerate(addresses)]
+        self.events: list[Event] = []
+        self.last_poll = 0.0
+
+    def __iter__(self) -> Iterator[WorkerLink]:
+        return iter(self.links)
+
+    def alive(self) -> list[WorkerLink]:
+        return [link for link in self.links if link.alive]
+
+    def send(self, link: WorkerLink, msg: Message, flags: int = 0) -> None:
+        link.sock.send_multipart(encode(self.key, msg), flags)
+
+    def silent(self, link: WorkerLink) -> bool:
+        return time.monotonic() - link.last_seen > self.opts.dead_after_s
+
+    # -- joining -------------------------------------------------------------------------
+    def join_all(self) -> None:
+        for link in self.links:
+            nonce = self._hello(link)
+            reply = self.await_reply(link, (Welcome, Refused), self.opts.join_timeout_s,
+                                     joining=True)
+            if reply is None:
+                raise HaloError(f"worker {link.name} did not answer within "
+                                f"{self.opts.join_timeout_s:.0f}s (is `halo worker` running "
+                                "there, and reachable?)")
+            self._check_welcome(link, reply, nonce)
+
+    def _hello(self, link: WorkerLink) -> str:
+        if link.sock is not None:
+            link.sock.close(0)
+        link.sock = self.ctx.socket(zmq.DEALER)
+        link.sock.setsockopt(zmq.LINGER, 0)
+        link.sock.connect(f"tcp://{link.host}:{link.port}")
+        nonce = secrets.token_hex(16)
+        udp_host = local_address_towards(link.host, link.port)
+        self.send(link, Hello(CONTROL_VERSION, self.session, nonce, self.model_hash,
+                              [udp_host, self.udp_port],
+                              join_proof(self.key, "coordinator", nonce, self.model_hash)))
+        return nonce
+
+    def _check_welcome(self, link: WorkerLink, reply: Message, nonce: str) -> None:
+        if isinstance(reply, Refused):
+            raise HaloError(f"worker {link.name} refused to join: {reply.reason}")
+        assert isinstance(reply, Welcome)
+        if reply.proof != join_proof(self.key, "worker", nonce, self.model_hash):
+            raise HaloError(f"worker {link.name} could not prove it holds the cluster key")
+        link.alive, link.last_seen = True, time.monotonic()
+        link.info = {"cores": reply.cores, "threads": reply.threads}
+        if link.profile is None:
+            link.profile = DeviceProfile(link.name, reply.speed,
+                                         reply.memory or available_memory_bytes(),
+                                         load_speed=reply.load_speed)
+
+    def await_reply(self, link: WorkerLink, kinds: tuple[type[Message], ...], timeout_s: float,
+                    joining: bool = False) -> Message | None:
+        """Block for a control message of one of `kinds` from link (others are handled)."""
+        end = time.monotonic() + timeout_s
+        while (left := end - time.monotonic()) > 0:
+            if not link.sock.poll(int(min(left, 0.25) * 1000) + 1):
+                continue
+            frames = link.sock.recv_multipart()
+            if len(frames) == 1 and frames[0][:2] == protocol.MAGIC:
+                self.stats.late += 1  # a strict-mode partial of a round already closed
+                continue
+            if joining and is_keyless_refusal(frames, WRONG_KEY):
+                raise HaloError(f"worker {link.name} refused to join: wrong cluster key "
+                                "(give both sides the same --key or HALO_KEY)")
+            msg = self._decode(frames)
+            if msg is None or getattr(msg, "session", None) not in (None, self.session):
+                continue
+            if isinstance(msg, kinds):
+                link.last_seen = time.monotonic()
+                return msg
+            self._on_message(link, msg)
+        return None
+
+    # -- traffic -------------------------------------------------------------------------
+    def _decode(self, frames: list[bytes]) -> Message | None:
+        try:
+            return decode(self.key, frames)
+        except ProtocolError as exc:
+            self.stats.datagrams[exc.reason] += 1
+            return None
+
+    def drain(self, link: WorkerLink, on_data: DataHandler | None = None) -> None:
+        """Everything waiting on link's socket: data frames (strict mode) to on_data (or
+        counted late), control messages handled."""
+        while True:
+            try:
+                frames = link.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) == 1 and frames[0][:2] == protocol.MAGIC:
+                if on_data is not None:
+                    on_data(link, frames[0])
+                else:
+                    self.stats.late += 1  # a strict-mode partial of a closed round
+                continue
+            msg = self._decode(frames)
+            if msg is None or getattr(msg, "session", None) != self.session:
+                continue
+            link.last_seen = time.monotonic()
+            self._on_message(link, msg)
+
+    def poll(self) -> None:
+        self.last_poll = time.perf_counter()
+        for link in self.alive():
+            self.drain(link)
+
+    def _on_message(self, link: WorkerLink, msg: Message) -> None:
+        match msg:
+            case Heartbeat(stats=stats):
+                if link.profile is not None:
+                    before = link.heartbeat
+                    link.profile.observe_compute(
+                        float(stats.get("mlp_neurons", 0)) - float(before.get("mlp_neurons", 0)),
+                        float(stats.get("mlp_ms", 0.0)) - float(before.get("mlp_ms", 0.0)))
+                link.heartbeat = stats
+            case Need(request=request, layer=layer, positions=positions):
+                self.events.append(RepairNeeded(link, request, layer, positions))
+            case _:
+                pass  # pong, a late ready: liveness only
+
+    # -- liveness ------------------------------------------------------------------------
+    def check(self) -> list[Event]:
+        """Poll every link; report silent workers as dead, try lost ones again; return (and
+        forget) every event since the last check."""
+        self.poll()
+        now = time.monotonic()
+        for link in self.links:
+            if link.alive and now - link.last_seen > self.opts.dead_after_s:
+                link.alive = False
+                link.last_attempt = now
+                self.events.append(Dead(link, "no heartbeat"))
+            elif not link.alive and now - link.last_attempt > self.opts.rejoin_every_s:
+                self._try_rejoin(link)
+        events, self.events = self.events, []
+        return events
+
+    def lost(self, link: WorkerLink, reason: str) -> Dead:
+        link.alive = False
+        link.last_attempt = time.monotonic()
+        return Dead(link, reason)
+
+    def _try_rejoin(self, link: WorkerLink) -> None:
+        link.last_attempt = time.monotonic()
+        try:
+            nonce = self._hello(link)
+            reply = self.await_reply(link, (Welcome, Refused), 0.2, joining=True)
+            if not isinstance(reply, Welcome):
+                return
+            self._check_welcome(link, reply, nonce)
+        except HaloError as exc:
+            self.log(str(exc))
+            link.alive = False
+            return
+        self.events.append(Rejoined(link))
+
+    def ping_all(self, msg_for: Callable[[], Message]) -> None:
+        for link in self.alive():
+            self.send(link, msg_for())
+
+    def close(self, bye: Message) -> None:
+        for link in self.links:
+            if link.sock is None:
+                continue
+            linger = 0
+            if link.alive:
+                try:
+                    self.send(link, bye, zmq.NOBLOCK)
+                    linger = 200
+                except zmq.ZMQError:
+                    pass
+            link.sock.close(linger)
+            link.sock = None

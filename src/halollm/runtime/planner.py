@@ -1,0 +1,131 @@
+"""When and to what the placement changes: the first plan by the chosen policy, and (halo
+placement) a new plan every few tokens when it is predicted enough faster, or when a worker
+came or went. It decides; the coordinator applies the change between tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from halollm.errors import HaloError
+from halollm.groups import GroupId, Partition
+from halollm.loader.weights import group_nbytes
+from halollm.model.config import ModelConfig
+from halollm.runtime.links import WorkerLink
+from halollm.runtime.options import ClusterOptions
+from halollm.scheduler.placement import (
+    Placement,
+    PlanResult,
+    equal_plan,
+    solved_plan,
+    static_plan,
+)
+from halollm.scheduler.profile import DeviceProfile
+from halollm.scheduler.specs import WorkerState, device_specs
+
+DWELL_CHECKS = 2  # a plan adopted for speed stays for at least this many re-planning checks
+
+
+def units_per_round(placement: Placement | None, device: int, n_layers: int) -> float:
+    """Mean MLP neurons the device computes per round it takes part in (placement now)."""
+    if placement is None:
+        return 0.0
+    used = [n for i in range(n_layers) if (n := len(placement.units_of(device, i, "mlp")))]
+    return sum(used) / len(used) if used else 0.0
+
+
+class Planner:
+    def __init__(self, opts: ClusterOptions, partition: Partition,
+                 ranking: Mapping[GroupId, float], config: ModelConfig, dtype: torch.dtype,
+                 coordinator: DeviceProfile, log: Callable[[str], None]) -> None:
+        self.opts, self.plan_opts = opts, opts.plan
+        self.partition, self.ranking, self.config = partition, ranking, config
+        self.coordinator, self.log = coordinator, log
+        self.bytes_per_unit = group_nbytes(config, "mlp", 1, dtype)
+        self.replans: list[dict[str, Any]] = []
+        self.force = False  # re-plan at the next token (a worker rejoined)
+        self.since_check = 0
+        self.since_adopt = DWELL_CHECKS * self.plan_opts.replan_every  # the first may go
+
+    @property
+    def adaptive(self) -> bool:
+        return self.plan_opts.placement == "halo" and self.opts.custom_plan is None
+
+    def initial(self, links: list[WorkerLink]) -> Placement:
+        n = len(links) + 1
+        if self.opts.custom_plan is not None:
+            return self.opts.custom_plan(self.partition, dict(self.ranking))
+        if self.plan_opts.placement == "equal":
+            return equal_plan(self.partition, n)
+        if self.plan_opts.placement == "static":
+            return static_plan(self.partition, self.ranking, len(links),
+                               self.plan_opts.coordinator_share)
+        plan = self.solve(links, None, deadline_ms=0.0)
+        self.replans.append({"position": 0, "reason": "initial",
+                             "predicted_ms": round(plan.predicted_ms, 3),
+                             "solve_ms": round(plan.solve_ms, 1),
+                             "groups_per_device": plan.placement.summary()["groups_per_device"]})
+        return plan.placement
+
+    def solve(self, links: list[WorkerLink], current: Placement | None, deadline_ms: float
+              ) -> PlanResult:
+        """A placement by the `memory` or `halo` policy over the live devices (and, given
+        the current one, its predicted time on the same measurements)."""
+        n_layers = self.config.n_layers
+        workers = [WorkerState(lk.index, lk.name, lk.profile, lk.estimate,
+                               units_per_round(current, lk.index, n_layers))
+                   for lk in links if lk.alive and lk.profile is not None]
+        specs, index = device_specs(self.coordinator, workers, deadline_ms,
+                                    self.bytes_per_unit, self.plan_opts.streaming)
+        return solved_plan(
+            self.partition, self.ranking, self.plan_opts.coordinator_share, specs, self.config,
+            self.plan_opts.placement, index, len(links) + 1,
+            reliable_loss=self.plan_opts.reliable_loss,
+            max_lost_share=self.plan_opts.max_lost_share, current=current)
+
+    def check(self, links: list[WorkerLink], current: Placement, taken_over: bool,
+              deadline_ms: float, position: int) -> tuple[Placement, dict[str, Any]] | None:
+        """Between decode tokens: every `replan_every` tokens, plan again from the profiles as
+        measured now; a new plan (and its record) if a worker came or went, or if it is
+        predicted at least `hysteresis` faster than the current one (so it does not flap)."""
+        if not self.adaptive:
+            return None
+        self.since_check += 1
+        self.since_adopt += 1
+        every = self.plan_opts.replan_every
+        alive = {lk.index for lk in links if lk.alive}
+        holders = {d for d in range(1, len(links) + 1) if current.count(d)}
+        changed = bool(holders - alive) or taken_over or self.force
+        self.force = False
+        if not changed and (self.since_check < every or self.since_adopt < DWELL_CHECKS * every):
+            return None
+        self.since_check = 0
+        try:
+            plan = self.solve(links, current, deadline_ms)
+        except HaloError as exc:
+            self.log(f"re-planning failed, keeping the current plan: {exc}")
+            return None
+        was = plan.current_ms if plan.current_ms is not None else float("inf")
+        if not changed and plan.predicted_ms > (1 - self.plan_opts.hysteresis) * was:
+            return None
+        return plan.placement, {
+            "position": position, "predicted_ms": round(plan.predicted_ms, 3),
+            "previous_ms": round(was, 3) if was != float("inf") else None,
+            "solve_ms": round(plan.solve_ms, 1),
+            "reason": "membership" if changed else "faster"}
+
+    def adopted(self, record: dict[str, Any], placement: Placement) -> None:
+        self.since_adopt = 0
+        record["groups_per_device"] = placement.summary()["groups_per_device"]
+        self.replans.append(record)
+
+    def restored(self, current: Placement, initial: Placement, device: int) -> Placement:
+        """After a rejoin (fixed policies): the device gets its groups of the first plan back."""
+        owner = dict(current.owner)
+        for gid, dev in initial.owner.items():
+            if dev == device:
+                owner[gid] = device
+        return Placement(current.partition, owner, current.critical, current.n_devices)
+

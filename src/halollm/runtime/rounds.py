@@ -1,0 +1,246 @@
+"""Synchronisation rounds: one layer half, across the coordinator and its workers.
+
+A round sends the layer input to the workers holding groups of that half, computes the
+coordinator's own share while they compute theirs, and gathers their partial updates. Strict
+mode and relaxed mode are two transports behind one interface (TCP through ZeroMQ, every
+contribution awaited; tagged UDP datagrams, a deadline); what to do with the contributions
+still pending at each moment is round_decision.decide, a pure function.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import zmq
+
+from halollm.model.llama import sum_partials
+from halollm.runtime import protocol
+from halollm.runtime.deadline import DeadlineEstimator
+from halollm.runtime.links import Links, WorkerLink
+from halollm.runtime.protocol import ACTIVATION, ATTN, MLP, PARTIAL, ProtocolError, RoundTag
+from halollm.runtime.round_decision import Act, RoundState, decide, next_retry_interval
+from halollm.runtime.stats import SyncStats
+from halollm.runtime.tensor_codec import decode_body, encode_body
+from halollm.runtime.transport import UdpEndpoint
+
+PHASES = {"attn": ATTN, "mlp": MLP}
+CONTROL_EVERY_S = 0.005  # how often a relaxed round drains the control plane
+REMEMBERED = 512  # rounds whose send time is kept, to learn from late arrivals
+
+
+@dataclass(frozen=True)
+class Arrival:
+    kind: int
+    sender: int
+    wire: int
+    tag: RoundTag
+    body: bytes
+
+
+class WorkerLost(Exception):  # noqa: N818 (an event the coordinator handles, not an error)
+    """A critical contribution's worker has been silent past the death threshold."""
+
+    def __init__(self, links: list[WorkerLink]) -> None:
+        super().__init__(", ".join(link.name for link in links))
+        self.links = links
+
+
+class Transport(Protocol):
+    can_retry: bool
+
+    def send(self, tag: RoundTag, wire: int, body: bytes, targets: Sequence[WorkerLink]
+             ) -> None: ...
+
+    def wait(self, timeout: float, pending: dict[int, WorkerLink]) -> list[Arrival]: ...
+
+
+class UdpTransport:
+    """Relaxed mode: tagged, fragmented datagrams; the control plane drained in between."""
+
+    can_retry = True
+
+    def __init__(self, udp: UdpEndpoint, links: Links) -> None:
+        self.udp, self.links = udp, links
+
+    def send(self, tag: RoundTag, wire: int, body: bytes, targets: Sequence[WorkerLink]
+             ) -> None:
+        self.udp.send(ACTIVATION, 0, wire, tag, body, [t.udp_addr for t in targets])
+
+    def wait(self, timeout: float, pending: dict[int, WorkerLink]) -> list[Arrival]:
+        out: list[Arrival] = []
+        ready, _, _ = select.select([self.udp.sock], [], [], max(0.0, timeout))
+        if ready:
+            out = [Arrival(m.kind, m.sender, m.wire, m.tag, m.body) for m in self.udp.receive()]
+        if time.perf_counter() - self.links.last_poll > CONTROL_EVERY_S:
+            self.links.poll()
+        return out
+
+
+class TcpTransport:
+    """Strict mode: one frame per message on each worker's ZeroMQ connection (TCP)."""
+
+    can_retry = False
+
+    def __init__(self, key: bytes, links: Links, stats: SyncStats) -> None:
+        self.key, self.links, self.stats = key, links, stats
+
+    def send(self, tag: RoundTag, wire: int, body: bytes, targets: Sequence[WorkerLink]
+             ) -> None:
+        data = protocol.encode(ACTIVATION, 0, wire, tag, body, self.key, mtu=1 << 30)[0]
+        for t in targets:
+            t.sock.send(data)
+
+    def wait(self, timeout: float, pending: dict[int, WorkerLink]) -> list[Arrival]:
+        poller = zmq.Poller()
+        for link in pending.values():
+            poller.register(link.sock, zmq.POLLIN)
+        out: list[Arrival] = []
+        for sock, _ in poller.poll(max(1, int(timeout * 1000))):
+            link = next(lk for lk in pending.values() if lk.sock is sock)
+            self.links.drain(link, lambda _link, data: self._decode(data, out))
+        return out
+
+    def _decode(self, data: bytes, out: list[Arrival]) -> None:
+        try:
+            f = protocol.decode(data, self.key)
+        except ProtocolError as exc:
+            self.stats.datagrams[exc.reason] += 1
+            return
+        out.append(Arrival(f.kind, f.sender, f.wire, f.tag, f.payload))
+
+
+Criticality = Callable[[int, str, torch.Tensor, list[WorkerLink]], set[int]]
+Recompute = Callable[[WorkerLink, RoundTag, torch.Tensor], torch.Tensor]
+
+
+class Rounds:
+    """Runs rounds. `critical(layer, half, x, targets)` names the workers whose contribution
+    must arrive; `recompute(link, tag, x)` computes a missing critical MLP contribution."""
+
+    def __init__(self, transport: Transport, links: Links, session: int, wire: int, dim: int,
+                 deadline: DeadlineEstimator, stats: SyncStats, critical: Criticality,
+                 recompute: Recompute) -> None:
+        self.transport, self.links, self.session, self.wire = transport, links, session, wire
+        self.dim, self.deadline, self.stats = dim, deadline, stats
+        self.critical, self.recompute = critical, recompute
+        self.epoch = self.request = 0
+        self.sent_at: dict[RoundTag, float] = {}
+        self.retried: set[RoundTag] = set()
+        self.sent_wall = 0.0  # when the current round's activation went out
+
+    def run(self, layer: int, half: str, x: torch.Tensor, start: int, shards: Sequence,
+            targets: list[WorkerLink]) -> torch.Tensor:
+        """The float32 update of one layer half: own shards plus the workers' partials."""
+        tag = RoundTag(self.session, self.epoch, self.request, start, x.shape[0], layer,
+                       PHASES[half])
+        body = b""
+        if targets:
+            body = encode_body(x, self.wire)
+            self.transport.send(tag, self.wire, body, targets)
+        self.sent_wall = time.perf_counter()
+        partials = [s.forward(x, start) for s in shards]
+        if targets:
+            partials += self.gather(tag, half, targets, x, body)
+        self.stats.rounds += 1
+        if not partials:
+            return torch.zeros(x.shape[0], self.dim)
+        return sum_partials(partials)
+
+    def _remember(self, tag: RoundTag, sent: float) -> None:
+        self.sent_at[tag] = sent
+        if len(self.sent_at) > REMEMBERED:
+            self.sent_at.pop(next(iter(self.sent_at)))
+        if len(self.retried) > REMEMBERED:
+            self.retried.clear()
+
+    def gather(self, tag: RoundTag, half: str, targets: list[WorkerLink], x: torch.Tensor,
+               body: bytes) -> list[torch.Tensor]:
+        """Collect the workers' partials. The deadline counts from the end of the
+        coordinator's own share (what matters is how long the coordinator idles)."""
+        sent = time.perf_counter()
+        pending = {t.index: t for t in targets}
+        got: list[torch.Tensor] = []
+        self.stats.expected += len(pending)
+        self._remember(tag, sent)
+        deadline = sent + self.deadline.deadline_ms(tag.ntok) / 1e3
+        critical: frozenset[int] | None = None
+        interval, next_retry = max(deadline - sent, 1e-3), deadline
+        relaxed = self.transport.can_retry
+        try:
+            while True:
+                now = time.perf_counter()
+                silent = frozenset(i for i, lk in pending.items() if self.links.silent(lk)) \
+                    if critical is not None else frozenset()
+                d = decide(RoundState(now, deadline, frozenset(pending), critical, silent,
+                                      relaxed, tag.phase == MLP, next_retry))
+                if d.act in (Act.DONE, Act.GIVE_UP):
+                    break
+                if d.act is Act.CLASSIFY:
+                    critical = self._classify(tag, half, x, targets, pending)
+                elif d.act is Act.RECOMPUTE:
+                    got += [self.recompute(pending.pop(i), tag, x) for i in sorted(d.devices)]
+                elif d.act is Act.WORKER_LOST:  # run again after the takeover
+                    self.stats.recomputed += len(d.devices)
+                    raise WorkerLost([pending.pop(i) for i in sorted(d.devices)])
+                elif d.act is Act.RETRY:
+                    assert isinstance(self.transport, UdpTransport)
+                    self.transport.send(tag, self.wire, body, [pending[i] for i in d.devices])
+                    self.stats.retries += len(d.devices)
+                    self.retried.add(tag)
+                    interval = next_retry_interval(interval)
+                    next_retry = now + interval
+                else:
+                    for a in self.transport.wait(d.timeout, pending):
+                        self._on_partial(a, tag, pending, got, sent)
+        finally:
+            self.stats.waited_ms += 1e3 * (time.perf_counter() - sent)
+            self.stats.lost += len(pending)
+        return got
+
+    def _classify(self, tag: RoundTag, half: str, x: torch.Tensor,
+                  targets: list[WorkerLink], pending: dict[int, WorkerLink]) -> frozenset[int]:
+        if tag.ntok == 1:  # what the scheduler learns: these missed the deadline
+            for link in pending.values():
+                link.estimate.observe(False)
+        if not self.transport.can_retry or tag.ntok > 1:
+            # strict mode, and prompt rounds, whose hidden states feed every later token
+            critical = frozenset(t.index for t in targets)
+        else:
+            critical = frozenset(self.critical(tag.layer, half, x, targets))
+        if critical & pending.keys():
+            self.stats.critical_waits += 1
+        return critical
+
+    def _on_partial(self, a: Arrival, tag: RoundTag, pending: dict[int, WorkerLink],
+                    got: list[torch.Tensor], sent: float) -> None:
+        now = time.perf_counter()
+        if a.kind != PARTIAL:
+            self.stats.datagrams["unexpected_kind"] += 1
+            return
+        if a.tag != tag or a.sender not in pending:
+            earlier = self.sent_at.get(a.tag)
+            if earlier is not None and a.tag.session == self.session:
+                self.stats.late += 1
+                if a.tag not in self.retried:  # a retry's answer says nothing of delay
+                    self.deadline.observe(1e3 * (now - earlier))
+            else:
+                self.stats.datagrams["stale"] += 1
+            return
+        try:
+            _, part = decode_body(a.body, a.wire, tag.ntok, self.dim)
+        except ProtocolError as exc:
+            self.stats.datagrams[exc.reason] += 1
+            return
+        link = pending.pop(a.sender)
+        link.last_seen = time.monotonic()
+        got.append(part)
+        self.stats.received += 1
+        if tag.ntok == 1:
+            self.deadline.observe(1e3 * (now - sent))
+            if a.tag not in self.retried:  # in time (an answer to a retry was a miss)
+                link.estimate.observe(True, 1e3 * (now - self.sent_wall))
