@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from halollm.runtime.messages import Kv, tensor_blob
+from halollm.runtime.messages import KV_CHUNK_BYTES, Kv, tensor_blob
 
 
 class History:
@@ -38,15 +38,21 @@ class History:
     def repair(self, session: int, layer: int, positions: list[int]) -> list[Kv]:
         """Messages carrying the asked positions of a layer that the history holds."""
         known = [p for p in sorted(set(positions)) if 0 <= p < self.length[layer]]
-        return [Kv(session, self.request, layer, start, n, False,
-                   tensor_blob(self.rows(layer, start, start + n)))
-                for start, n in runs(known)]
+        return [Kv(session, self.request, layer, s, n, False,
+                   tensor_blob(self.rows(layer, s, s + n)))
+                for start, total in runs(known) for s, n in self._chunks(start, total)]
 
     def replay(self, session: int, layers: list[int]) -> list[Kv]:
         """Messages carrying every recorded position of these layers (a worker's new
         attention groups get their keys and values)."""
-        return [Kv(session, self.request, layer, 0, n, True, tensor_blob(self.all_rows(layer)))
-                for layer in layers if (n := self.length[layer])]
+        return [Kv(session, self.request, layer, s, n, True,
+                   tensor_blob(self.rows(layer, s, s + n)))
+                for layer in layers for s, n in self._chunks(0, self.length[layer])]
+
+    def _chunks(self, start: int, n: int) -> list[tuple[int, int]]:
+        """(start, count) pieces of a run small enough for one control message."""
+        step = max(1, KV_CHUNK_BYTES // (4 * self.x[0].shape[1]))
+        return [(s, min(step, start + n - s)) for s in range(start, start + n, step)]
 
 
 def runs(positions: list[int]) -> list[tuple[int, int]]:

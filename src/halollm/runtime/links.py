@@ -24,6 +24,7 @@ from halollm.runtime.messages import (
     Welcome,
     decode,
     encode,
+    harden,
     is_keyless_refusal,
     join_proof,
 )
@@ -122,6 +123,7 @@ class Links:
             link.sock.close(0)
         link.sock = self.ctx.socket(zmq.DEALER)
         link.sock.setsockopt(zmq.LINGER, 0)
+        harden(link.sock)
         link.sock.connect(f"tcp://{link.host}:{link.port}")
         nonce = secrets.token_hex(16)
         udp_host = local_address_towards(link.host, link.port)

@@ -25,6 +25,22 @@ from halollm.runtime.protocol import MAC_SIZE, ProtocolError
 
 PROTOCOL_VERSION = 1
 MAX_HEADER = 1 << 20
+# the largest frame a control socket accepts (ZMQ_MAXMSGSIZE), checked by ZeroMQ before any
+# byte of it is kept: a strict-mode activation (protocol.MAX_BODY) plus its header and MAC;
+# KV repair and replay travel in chunks of at most KV_CHUNK_BYTES
+MAX_FRAME = (64 << 20) + (1 << 16)
+KV_CHUNK_BYTES = 8 << 20
+
+
+def harden(sock: Any) -> None:
+    """Bounds on a control socket before any peer is authenticated: frame size, how long a
+    ZMTP handshake may take, and ZMTP heartbeats that drop connections gone silent."""
+    import zmq
+
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, 5000)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from halollm.runtime import protocol
 from halollm.runtime.protocol import ProtocolError, RoundTag
 
 Address = tuple[str, int]
+RECEIVE_BATCH = 256  # datagrams read per wake-up at most
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,12 @@ class UdpEndpoint:
                 except OSError:
                     self.counters["send_errors"] += 1
 
-    def receive(self) -> list[Message]:
-        """Every complete message among the datagrams waiting now (non-blocking)."""
+    def receive(self, limit: int = RECEIVE_BATCH) -> list[Message]:
+        """The complete messages among at most `limit` datagrams waiting now (non-blocking).
+        Bounded, so that a flood cannot keep a caller from its other duties (heartbeats,
+        the control plane): the rest waits for the next call."""
         out = []
-        while True:
+        for _ in range(limit):
             try:
                 data, addr = self.sock.recvfrom(65536)
             except (BlockingIOError, InterruptedError):
@@ -103,6 +106,7 @@ class UdpEndpoint:
                 continue
             if body is not None:
                 out.append(Message(frag.kind, frag.sender, frag.wire, frag.tag, body, addr))
+        return out
 
     def close(self) -> None:
         self.sock.close()

@@ -44,6 +44,7 @@ from halollm.runtime.messages import (
     blob_tensor,
     decode,
     encode,
+    harden,
     join_proof,
     keyless_refusal,
 )
@@ -80,6 +81,7 @@ class Worker:
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        harden(self.router)
         try:
             self.router.bind(f"tcp://{host}:{self.port}")
         except zmq.ZMQError as exc:
@@ -113,7 +115,7 @@ class Worker:
             ready, _, _ = select.select([udp, zmq_fd], [], [], HEARTBEAT_S)
             if udp in ready:
                 for msg in self.udp.receive():
-                    self._on_data(msg.kind, msg.wire, msg.tag, msg.body, via_udp=True)
+                    self._guarded_data(msg.kind, msg.wire, msg.tag, msg.body, True)
             now = time.monotonic()
             s = self.session
             if now - last_beat >= HEARTBEAT_S:
@@ -151,10 +153,9 @@ class Worker:
                 continue
             try:
                 self._on_control(identity, msg)
-            except (HaloError, ProtocolError, KeyError, ValueError, TypeError,
-                    IndexError) as exc:
-                self.udp.counters["bad_control"] += 1
-                self.log(f"bad control message {msg.kind!r}: {exc}")
+            except Exception as exc:  # noqa: BLE001 -- a worker never dies of a message
+                self.udp.counters["handler_errors"] += 1
+                self.log(f"could not handle a {msg.kind!r} message: {exc}")
 
     # -- control plane -------------------------------------------------------------------
     def _send(self, s: Session, msg: Message) -> None:
@@ -308,7 +309,15 @@ class Worker:
             return
         s = self.session
         if s is not None and identity == s.identity:
-            self._on_data(frag.kind, frag.wire, frag.tag, frag.payload, via_udp=False)
+            self._guarded_data(frag.kind, frag.wire, frag.tag, frag.payload, False)
+
+    def _guarded_data(self, kind: int, wire: int, tag: RoundTag, body: bytes, via_udp: bool
+                      ) -> None:
+        try:
+            self._on_data(kind, wire, tag, body, via_udp)
+        except Exception as exc:  # noqa: BLE001 -- a worker never dies of a message
+            self.udp.counters["handler_errors"] += 1
+            self.log(f"could not compute round {tag}: {exc}")
 
     def _on_data(self, kind: int, wire: int, tag: RoundTag, body: bytes, via_udp: bool) -> None:
         s = self.session
