@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -28,8 +29,9 @@ def serving(*args: str):
     """A real `halo serve` process on a free port; yields its base URL once /health answers."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "halollm.cli.main", "serve", "--port",
-                             str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(port), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # a shared machine
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(240):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import re
 import socket
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from halollm.cli.options import add_model_options
 from halollm.cli.run import add_cluster_options, check_cluster_options, open_cluster
 from halollm.errors import HaloError
+from halollm.serve.limits import DEFAULT_MAX_QUEUE
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "GET /v1/models, /health and /metrics (Prometheus). Without --workers, "
                     "--local or --testbed the model runs on this device. Requests are served "
                     "one at a time in arrival order (the header x-halo-queue-ahead says how "
-                    "many were ahead); a client that disconnects cancels its generation.")
+                    "many were ahead; at most --max-queue wait, more get 429); a client that "
+                    "disconnects cancels its generation. Bodies over --max-body get 413.")
     add_model_options(p)
     add_cluster_options(p, required=False)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
@@ -29,7 +32,28 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/ routes")
     p.add_argument("--model-id", metavar="NAME",
                    help="the id /v1/models lists (default: the model file's name)")
+    p.add_argument("--max-body", metavar="SIZE", default="1M",
+                   help="largest request body accepted (e.g. 512K, 4M; default 1M); "
+                        "larger bodies get 413")
+    p.add_argument("--max-queue", metavar="N", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="most requests that may wait for the model (default "
+                        f"{DEFAULT_MAX_QUEUE}); one more gets 429")
     p.set_defaults(func=run)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
+               "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20}
+
+
+def parse_body_size(text: str) -> int:
+    """'1M', '512K', '65536' -> bytes (binary multiples), at least 1 KiB."""
+    m = re.fullmatch(r"\s*([0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise HaloError(f"--max-body: not a size: {text!r} (use e.g. 512K, 4M or bytes)")
+    size = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    if size < 1024:
+        raise HaloError(f"--max-body must be at least 1K (got {text!r})")
+    return size
 
 
 def _check_port(host: str, port: int) -> None:
@@ -53,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
     from halollm.serve.engine import Engine
 
     check_cluster_options(args)
+    max_body = parse_body_size(args.max_body)
+    if args.max_queue < 1:
+        raise HaloError(f"--max-queue must be at least 1 (got {args.max_queue})")
     _check_port(args.host, args.port)
     coord = local = None
     cluster = any(v is not None for v in (args.workers, args.local, args.testbed))
@@ -67,9 +94,9 @@ def run(args: argparse.Namespace) -> int:
             decoder, tokenizer = LocalDecoder(model.transformer), model.tokenizer
             config, path, stats = model.config, Path(model.path), None
         model_id = args.model_id or path.name
-        engine = Engine(decoder, tokenizer, config.max_position)
+        engine = Engine(decoder, tokenizer, config.max_position, max_queue=args.max_queue)
         app = create_app(engine, tokenizer, model_id, config.max_position, args.api_key,
-                         stats)
+                         stats, max_body=max_body)
         print(f"halo serve: {model_id} on http://{args.host}:{args.port}/v1 "
               f"({'cluster' if cluster else 'this device'})", file=sys.stderr, flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

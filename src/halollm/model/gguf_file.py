@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import mmap
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,167 @@ _LAYER_NAMES = {
 }
 
 
+# GGUF metadata value types: fixed sizes of the scalars, and the two variable-length kinds.
+_SCALARS = {0: ("uint8", 1), 1: ("int8", 1), 2: ("uint16", 2), 3: ("int16", 2),
+            4: ("uint32", 4), 5: ("int32", 4), 6: ("float32", 4), 7: ("bool", 1),
+            10: ("uint64", 8), 11: ("int64", 8), 12: ("float64", 8)}
+_STRING, _ARRAY = 8, 9
+_MAX_DIMS, _MAX_NESTING = 4, 4
+_REQUIRED = object()
+_VERSIONS = (2, 3)
+
+
+class _Layout:
+    """A bounded walk over a GGUF file's header, metadata and tensor table, before the
+    `gguf` package (which trusts every length it reads and allocates per declared element)
+    sees it. Each length, count and offset is checked against what is left of the file, so
+    a forged header costs a few reads, not gigabytes."""
+
+    def __init__(self, path: Path, buf: Any, size: int) -> None:
+        self.path, self.buf, self.size, self.pos, self.end = path, buf, size, 0, "<"
+
+    def fail(self, what: str) -> ModelLoadError:
+        return ModelLoadError(f"{self.path}: not a readable GGUF file: {what}")
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise self.fail(f"{what} needs {n} bytes at byte {self.pos}, beyond the end of "
+                            f"the file ({self.size} bytes)")
+
+    def read(self, fmt: str, what: str) -> int:
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        (value,) = struct.unpack_from(self.end + fmt, self.buf, self.pos)
+        self.pos += n
+        return value
+
+    def string(self, what: str) -> bytes:
+        n = self.read("Q", what)
+        self.need(n, f"{what}: a string of {n} bytes")
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return raw
+
+    def skip_strings(self, count: int, what: str) -> None:
+        """`count` strings in a row (a vocabulary): the tight loop of the walk."""
+        buf, pos, size, unpack = self.buf, self.pos, self.size, struct.Struct(self.end + "Q")
+        for i in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                self.need(8, f"{what}: string {i}")
+            n = unpack.unpack_from(buf, pos)[0]
+            if n > size - pos - 8:
+                self.pos = pos + 8
+                self.need(n, f"{what}: string {i} of {n} bytes")
+            pos += 8 + n
+        self.pos = pos
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> int | None:
+        """Skip one metadata value; returns it if it is an unsigned 32-bit scalar."""
+        if vtype in _SCALARS:
+            name, n = _SCALARS[vtype]
+            if name == "uint32":
+                return self.read("I", what)
+            self.need(n, what)
+            self.pos += n
+        elif vtype == _STRING:
+            self.string(what)
+        elif vtype == _ARRAY:
+            if depth >= _MAX_NESTING:
+                raise self.fail(f"{what}: arrays nested more than {_MAX_NESTING} deep")
+            itype = self.read("I", f"{what}: array type")
+            count = self.read("Q", f"{what}: array length")
+            if itype in _SCALARS:
+                name, n = _SCALARS[itype]
+                self.need(count * n, f"{what}: an array of {count} {name} values")
+                self.pos += count * n
+            elif itype == _STRING:
+                self.need(count * 8, f"{what}: an array of {count} strings")
+                self.skip_strings(count, what)
+            elif itype == _ARRAY:
+                self.need(count * 12, f"{what}: an array of {count} arrays")
+                for i in range(count):
+                    self.value(_ARRAY, f"{what}[{i}]", depth + 1)
+            else:
+                raise self.fail(f"{what}: unknown array element type {itype}")
+        else:
+            raise self.fail(f"{what}: unknown value type {vtype}")
+        return None
+
+    def metadata(self, n_kv: int) -> int:
+        """Walk the n_kv entries; returns the data alignment (general.alignment or 32)."""
+        self.need(n_kv * 13, f"the header's {n_kv} metadata entries (13 bytes or more each)")
+        alignment = 32
+        for i in range(n_kv):
+            raw = self.string(f"metadata entry {i}: its key")
+            try:
+                key = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise self.fail(f"metadata entry {i}: the key is not UTF-8") from None
+            vtype = self.read("I", f"metadata key {key}: its type")
+            got = self.value(vtype, f"metadata key {key}")
+            if key == "general.alignment":
+                if got is None or got <= 0 or got & (got - 1):
+                    raise self.fail("general.alignment must be a uint32 power of two")
+                alignment = got
+        return alignment
+
+    def tensors(self, n_tensors: int, alignment: int) -> None:
+        import gguf
+
+        self.need(n_tensors * 24, f"the header's {n_tensors} tensors (24 bytes or more each)")
+        table = []
+        for i in range(n_tensors):
+            name = self.string(f"tensor {i}: its name").decode("utf-8", "replace")
+            n_dims = self.read("I", f"tensor {name}: its number of dimensions")
+            if n_dims > _MAX_DIMS:
+                raise self.fail(f"tensor {name} has {n_dims} dimensions (at most {_MAX_DIMS})")
+            dims = [self.read("Q", f"tensor {name}: its shape") for _ in range(n_dims)]
+            ttype = self.read("I", f"tensor {name}: its type")
+            offset = self.read("Q", f"tensor {name}: its offset")
+            try:
+                block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+            except (ValueError, KeyError):
+                raise self.fail(f"tensor {name} has unknown type {ttype}") from None
+            elements = math.prod(dims)
+            if elements % block:
+                raise self.fail(f"tensor {name}: {elements} elements are not whole blocks of "
+                                f"{block}")
+            table.append((name, offset, elements // block * block_bytes))
+        start = self.pos + -self.pos % alignment
+        for name, offset, nbytes in table:
+            if start + offset + nbytes > self.size:
+                raise self.fail(f"tensor {name}: its data (bytes {start + offset} to "
+                                f"{start + offset + nbytes}) extends beyond the end of the "
+                                f"file ({self.size} bytes)")
+
+
+def check_layout(path: Path) -> None:
+    """Raise one clear ModelLoadError if a GGUF file's lengths, counts or offsets do not fit
+    the file. Reads are bounded; nothing is allocated per declared element."""
+    try:
+        size = path.stat().st_size
+        if size < 24:
+            raise ModelLoadError(f"{path}: not a GGUF file ({size} bytes)")
+        with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            if mm[:4] != b"GGUF":
+                raise ModelLoadError(f"{path}: not a GGUF file (no GGUF magic)")
+            walk = _Layout(path, mm, size)
+            walk.pos = 4
+            version = walk.read("I", "the version")
+            if version & 0xFFFF == 0:  # written on a big-endian machine
+                walk.end, version = ">", struct.unpack(">I", struct.pack("<I", version))[0]
+            if version not in _VERSIONS:
+                raise ModelLoadError(f"{path}: GGUF version {version} is not supported "
+                                     f"(supported: {', '.join(map(str, _VERSIONS))})")
+            n_tensors = walk.read("Q", "the tensor count")
+            n_kv = walk.read("Q", "the metadata count")
+            alignment = walk.metadata(n_kv)
+            walk.tensors(n_tensors, alignment)
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+
+
 def canonical_name(gguf_name: str) -> str | None:
     """'blk.3.attn_q.weight' -> 'layers.3.wq'; None for tensors we do not use."""
     if gguf_name in _GLOBAL_NAMES:
@@ -51,6 +215,7 @@ class GGUFModelFile:
         import gguf  # heavy import, deferred
 
         self.path = Path(path)
+        check_layout(self.path)
         try:
             self._reader = gguf.GGUFReader(str(self.path), "r")
         except Exception as exc:  # gguf raises ValueError/struct.error/etc. on bad files
@@ -82,23 +247,33 @@ class GGUFModelFile:
     def _meta(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(f"{self.arch}.{key}", default)
 
-    def _read_config(self) -> ModelConfig:
-        embed = self._tensors.get("embed")
-        if embed is None:
-            raise ModelLoadError(f"{self.path}: no token_embd.weight tensor")
-        hidden = int(self._meta("embedding_length"))
-        n_heads = int(self._meta("attention.head_count"))
-        n_kv = int(self._meta("attention.head_count_kv", n_heads))
-        head_dim = int(self._meta("attention.key_length", hidden // n_heads))
-        vocab = int(self._meta("vocab_size", int(embed.shape[1])))
+    def _number(self, key: str, default: Any = _REQUIRED, kind: type = int) -> Any:
+        """A positive metadata number (an int, or a finite float for kind=float): missing,
+        zero, negative or of the wrong type is one clear error naming the key."""
+        full = f"{self.arch}.{key}"
+        value = self.metadata.get(full)
+        if value is None:
+            if default is _REQUIRED:
+                raise ModelLoadError(f"{self.path}: model file lacks {full}")
+            return default
+        ok = (int, np.integer) if kind is int else (int, float, np.integer, np.floating)
+        if isinstance(value, bool) or not isinstance(value, ok):
+            raise ModelLoadError(f"{self.path}: model file has {full} = {value!r}; expected "
+                                 f"a positive {'whole ' if kind is int else ''}number")
+        if not (math.isfinite(value) and value > 0):
+            raise ModelLoadError(f"{self.path}: model file has {full} = {value}; it must be "
+                                 "positive")
+        return kind(value)
+
+    def _rope(self, head_dim: int) -> tuple[RopeScaling | None, tuple[float, ...] | None]:
         scaling = None
         if self._meta("rope.scaling.type") == "llama3" and self._meta("rope.scaling.factor"):
             scaling = RopeScaling(
-                factor=float(self._meta("rope.scaling.factor")),
-                low_freq_factor=float(self._meta("rope.scaling.low_freq_factor", 1.0)),
-                high_freq_factor=float(self._meta("rope.scaling.high_freq_factor", 4.0)),
-                original_max_position=int(self._meta("rope.scaling.original_context_length",
-                                                     8192)))
+                factor=self._number("rope.scaling.factor", kind=float),
+                low_freq_factor=self._number("rope.scaling.low_freq_factor", 1.0, float),
+                high_freq_factor=self._number("rope.scaling.high_freq_factor", 4.0, float),
+                original_max_position=self._number("rope.scaling.original_context_length",
+                                                   8192))
         factors = None
         freqs = self._raw.get("rope_freqs.weight")
         if scaling is None and freqs is not None:  # llama.cpp's llama3 scaling: divisors
@@ -106,24 +281,41 @@ class GGUFModelFile:
             if len(factors) != head_dim // 2:
                 raise ModelLoadError(f"{self.path}: rope_freqs has {len(factors)} values, "
                                      f"expected {head_dim // 2}")
-        return ModelConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=int(self._meta("feed_forward_length")),
-            n_layers=int(self._meta("block_count")),
-            n_heads=n_heads,
-            n_kv_heads=n_kv,
-            head_dim=head_dim,
-            rope_theta=float(self._meta("rope.freq_base", 10000.0)),
-            rms_eps=float(self._meta("attention.layer_norm_rms_epsilon", 1e-5)),
-            max_position=int(self._meta("context_length", 4096)),
-            tie_embeddings="lm_head" not in self._tensors,
-            attn_bias="layers.0.bq" in self._tensors,
-            rope_scaling=scaling,
-            rope_freq_factors=factors,
-            architecture=self.arch,
-            name=str(self.metadata.get("general.name", self.path.stem)),
-        )
+        return scaling, factors
+
+    def _read_config(self) -> ModelConfig:
+        embed = self._tensors.get("embed")
+        if embed is None:
+            raise ModelLoadError(f"{self.path}: no token_embd.weight tensor")
+        hidden = self._number("embedding_length")
+        n_heads = self._number("attention.head_count")
+        if len(embed.shape) != 2 or int(embed.shape[0]) != hidden:
+            raise ModelLoadError(
+                f"{self.path}: token_embd.weight has shape {[int(d) for d in embed.shape]}, "
+                f"which does not match {self.arch}.embedding_length = {hidden}")
+        head_dim = self._number("attention.key_length", max(hidden // n_heads, 1))
+        scaling, factors = self._rope(head_dim)
+        try:
+            return ModelConfig(
+                vocab_size=self._number("vocab_size", int(embed.shape[1])),
+                hidden_size=hidden,
+                intermediate_size=self._number("feed_forward_length"),
+                n_layers=self._number("block_count"),
+                n_heads=n_heads,
+                n_kv_heads=self._number("attention.head_count_kv", n_heads),
+                head_dim=head_dim,
+                rope_theta=self._number("rope.freq_base", 10000.0, float),
+                rms_eps=self._number("attention.layer_norm_rms_epsilon", 1e-5, float),
+                max_position=self._number("context_length", 4096),
+                tie_embeddings="lm_head" not in self._tensors,
+                attn_bias="layers.0.bq" in self._tensors,
+                rope_scaling=scaling,
+                rope_freq_factors=factors,
+                architecture=self.arch,
+                name=str(self.metadata.get("general.name", self.path.stem)),
+            )
+        except ModelLoadError as exc:  # the config's own consistency checks
+            raise ModelLoadError(f"{self.path}: {exc}") from exc
 
     def names(self) -> list[str]:
         return list(self._tensors)

@@ -15,6 +15,7 @@ Both are run by the ``tokenizers`` library.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -62,6 +63,27 @@ def _add_special(tk: Any, tokens: Sequence[str], types: Sequence[int]) -> None:
             added.append(AddedToken(tok, special=typ != TOKEN_USER_DEFINED, normalized=False))
     if added:
         tk.add_special_tokens(added)
+
+
+def _check_gguf_vocab(meta: dict[str, Any]) -> None:
+    """One clear error for a GGUF vocabulary that is missing or disagrees with itself."""
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens:
+        raise ModelLoadError("model file lacks tokenizer.ggml.tokens (the vocabulary)")
+    if not all(isinstance(t, str) for t in tokens):
+        raise ModelLoadError("model file has non-text entries in tokenizer.ggml.tokens")
+    for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, list) or len(value) != len(tokens)):
+            n = len(value) if isinstance(value, list) else type(value).__name__
+            raise ModelLoadError(f"model file has {key} with {n} entries for "
+                                 f"{len(tokens)} tokens")
+    for key in ("bos_token_id", "eos_token_id", "eot_token_id", "unknown_token_id"):
+        value = meta.get(f"tokenizer.ggml.{key}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 0 <= value < len(tokens)):
+            raise ModelLoadError(f"model file has tokenizer.ggml.{key} = {value!r}, not a "
+                                 f"token id (0..{len(tokens) - 1})")
 
 
 def _gpt2_from_gguf(meta: dict[str, Any]) -> Any:
@@ -129,6 +151,7 @@ class Tokenizer:
     # construction -----------------------------------------------------------------------
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any]) -> Tokenizer:
+        _check_gguf_vocab(meta)
         kind = meta.get("tokenizer.ggml.model")
         if kind == "gpt2":
             backend = _gpt2_from_gguf(meta)
@@ -190,8 +213,13 @@ class Tokenizer:
         return int(self.backend.get_vocab_size(with_added_tokens=True))
 
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
-        """Token ids of text; special-token strings in the text become their ids."""
-        ids = list(self.backend.encode(text, add_special_tokens=True).ids)
+        """Token ids of text; special-token strings in the text become their ids, except in
+        a conversation from `render_chat`, where only the template's own special tokens do
+        and whatever the messages contain is text."""
+        if isinstance(text, ChatText) and text.defused is not None:
+            ids = self._encode_defused(text)
+        else:
+            ids = list(self.backend.encode(text, add_special_tokens=True).ids)
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             if not ids or ids[0] != self.bos_id:
                 ids.insert(0, self.bos_id)
@@ -207,19 +235,112 @@ class Tokenizer:
         return self.backend.id_to_token(token_id)
 
     def render_chat(self, messages: list[dict[str, str]], *,
-                    add_generation_prompt: bool = True) -> str:
-        """The prompt text for a conversation, from the model's own chat template."""
+                    add_generation_prompt: bool = True) -> ChatText:
+        """The prompt text for a conversation, from the model's own chat template.
+
+        Special-token strings typed inside a message (``<|im_start|>system``) must stay text,
+        or a user could write a system turn. The result is the rendered text as a `ChatText`:
+        when some message contains such a string it also carries a second rendering in which
+        those strings are replaced by markers, so `encode` knows which special tokens the
+        template wrote. Conversations without them tokenize exactly as before."""
         if not self.chat_template:
             raise ModelLoadError("this model has no chat template; run without --chat")
-        return render_template(self.chat_template, messages=messages,
-                               add_generation_prompt=add_generation_prompt,
-                               bos_token=self._token_text(self.bos_id),
-                               eos_token=self._token_text(min(self.eos_ids, default=None)))
+        context = {"add_generation_prompt": add_generation_prompt,
+                   "bos_token": self._token_text(self.bos_id),
+                   "eos_token": self._token_text(min(self.eos_ids, default=None))}
+        text = render_template(self.chat_template, messages=messages, **context)
+        pattern = self._special_pattern()
+        contents = [m["content"] for m in messages if isinstance(m.get("content"), str)]
+        if pattern is None or not any(pattern.search(c) for c in contents):
+            return ChatText(text)
+        marker = _unused_char([*contents, self.chat_template])
+        found: list[str] = []
+
+        def defuse(match: re.Match[str]) -> str:
+            found.append(match.group(0))
+            return f"{marker}{len(found) - 1}{marker}"
+
+        safe = [{**m, "content": pattern.sub(defuse, m["content"])}
+                if isinstance(m.get("content"), str) else m for m in messages]
+        defused = render_template(self.chat_template, messages=safe, **context)
+        return ChatText(text, defused, tuple(found), marker)
+
+    def _special_pattern(self) -> re.Pattern[str] | None:
+        """A regex matching this vocabulary's special (control) token strings, longest
+        first (leftmost-longest, as the tokenizer matches them)."""
+        if not hasattr(self, "_specials"):
+            added = self.backend.get_added_tokens_decoder()
+            self._special_ids = frozenset(i for i, t in added.items() if t.special)
+            words = sorted({t.content for t in added.values() if t.special and t.content},
+                           key=len, reverse=True)
+            self._specials = re.compile("|".join(map(re.escape, words))) if words else None
+        return self._specials
+
+    def _encode_defused(self, chat: ChatText) -> list[int]:
+        """Ids of a conversation whose messages held special-token strings: the special
+        tokens found in the defused rendering are the template's own and become control
+        tokens; the text between them, markers restored to the strings they replaced, is
+        tokenized with special tokens treated as text. The pieces are split where the
+        tokenizer itself splits (at special tokens), so everything else is unchanged."""
+        from tokenizers import Encoding
+
+        self._special_pattern()
+        if getattr(self, "_as_text", None) is None:
+            plain = type(self.backend).from_str(self.backend.to_str())
+            plain.encode_special_tokens = True
+            self._as_text = plain
+        restore = re.compile(re.escape(chat.marker) + r"(\d+)" + re.escape(chat.marker))
+        defused = chat.defused or ""
+        parts: list[Any] = []
+
+        def text(piece: str) -> None:
+            if piece:
+                piece = restore.sub(lambda m: chat.texts[int(m.group(1))], piece)
+                parts.append(self._as_text.encode(piece, add_special_tokens=False))
+
+        cursor = 0
+        full = self.backend.encode(defused, add_special_tokens=False)
+        for tid, (start, end) in zip(full.ids, full.offsets, strict=True):
+            if tid in self._special_ids and end > start:
+                text(defused[cursor:start])
+                parts.append(self.backend.encode(defused[start:end], add_special_tokens=False))
+                cursor = end
+        text(defused[cursor:])
+        if not parts:
+            return []
+        merged = Encoding.merge(parts, growing_offsets=True)
+        return list(self.backend.post_process(merged, None, True).ids)
 
     def _token_text(self, token_id: int | None) -> str:
         if token_id is None:
             return ""
         return self.backend.id_to_token(token_id) or ""
+
+
+class ChatText(str):
+    """A conversation rendered by the chat template (see `Tokenizer.render_chat`). As a
+    string it is exactly the rendered prompt; `defused` is the same rendering with the
+    special-token strings found inside messages replaced by `marker`-delimited indices into
+    `texts` (None when there were none)."""
+
+    defused: str | None
+    texts: tuple[str, ...]
+    marker: str
+
+    def __new__(cls, text: str, defused: str | None = None, texts: tuple[str, ...] = (),
+                marker: str = "") -> ChatText:
+        obj = super().__new__(cls, text)
+        obj.defused, obj.texts, obj.marker = defused, texts, marker
+        return obj
+
+
+def _unused_char(texts: Sequence[str]) -> str:
+    """A private-use character that none of `texts` contains."""
+    for code in range(0xF0000, 0xFFFFE):
+        ch = chr(code)
+        if not any(ch in t for t in texts):
+            return ch
+    raise ModelLoadError("cannot render this conversation safely")  # pragma: no cover
 
 
 class TextStream:
