@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import re
 import socket
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from halollm.cli.options import add_model_options
 from halollm.cli.run import add_cluster_options, check_cluster_options, open_cluster
 from halollm.errors import HaloError
 from halollm.serve.limits import DEFAULT_MAX_QUEUE
+from halollm.units import parse_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,16 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
-               "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20}
-
-
 def parse_body_size(text: str) -> int:
     """'1M', '512K', '65536' -> bytes (binary multiples), at least 1 KiB."""
-    m = re.fullmatch(r"\s*([0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _SIZE_UNITS:
-        raise HaloError(f"--max-body: not a size: {text!r} (use e.g. 512K, 4M or bytes)")
-    size = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    try:
+        size = parse_bytes(text)
+    except HaloError as exc:
+        raise HaloError(f"--max-body: {exc}") from None
     if size < 1024:
         raise HaloError(f"--max-body must be at least 1K (got {text!r})")
     return size
