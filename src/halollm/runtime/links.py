@@ -223,15 +223,14 @@ class Links:
         now = time.monotonic()
         for link in self.links:
             if link.alive and now - link.last_seen > self.opts.dead_after_s:
-                link.alive = False
-                link.last_attempt = now
-                self.events.append(Dead(link, "no heartbeat"))
+                self.events.append(self.lost(link, "no heartbeat"))
             elif not link.alive and now - link.last_attempt > self.opts.rejoin_every_s:
                 self._try_rejoin(link)
         events, self.events = self.events, []
         return events
 
     def lost(self, link: WorkerLink, reason: str) -> Dead:
+        """Mark a worker dead (not tried again before rejoin_every_s); its event."""
         link.alive = False
         link.last_attempt = time.monotonic()
         return Dead(link, reason)

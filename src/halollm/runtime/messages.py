@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
+import zmq
 
 from halollm.runtime.protocol import MAC_SIZE, ProtocolError
 
@@ -35,8 +36,6 @@ KV_CHUNK_BYTES = 8 << 20
 def harden(sock: Any) -> None:
     """Bounds on a control socket before any peer is authenticated: frame size, how long a
     ZMTP handshake may take, and ZMTP heartbeats that drop connections gone silent."""
-    import zmq
-
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
     sock.setsockopt(zmq.HANDSHAKE_IVL, 5000)
     sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)

@@ -188,7 +188,6 @@ class Rounds:
                     self.stats.recomputed += len(d.devices)
                     raise WorkerLost([pending.pop(i) for i in sorted(d.devices)])
                 elif d.act is Act.RETRY:
-                    assert isinstance(self.transport, UdpTransport)
                     self.transport.send(tag, self.wire, body, [pending[i] for i in d.devices])
                     self.stats.retries += len(d.devices)
                     self.retried.add(tag)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -151,7 +152,7 @@ def build_layers(source: ModelSource, rope: Rope, s: Session,
 
 
 def group_reader(source: ModelSource, layers: list[tuple[Units, Units, Units, Units]],
-                 dtype: torch.dtype):  # type: ignore[no-untyped-def]
+                 dtype: torch.dtype) -> Callable[[GroupId], GroupWeights]:
     def read(gid: GroupId) -> GroupWeights:
         _, attn, _, mlp = layers[gid.layer]
         return read_group(source, source.config, gid.layer, gid.kind,
