@@ -107,6 +107,6 @@ def predictor_file(calibration_text, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("pred") / "p.safetensors"
     r = run_halo("calibrate", "--text", str(calibration_text), "--out", str(out),
                  "--max-tokens", "2048", "--context", "128", "--holdout", "128",
-                 "--epochs", "10", "--json", timeout=600)
+                 "--epochs", "10", "--threads", "1", "--json", timeout=600)
     assert r.returncode == 0, r.stderr
     return out, json.loads(r.stdout)

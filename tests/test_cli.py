@@ -49,6 +49,25 @@ def test_bad_input_gives_one_clear_line(args, needle):
     assert needle in line
 
 
+def test_dtype_accepts_the_names_users_already_type():
+    import torch
+
+    from halollm.model.loader import canonical_dtype, parse_dtype
+
+    for names, dtype in ((("fp32", "float32", "FP32"), torch.float32),
+                         (("fp16", "float16", "half"), torch.float16),
+                         (("bf16", "bfloat16", "BFloat16"), torch.bfloat16)):
+        for name in names:
+            assert parse_dtype(name) == dtype, name
+    assert canonical_dtype("half") == "fp16" and canonical_dtype("auto") == "auto"
+    proc = run_halo("generate", "Hi", "--dtype", "float32", "--max-tokens", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    bad = run_halo("generate", "Hi", "--dtype", "float64")
+    assert bad.returncode == 2 and "float64" in bad.stderr and "bfloat16" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert "half" in run_halo("generate", "--help").stdout
+
+
 def test_not_a_model_file(tmp_path):
     f = tmp_path / "x.bin"
     f.write_bytes(b"\x00" * 100)

@@ -186,3 +186,97 @@ def test_streaming_beyond_memory_when_loading_is_cheaper_than_a_lossy_link():
     assert sum(per_device(solve(sig, tiny).owner, 2)) == 32
     with pytest.raises(HaloError, match="cannot hold"):
         solve(sig, [DeviceSpec("coord", memory=1), DeviceSpec("w", memory=1)])
+
+
+# -- device specs and critical groups (pure) -------------------------------------------------
+def _estimate(miss_rate: float, delay_ms: float | None):  # type: ignore[no-untyped-def]
+    from halollm.scheduler.profile import LinkEstimate
+
+    est = LinkEstimate()
+    est.miss_rate, est.delay_ms = miss_rate, delay_ms
+    return est
+
+
+def test_device_specs_price_round_trips_misses_and_streaming():
+    """The coordinator first; a worker's speed is discounted by the coordinator's recompute
+    of what it misses; its latency is the round trip beyond its own compute (a LAN guess
+    until one is measured) plus the expected wait for the deadline; a worker with no
+    measured speed is left out; loading speed only counts when streaming."""
+    from halollm.scheduler.profile import DeviceProfile
+    from halollm.scheduler.specs import DEFAULT_RTT_MS, WorkerState, device_specs
+
+    coord = DeviceProfile("coordinator", 100.0, 1000)
+    workers = [
+        WorkerState(1, "wired", DeviceProfile("wired", 50.0, 500, load_speed=7.0),
+                    _estimate(0.0, 2.0), units_per_round=50.0),
+        WorkerState(2, "idle", DeviceProfile("idle", 0.0, 500), _estimate(0.0, None), 0.0),
+        WorkerState(3, "wifi", DeviceProfile("wifi", 25.0, 250, live_speed=20.0),
+                    _estimate(0.1, None), units_per_round=0.0),
+        WorkerState(4, "fast", DeviceProfile("fast", 50.0, 500), _estimate(0.0, 0.5),
+                    units_per_round=100.0),
+    ]
+    specs, index = device_specs(coord, workers, deadline_ms=4.0, bytes_per_unit=10.0,
+                                streaming=True)
+    assert index == [0, 1, 3, 4]
+    assert [s.name for s in specs] == ["coordinator", "wired", "wifi", "fast"]
+    c, wired, wifi, fast = specs
+    assert (c.speed, c.memory, c.loss, c.latency, c.load_speed) == (100.0, 100.0, 0, 0, 0)
+    assert wired.speed == pytest.approx(50.0) and wired.memory == pytest.approx(50.0)
+    assert wired.latency == pytest.approx(2.0 - 50.0 / 50.0) and wired.load_speed == 7.0
+    assert wifi.speed == pytest.approx(1 / (1 / 20.0 + 0.1 / 100.0))  # min(bench, live)
+    assert wifi.loss == 0.1 and wifi.latency == pytest.approx(DEFAULT_RTT_MS + 0.1 * 4.0)
+    assert fast.latency == pytest.approx(0.05)  # a round trip never below 50 µs
+    specs, _ = device_specs(coord, workers, 4.0, 10.0, streaming=False)
+    assert all(s.load_speed == 0 for s in specs)
+
+
+def test_units_per_round_is_the_mean_over_the_rounds_a_device_takes_part_in():
+    from halollm.groups import GroupId, LayerGroups, Partition
+    from halollm.scheduler.placement import Placement
+    from halollm.scheduler.specs import units_per_round
+
+    part = Partition((LayerGroups(attn=((0,),), mlp=((0, 1), (2,), (3, 4, 5))),) * 2)
+    owner = {g: 0 for g in part.groups()}
+    owner[GroupId(0, "mlp", 0)] = 1  # 2 neurons in layer 0
+    owner[GroupId(1, "mlp", 1)] = owner[GroupId(1, "mlp", 2)] = 1  # 4 in layer 1
+    owner[GroupId(1, "attn", 0)] = 2  # attention only: no MLP rounds
+    p = Placement(part, owner, frozenset(), 3)
+    assert units_per_round(p, 1, 2) == 3.0  # (2 + 4) / 2
+    assert units_per_round(p, 0, 2) == 3.0  # (4 + 2) / 2
+    assert units_per_round(p, 2, 2) == 0.0 and units_per_round(None, 1, 2) == 0.0
+
+
+def test_carrying_is_the_smallest_set_of_the_largest_reaching_the_share():
+    import numpy as np
+
+    from halollm.predictor.critical import carrying
+
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        values = rng.random(int(rng.integers(1, 12))) ** 3 * 10
+        share = float(rng.random())
+        chosen = carrying(values, share)
+        total, got = values.sum(), values[chosen]
+        assert got.sum() >= share * total - 1e-9  # reaches the share
+        assert got[:-1].sum() < share * total  # one group fewer would not
+        assert list(got) == sorted(got, reverse=True)  # the largest first
+        rest = np.delete(values, chosen)
+        assert got.min() >= rest.max(initial=0)
+    assert len(carrying(np.array([3.0, 1.0]), 0.0)) == 0
+    assert sorted(carrying(np.array([3.0, 0.0]), 1.0)) == [0, 1]  # 1: all, zeros too
+    assert sorted(carrying(np.zeros(3), 0.5)) == [0, 1, 2]  # nothing known: all
+
+
+def test_critical_groups_are_chosen_per_layer_half():
+    from halollm.groups import GroupId, LayerGroups, Partition
+    from halollm.predictor.critical import critical_groups
+
+    part = Partition((LayerGroups(attn=((0,), (1,)), mlp=((0,), (1,), (2,), (3,))),) * 2)
+    sig = {GroupId(0, "mlp", 0): 1.0, GroupId(0, "mlp", 1): 6.0, GroupId(0, "mlp", 2): 3.0,
+           GroupId(0, "attn", 1): 5.0, GroupId(1, "mlp", 3): 2.0}
+    crit = critical_groups(part, sig, 0.6)
+    assert crit == {GroupId(0, "mlp", 1), GroupId(0, "attn", 1), GroupId(1, "mlp", 3),
+                    GroupId(1, "attn", 0), GroupId(1, "attn", 1)}  # no significance: all
+    assert critical_groups(part, sig, 0.0) == frozenset()
+    with pytest.raises(HaloError, match="between 0 and 1"):
+        critical_groups(part, sig, 1.5)

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import pytest
 
 from halollm.errors import HaloError
 from halollm.testbed.spec import load_spec, parse_spec
+from halollm.testbed.system import unavailable
 from tests.conftest import SHARED_DATA, one_clear_line, run_halo
 
-ROOT_TOOLS = os.geteuid() == 0 and shutil.which("nft") and shutil.which("ip")
-needs_root = pytest.mark.skipif(not ROOT_TOOLS, reason="needs root with `ip` and `nft` "
-                                "(apt-get install nftables); CI runs it as root")
+ROOT_TOOLS = not unavailable()
+needs_root = pytest.mark.skipif(not ROOT_TOOLS, reason=f"{unavailable()}; CI runs it as root")
 
 
 @pytest.mark.parametrize("data,needle", [
@@ -266,7 +264,7 @@ def test_bench_paper_report_keeps_failed_and_partial_runs(tmp_path):
     import argparse
     from pathlib import Path
 
-    from halollm.bench import paper
+    from halollm.bench import paper_report
 
     spec = load_spec(Path(__file__).resolve().parents[1] / "examples" / "paper.toml")
     ref = {"ppl": 30.0, "ppl_tokens": 255, "fixed_tokens": 209, "piqa_acc": 0.5,
@@ -278,8 +276,8 @@ def test_bench_paper_report_keeps_failed_and_partial_runs(tmp_path):
     args = argparse.Namespace(spec="examples/paper.toml", memory_budget="64MiB", model=None,
                               tokens=4, warmup=2, strict_tokens=2, name="p", out=tmp_path,
                               json=False, headline_rate=0.05)
-    work = paper.Workload(None, [], [], [], [], None, ref)  # type: ignore[arg-type]
-    paper._write(args, spec, ["wifi1"], work, rows, partial=True)
+    paper_report.write(args, spec, ["wifi1"], ref, rows, {"strict": "s", "halo": "h"},
+                       partial=True)
     md = (tmp_path / "p.md").read_text()
     assert "| 5% | halo | failed: no placement satisfies the constraints |" in md
     assert "Interrupted: a partial result" in md and "Headline" not in md

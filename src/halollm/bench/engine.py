@@ -60,31 +60,17 @@ def run(args: argparse.Namespace) -> int:
     if "fp32" not in dtypes:
         dtypes.insert(0, "fp32")  # the reference for agreement
     rows: dict[str, dict[str, Any]] = {}
-    ref_top1 = ref_greedy = None
+    ref: tuple[torch.Tensor, list[int]] | None = None  # fp32's top-1 and greedy tokens
     for name in dtypes:
         print(f"[{name}] loading…", file=sys.stderr, flush=True)
         model = load_model(args.model, name)
-        tok = model.tokenizer
-        check_ids = tok.encode(CHECK_TEXT)
-        prompt = tok.encode(tok.render_chat([{"role": "user", "content": PROMPT}]))
-        dec = LocalDecoder(model.transformer)
-        greedy = SamplingParams(temperature=0.0)
-        generate(dec, tok, prompt, max_tokens=8, sampling=greedy)  # warm-up
-        decode, prefill, out_ids = [], [], []
-        for r in range(args.repeats):
-            res = generate(dec, tok, prompt, max_tokens=args.tokens, sampling=greedy,
-                           ignore_eos=True)
-            decode.append(statistics.median(res.step_s) * 1e3)
-            out_ids = res.token_ids
-            t = time.perf_counter()
-            model.transformer.forward(check_ids, 0, last_only=True)
-            prefill.append(len(check_ids) / (time.perf_counter() - t))
-            print(f"[{name}] run {r + 1}/{args.repeats}: decode {decode[-1]:.2f} ms/token, "
-                  f"prefill {prefill[-1]:.0f} tokens/s", file=sys.stderr, flush=True)
+        check_ids = model.tokenizer.encode(CHECK_TEXT)
+        decode, prefill, out_ids = _timed(args, name, model, check_ids)
         top1 = teacher_forced_top1(model, check_ids)
         if name == "fp32":
-            ref_top1, ref_greedy = top1, out_ids
-        assert ref_top1 is not None and ref_greedy is not None
+            ref = (top1, out_ids)
+        assert ref is not None
+        ref_top1, ref_greedy = ref
         same_prefix = next((i for i, (a, b) in enumerate(zip(out_ids, ref_greedy, strict=False))
                             if a != b), min(len(out_ids), len(ref_greedy)))
         rows[name] = {
@@ -102,6 +88,36 @@ def run(args: argparse.Namespace) -> int:
     fastest = min(ok, key=lambda d: rows[d]["decode_ms_per_token"])
     data = {"results": rows, "fastest_accurate_dtype": fastest,
             "decode_tokens": args.tokens, "repeats": args.repeats}
+    publish(args.out, "engine", data, _lines(args, rows, fastest), args.json)
+    return 0
+
+
+def _timed(args: argparse.Namespace, name: str, model: Any, check_ids: list[int]
+           ) -> tuple[list[float], list[float], list[int]]:
+    """(decode ms/token per run, prefill tokens/s per run, the last run's greedy tokens)."""
+    tok = model.tokenizer
+    prompt = tok.encode(tok.render_chat([{"role": "user", "content": PROMPT}]))
+    dec = LocalDecoder(model.transformer)
+    greedy = SamplingParams(temperature=0.0)
+    generate(dec, tok, prompt, max_tokens=8, sampling=greedy)  # warm-up
+    decode: list[float] = []
+    prefill: list[float] = []
+    out_ids: list[int] = []
+    for r in range(args.repeats):
+        res = generate(dec, tok, prompt, max_tokens=args.tokens, sampling=greedy,
+                       ignore_eos=True)
+        decode.append(statistics.median(res.step_s) * 1e3)
+        out_ids = res.token_ids
+        t = time.perf_counter()
+        model.transformer.forward(check_ids, 0, last_only=True)
+        prefill.append(len(check_ids) / (time.perf_counter() - t))
+        print(f"[{name}] run {r + 1}/{args.repeats}: decode {decode[-1]:.2f} ms/token, "
+              f"prefill {prefill[-1]:.0f} tokens/s", file=sys.stderr, flush=True)
+    return decode, prefill, out_ids
+
+
+def _lines(args: argparse.Namespace, rows: dict[str, dict[str, Any]], fastest: str
+           ) -> list[str]:
     lines = ["# Single-device engine: speed and accuracy per dtype", "", "{header}",
              "Decode: median ms/token over the timed runs (each the median step of "
              f"{args.tokens} greedy tokens after a chat prompt). Prefill: one forward pass over "
@@ -121,5 +137,4 @@ def run(args: argparse.Namespace) -> int:
               "stream 270 MB/token (~12 ms/token measured on their own); fp32 streams twice "
               "that. See docs/engine.md for what was tried and the next step (int4 kernels).",
               ""]
-    publish(args.out, "engine", data, lines, args.json)
-    return 0
+    return lines

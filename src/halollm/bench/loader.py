@@ -22,7 +22,13 @@ from halollm.errors import HaloError
 from halollm.generate import LocalDecoder, generate
 from halollm.loader.store import POLICIES
 from halollm.loader.streamed import StreamedDecoder, rss_anon_bytes
-from halollm.model.loader import load_model, open_source, open_tokenizer, parse_dtype
+from halollm.model.loader import (
+    ModelSource,
+    load_model,
+    open_source,
+    open_tokenizer,
+    parse_dtype,
+)
 from halollm.sampling import SamplingParams
 
 PROMPT = "The history of the printing press begins"
@@ -73,37 +79,41 @@ def run(args: argparse.Namespace) -> int:
                 if budget == 100 and policy != policies[0]:
                     continue  # nothing to load after the first token: policies agree
                 say(f"budget {budget:g}%, {policy}…")
-                dec = StreamedDecoder(source, parse_dtype(None), f"{budget}%", policy)
-                try:
-                    r = generate(dec, open_tokenizer(source), ids, max_tokens=args.tokens,
-                                 sampling=SamplingParams(), ignore_eos=True)
-                    stats = dec.loader_json()
-                    anon = rss_anon_bytes()
-                finally:
-                    dec.close()
-                steady = stats["per_token"][2:]  # after the prompt and first token
-                rows.append({
-                    "config": "streamed", "budget": budget, "policy": policy,
-                    "decode_ms_per_token": round(statistics.median(
-                        1e3 * s for s in r.step_s), 2),
-                    "same_tokens_as_resident": r.token_ids == reference,
-                    "mib_read_per_token": round(statistics.mean(
-                        t["bytes_loaded"] for t in steady) / 2**20, 2) if steady else None,
-                    "stall_ms_per_token": round(statistics.mean(
-                        t["stall_ms"] for t in steady), 2) if steady else None,
-                    "hit_rate": round(stats["hits"] / max(1, stats["hits"] + stats["misses"]),
-                                      3),
-                    "hidden_share": stats["hidden_share"],
-                    "budget_mib": round(stats["budget_bytes"] / 2**20, 1),
-                    "model_group_mib": round(stats["model_group_bytes"] / 2**20, 1),
-                    "peak_resident_mib": round(stats["peak_resident_bytes"] / 2**20, 1),
-                    "rss_anon_mib": round(anon / 2**20, 1)})
+                rows.append(_streamed(source, ids, budget, policy, args.tokens, reference))
                 say(f"    {rows[-1]['decode_ms_per_token']} ms/token, "
                     f"{rows[-1]['mib_read_per_token']} MiB read per token")
     finally:
         source.close()
     _write(args, rows)
     return 0
+
+
+def _streamed(source: ModelSource, ids: list[int], budget: float, policy: str, tokens: int,
+              reference: list[int]) -> dict[str, Any]:
+    """Greedy decoding with the groups streamed under a budget (% of the model's groups)."""
+    dec = StreamedDecoder(source, parse_dtype(None), f"{budget}%", policy)
+    try:
+        r = generate(dec, open_tokenizer(source), ids, max_tokens=tokens,
+                     sampling=SamplingParams(), ignore_eos=True)
+        stats = dec.loader_json()
+        anon = rss_anon_bytes()
+    finally:
+        dec.close()
+    steady = stats["per_token"][2:]  # after the prompt and first token
+    return {
+        "config": "streamed", "budget": budget, "policy": policy,
+        "decode_ms_per_token": round(statistics.median(1e3 * s for s in r.step_s), 2),
+        "same_tokens_as_resident": r.token_ids == reference,
+        "mib_read_per_token": round(statistics.mean(
+            t["bytes_loaded"] for t in steady) / 2**20, 2) if steady else None,
+        "stall_ms_per_token": round(statistics.mean(
+            t["stall_ms"] for t in steady), 2) if steady else None,
+        "hit_rate": round(stats["hits"] / max(1, stats["hits"] + stats["misses"]), 3),
+        "hidden_share": stats["hidden_share"],
+        "budget_mib": round(stats["budget_bytes"] / 2**20, 1),
+        "model_group_mib": round(stats["model_group_bytes"] / 2**20, 1),
+        "peak_resident_mib": round(stats["peak_resident_bytes"] / 2**20, 1),
+        "rss_anon_mib": round(anon / 2**20, 1)}
 
 
 def _write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:

@@ -16,6 +16,7 @@ import argparse
 import csv
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,20 +89,28 @@ def _cluster(n: int, rates: list[float], network: str):  # type: ignore[no-untyp
     return lw.addresses, rates, lw.stop
 
 
+@dataclass(frozen=True)
+class _Workload:
+    tok: Any
+    prompt: list[int]
+    fixed: list[int]
+    ref_logits: torch.Tensor  # the lossless single device's, teacher-forced over `fixed`
+
+
 def run(args: argparse.Namespace) -> int:
-    from halollm.cli.demo import _can_use_testbed
+    from halollm.testbed.system import unavailable
 
     torch.set_num_threads(1)
     network = args.network
     if network == "auto":
-        network = "testbed" if _can_use_testbed()[0] else "userspace"
+        network = "userspace" if unavailable() else "testbed"
     say = stage_printer("loss")
 
     ref_model = load_model(None, None)
     tok = ref_model.tokenizer
-    prompt = tok.encode(tok.render_chat([{"role": "user", "content": PROMPT}]))
     fixed = tok.encode(FIXED_TEXT)
-    ref_logits = teacher_forced(LocalDecoder(ref_model.transformer), fixed)
+    work = _Workload(tok, tok.encode(tok.render_chat([{"role": "user", "content": PROMPT}])),
+                     fixed, teacher_forced(LocalDecoder(ref_model.transformer), fixed))
     rates = [float(r) for r in args.rates.split(",")]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
@@ -119,44 +128,8 @@ def run(args: argparse.Namespace) -> int:
         addrs, drop, close = _cluster(n, link_rates, network)
         try:
             for mode in modes:
-                # every mode gets the same partition and placement (the predictor's, when
-                # there is one): only what is waited for differs
-                opts = ClusterOptions.build(mode="strict" if mode == "strict" else "relaxed",
-                                      drop_rates=drop, predictor=args.predictor)
-                if mode == "relaxed":
-                    opts.sync.critical_share = 0.0  # no per-token criticality
-                elif args.critical_share is not None:
-                    opts.sync.critical_share = args.critical_share
-                coord = Coordinator(None, None, addrs, key_bytes(KEY), opts)
-                if mode == "halo" and coord.predictor is None:
-                    coord.close()
-                    raise HaloError("the halo mode needs a predictor: run `halo calibrate "
-                                    "--text FILE` first (or pass --predictor)")
-                try:
-                    steps: list[float] = []
-                    for _ in range(args.repeats):
-                        res = generate(coord, tok, prompt, max_tokens=args.tokens,
-                                       sampling=SamplingParams(), ignore_eos=True)
-                        steps += [1e3 * s for s in res.step_s]
-                    row: dict[str, Any] = {
-                        "workers": n, "layout": layout, "loss": rate, "mode": mode,
-                        "decode_ms_median": round(statistics.median(steps), 2),
-                        "decode_ms_p95": round(sorted(steps)[int(0.95 * (len(steps) - 1))], 2),
-                        "tokens_per_s": round(1e3 / statistics.median(steps), 2)}
-                    sync = coord.sync_json()
-                    row.update(lost=sync["lost"], expected=sync["expected"],
-                               fallbacks=sync["fallbacks"],
-                               predict_ms_per_token=sync["predict_ms_per_token"])
-                    if mode != "strict":
-                        forced: list[float] = []
-                        agree, kl = accuracy(teacher_forced(coord, fixed, forced), ref_logits)
-                        row.update(agreement=round(agree, 4), kl=round(kl, 5),
-                                   forced_ms_median=round(1e3 * statistics.median(forced[1:]),
-                                                          2))
-                    else:
-                        row.update(agreement=1.0, kl=0.0)
-                finally:
-                    coord.close()
+                row = {"workers": n, "layout": layout, "loss": rate, "mode": mode,
+                       **_measure(mode, addrs, drop, args, work)}
                 rows.append(row)
                 say(f"    {mode}: {row['decode_ms_median']} ms/token (p95 "
                     f"{row['decode_ms_p95']}), agreement {row['agreement']:.1%}")
@@ -164,6 +137,45 @@ def run(args: argparse.Namespace) -> int:
             close()
     _write(args, network, rows)
     return 0
+
+
+def _measure(mode: str, addrs: list[tuple[str, int]], drop: list[float],
+             args: argparse.Namespace, work: _Workload) -> dict[str, Any]:
+    """Speed and accuracy of one mode on one cluster. Every mode gets the same partition
+    and placement (the predictor's, when there is one): only what is waited for differs."""
+    opts = ClusterOptions.build(mode="strict" if mode == "strict" else "relaxed",
+                                drop_rates=drop, predictor=args.predictor)
+    if mode == "relaxed":
+        opts.sync.critical_share = 0.0  # no per-token criticality
+    elif args.critical_share is not None:
+        opts.sync.critical_share = args.critical_share
+    coord = Coordinator(None, None, addrs, key_bytes(KEY), opts)
+    try:
+        if mode == "halo" and coord.predictor is None:
+            raise HaloError("the halo mode needs a predictor: run `halo calibrate "
+                            "--text FILE` first (or pass --predictor)")
+        steps: list[float] = []
+        for _ in range(args.repeats):
+            res = generate(coord, work.tok, work.prompt, max_tokens=args.tokens,
+                           sampling=SamplingParams(), ignore_eos=True)
+            steps += [1e3 * s for s in res.step_s]
+        row: dict[str, Any] = {
+            "decode_ms_median": round(statistics.median(steps), 2),
+            "decode_ms_p95": round(sorted(steps)[int(0.95 * (len(steps) - 1))], 2),
+            "tokens_per_s": round(1e3 / statistics.median(steps), 2)}
+        sync = coord.sync_json()
+        row.update(lost=sync["lost"], expected=sync["expected"], fallbacks=sync["fallbacks"],
+                   predict_ms_per_token=sync["predict_ms_per_token"])
+        if mode != "strict":
+            forced: list[float] = []
+            agree, kl = accuracy(teacher_forced(coord, work.fixed, forced), work.ref_logits)
+            row.update(agreement=round(agree, 4), kl=round(kl, 5),
+                       forced_ms_median=round(1e3 * statistics.median(forced[1:]), 2))
+        else:
+            row.update(agreement=1.0, kl=0.0)
+        return row
+    finally:
+        coord.close()
 
 
 def _speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -28,14 +28,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from halollm.bench import paper_report
 from halollm.bench.loss import FIXED_TEXT, PROMPT
-from halollm.bench.report import publish, require_testbed, stage_printer
+from halollm.bench.report import require_testbed, stage_printer
 from halollm.errors import HaloError
 from halollm.eval import data as eval_data
 from halollm.eval.agree import accuracy
@@ -155,6 +157,50 @@ class Workload:
 
 def run(args: argparse.Namespace) -> int:
     from halollm.testbed import cluster
+
+    configs, ablations, rates, spec, lossy = _check(args)
+    require_testbed("paper")
+    budget = parse_bytes(args.memory_budget)
+    torch.set_num_threads(1)
+    say = stage_printer("paper")
+
+    args.predictor = _predictor_path(args.model, args.predictor)
+    say("reference: the lossless single-device model…")
+    work = _reference(args)
+    say(f"    perplexity {work.reference['ppl']:.4f} on {work.reference['ppl_tokens']} "
+        f"tokens, PIQA {work.reference['piqa_acc']} on {len(work.piqa)} items")
+    plan = [(r, c) for r in rates for c in configs + (ablations if r == args.headline_rate
+                                                      else [])]
+    rows: list[dict[str, Any]] = []
+    say(f"testbed {spec.name} up ({len(spec.devices)} workers; loss swept on "
+        f"{', '.join(lossy)})…")
+    state = cluster.up(spec, model=args.model, log=lambda m: None)
+    addrs = [(w["address"], int(w["port"])) for w in state["workers"]]
+    t0 = time.time()
+    current: float | None = None
+    partial = False
+    try:
+        for k, (rate, name) in enumerate(plan, start=1):
+            if rate != current:
+                for d in lossy:
+                    cluster.set_loss(spec, d, rate, rate)
+                current = rate
+            say(f"[{k}/{len(plan)}] loss {rate:.0%}: {name} ({time.time() - t0:.0f}s elapsed)")
+            rows.append(_measured_row(rate, name, addrs, state["key"], budget, args, work, say))
+    except KeyboardInterrupt:
+        partial = True
+        say(f"interrupted: writing the {len(rows)} configurations measured so far")
+    finally:
+        cluster.down(spec, quiet=True)
+    paper_report.write(args, spec, lossy, work.reference, rows,
+                       {n: c.what for n, c in CONFIGS.items()}, partial)
+    return 130 if partial else 0
+
+
+def _check(args: argparse.Namespace) -> tuple[list[str], list[str], list[float], Any,
+                                             list[str]]:
+    """(configurations, ablations, rates, spec, lossy devices) from the arguments, every
+    one checked before anything starts."""
     from halollm.testbed.spec import load_spec
 
     configs = _names(args.configs, "--configs")
@@ -180,60 +226,38 @@ def run(args: argparse.Namespace) -> int:
         why = f"no device {sorted(unknown)[0]!r}" if unknown else "no device is lossy"
         raise HaloError(f"--lossy: {why} (devices: "
                         f"{', '.join(d.name for d in spec.devices)})")
-    wiki_path = args.data / "wikitext-2" / "wiki.test.raw"
-    piqa_path = args.data / "piqa" / "valid.jsonl"
-    for path in (wiki_path, piqa_path) if args.piqa_items else (wiki_path,):
+    for path in _data_paths(args).values():
         if not path.is_file():
             raise HaloError(f"--data {args.data}: no {path.relative_to(args.data)} in it "
                             "(the layout of ../shared/data)")
-    require_testbed("paper")
-    budget = parse_bytes(args.memory_budget)
-    torch.set_num_threads(1)
+    return configs, ablations, rates, spec, lossy
 
-    say = stage_printer("paper")
 
-    args.predictor = _predictor_path(args.model, args.predictor)
-    say("reference: the lossless single-device model…")
-    work = _reference(args, wiki_path, piqa_path)
-    say(f"    perplexity {work.reference['ppl']:.4f} on {work.reference['ppl_tokens']} "
-        f"tokens, PIQA {work.reference['piqa_acc']} on {len(work.piqa)} items")
-    plan = [(r, c) for r in rates for c in configs + (ablations if r == args.headline_rate
-                                                      else [])]
-    rows: list[dict[str, Any]] = []
-    say(f"testbed {spec.name} up ({len(spec.devices)} workers; loss swept on "
-        f"{', '.join(lossy)})…")
-    state = cluster.up(spec, model=args.model, log=lambda m: None)
-    addrs = [(w["address"], int(w["port"])) for w in state["workers"]]
-    t0 = time.time()
-    current: float | None = None
-    partial = False
+def _data_paths(args: argparse.Namespace) -> dict[str, Path]:
+    """The evaluation files the run reads (PIQA only when items are scored)."""
+    paths = {"wiki": args.data / "wikitext-2" / "wiki.test.raw"}
+    if args.piqa_items:
+        paths["piqa"] = args.data / "piqa" / "valid.jsonl"
+    return paths
+
+
+def _measured_row(rate: float, name: str, addrs: list[tuple[str, int]], key: str, budget: int,
+                  args: argparse.Namespace, work: Workload, say: Callable[[str], None]
+                  ) -> dict[str, Any]:
+    """One configuration at one rate, as a row of the report (its error if it cannot run
+    here: that is a result too)."""
+    row: dict[str, Any] = {"loss": rate, "config": name}
     try:
-        for k, (rate, name) in enumerate(plan, start=1):
-            if rate != current:
-                for d in lossy:
-                    cluster.set_loss(spec, d, rate, rate)
-                current = rate
-            say(f"[{k}/{len(plan)}] loss {rate:.0%}: {name} ({time.time() - t0:.0f}s elapsed)")
-            row: dict[str, Any] = {"loss": rate, "config": name}
-            try:
-                row.update(_measure(CONFIGS[name], addrs, state["key"], budget, args, work))
-            except HaloError as exc:  # a configuration that cannot run here is a result too
-                row["error"] = str(exc)
-                say(f"    failed: {exc}")
-                rows.append(row)
-                continue
-            rows.append(row)
-            acc = (f", agreement {row['agreement']:.1%}, ppl {row['ppl']:.3f}, PIQA "
-                   f"{row['piqa_acc']}" if "agreement" in row else "")
-            say(f"    {row['decode_ms_per_token']} ms/token{acc}, groups per device "
-                f"{row['groups_per_device']}")
-    except KeyboardInterrupt:
-        partial = True
-        say(f"interrupted: writing the {len(rows)} configurations measured so far")
-    finally:
-        cluster.down(spec, quiet=True)
-    _write(args, spec, lossy, work, rows, partial)
-    return 130 if partial else 0
+        row.update(_measure(CONFIGS[name], addrs, key, budget, args, work))
+    except HaloError as exc:
+        row["error"] = str(exc)
+        say(f"    failed: {exc}")
+        return row
+    acc = (f", agreement {row['agreement']:.1%}, ppl {row['ppl']:.3f}, PIQA "
+           f"{row['piqa_acc']}" if "agreement" in row else "")
+    say(f"    {row['decode_ms_per_token']} ms/token{acc}, groups per device "
+        f"{row['groups_per_device']}")
+    return row
 
 
 def _predictor_path(model: str | None, predictor: str) -> str:
@@ -250,15 +274,16 @@ def _predictor_path(model: str | None, predictor: str) -> str:
         source.close()
 
 
-def _reference(args: argparse.Namespace, wiki_path: Path, piqa_path: Path) -> Workload:
+def _reference(args: argparse.Namespace) -> Workload:
+    paths = _data_paths(args)
     model = load_model(args.model, None)
     tok = model.tokenizer
     prompt = tok.encode(tok.render_chat([{"role": "user", "content": PROMPT}]))
     fixed = tok.encode(FIXED_TEXT)[:args.forced_tokens]
     # one window: at most the model's context
-    wiki = tok.encode(eval_data.read_text(wiki_path))[:min(args.ppl_tokens,
-                                                           model.config.max_position)]
-    piqa = eval_data.piqa(piqa_path, args.piqa_items) if args.piqa_items else []
+    wiki = tok.encode(eval_data.read_text(paths["wiki"]))[:min(args.ppl_tokens,
+                                                               model.config.max_position)]
+    piqa = eval_data.piqa(paths["piqa"], args.piqa_items) if args.piqa_items else []
     local = LocalDecoder(model.transformer)
     ref_logits = teacher_forced(local, fixed)
     ppl, piqa_tally = _accuracy(local, tok, model.config.max_position, wiki, piqa)
@@ -330,129 +355,3 @@ def _measure(cfg: Config, addrs: list[tuple[str, int]], key: str, budget: int,
         return out
     finally:
         coord.close()
-
-
-def _row(rows: list[dict[str, Any]], rate: float, config: str) -> dict[str, Any] | None:
-    """The measured row of a configuration at a rate (None if absent or failed)."""
-    return next((r for r in rows if r["loss"] == rate and r["config"] == config
-                 and "error" not in r), None)
-
-
-def _headline(rows: list[dict[str, Any]], ref: dict[str, Any], rate: float
-              ) -> dict[str, Any] | None:
-    strict, halo = _row(rows, rate, "strict"), _row(rows, rate, "halo")
-    if not strict or not halo:
-        return None
-    speedup = strict["decode_ms_per_token"] / halo["decode_ms_per_token"]
-    ppl_delta = halo["ppl"] / ref["ppl"] - 1
-    return {"loss": rate, "speedup": round(speedup, 2), "ppl_delta": round(ppl_delta, 5),
-            "met": speedup >= 3.41 and abs(ppl_delta) <= 0.01}
-
-
-def _write(args: argparse.Namespace, spec: Any, lossy: list[str], work: Workload,
-           rows: list[dict[str, Any]], partial: bool = False) -> None:
-    ref = work.reference
-    head = _headline(rows, ref, args.headline_rate)
-    devices = ", ".join(
-        f"{d.name} (cpu {'full' if d.cpu is None else f'{d.cpu:.0%}'}, memory "
-        f"{(d.memory_bytes or 0) / 2**20:.0f} MiB{', lossy' if d.name in lossy else ''})"
-        for d in spec.devices)
-    lines = ["# The paper's evaluation: speed and accuracy versus packet loss", "", "{header}",
-             f"Spec: `{args.spec}`: the coordinator (this machine, memory budget "
-             f"{args.memory_budget}) and {len(spec.devices)} workers: {devices}. Loss: "
-             "kernel packet loss (nftables, random drop on arrival at both ends) on the lossy "
-             "links, the same rate each way. Model: "
-             f"`{args.model or 'default (SmolLM2-135M-Instruct)'}`.", "",
-             f"Speed: median decode time over {args.tokens} greedy tokens after "
-             f"{args.warmup} warm-up tokens ({args.strict_tokens} for strict). Accuracy, "
-             "teacher-forced through the decode path under the same loss: top-1 agreement "
-             f"and KL against the lossless single-device model over {ref['fixed_tokens']} "
-             f"tokens of a fixed text; perplexity on the first {ref['ppl_tokens'] + 1} tokens "
-             f"of WikiText-2 test (one window); PIQA acc on the first {ref['piqa_items']} "
-             "validation items (`same`: items whose outcome equals the single device's). "
-             "Strict is exact by construction and by test, so its accuracy is the single "
-             "device's.", "",
-             f"Lossless single device: perplexity **{ref['ppl']:.4f}**, PIQA acc "
-             f"{ref['piqa_acc']}.", ""]
-    if head:
-        lines += [f"**Headline, at {head['loss']:.0%} loss: HALO is {head['speedup']}x faster "
-                  f"than strict, perplexity {head['ppl_delta']:+.2%} against the lossless "
-                  f"single device** (aim: ≥ 3.41x and within 1%: "
-                  f"{'met' if head['met'] else 'missed'}).", ""]
-    lines += ["| loss | configuration | ms/token | p95 | speedup vs strict | agreement | KL | "
-              "perplexity (Δ) | PIQA acc (same) | lost / expected | groups per device "
-              "(coordinator first) | re-plans |",
-              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['loss']:.0%} | {r['config']} | failed: {r['error']} |"
-                         + " |" * 10)
-            continue
-        strict = _row(rows, r["loss"], "strict")
-        speed = (f"{strict['decode_ms_per_token'] / r['decode_ms_per_token']:.2f}x"
-                 if strict else "")
-        if "agreement" in r:
-            acc = (f"{r['agreement']:.1%} | {r['kl']:.4f} | {r['ppl']:.3f} "
-                   f"({r['ppl'] / ref['ppl'] - 1:+.2%}) | {r['piqa_acc']} "
-                   f"({r['piqa_same_as_reference']}/{r['piqa_items']})")
-        else:
-            acc = "exact | 0 | = single device | = single device"
-        lines.append(f"| {r['loss']:.0%} | {r['config']} | {r['decode_ms_per_token']} | "
-                     f"{r['decode_ms_p95']} | {speed} | {acc} | {r['lost']} / {r['expected']} "
-                     f"| {r['groups_per_device']} | {r['replans']} |")
-    lines += ["", "Configurations: " + "; ".join(f"`{n}`: {c.what}" for n, c in CONFIGS.items()
-                                                 if any(r['config'] == n for r in rows)) + ".",
-              "", f"Plots: `{args.name}_speed.png`, `{args.name}_accuracy.png`.", ""]
-    if partial:
-        lines[3:3] = ["**Interrupted: a partial result.**", ""]
-    args.out.mkdir(parents=True, exist_ok=True)
-    _plot(args.out, args.name, [r for r in rows if "error" not in r], ref)
-    data = {"spec": str(args.spec), "lossy": lossy, "model": args.model or "default",
-            "partial": partial,
-            "coordinator_memory_budget": args.memory_budget, "reference": ref,
-            "headline": head, "rows": rows}
-    publish(args.out, args.name, data, lines, args.json)
-
-
-def _plot(out: Path, name: str, rows: list[dict[str, Any]], ref: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    configs = list(dict.fromkeys(r["config"] for r in rows))
-    style = {"strict": "--", "relaxed": ":"}
-    color = {name: f"C{k}" for k, name in enumerate(CONFIGS)}  # the same in both figures
-
-    def series(metric: str, cfg: str) -> tuple[list[float], list[float]]:
-        pts = sorted((r["loss"], r[metric]) for r in rows if r["config"] == cfg and metric in r)
-        return [100 * p[0] for p in pts], [p[1] for p in pts]
-
-    def draw(ax: Any, metric: str, ylabel: str, skip: tuple[str, ...] = ()) -> None:
-        for cfg in configs:
-            if cfg not in skip:
-                x, y = series(metric, cfg)
-                ax.plot(x, y, marker="o", linestyle=style.get(cfg, "-"), color=color[cfg],
-                        label=cfg)
-        ax.set_xlabel("packet loss per direction on the lossy links (%)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
-
-    def save(fig: Any, axes: tuple[Any, ...], suffix: str) -> None:
-        for ax in axes:
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / f"{name}_{suffix}.png", dpi=110)
-        plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    draw(ax, "decode_ms_per_token", "decode ms/token (median, log scale)")
-    ax.set_yscale("log")
-    save(fig, (ax,), "speed")
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
-    a1.axhline(ref["ppl"], color="k", linewidth=0.8, label="single device (= strict)")
-    a2.axhline(1.0, color="k", linewidth=0.8, label="single device (= strict)")
-    draw(a1, "ppl", "WikiText-2 slice perplexity", skip=("strict",))
-    draw(a2, "agreement", "top-1 agreement with the single device", skip=("strict",))
-    save(fig, (a1, a2), "accuracy")

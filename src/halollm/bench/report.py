@@ -76,9 +76,9 @@ def stage_printer(bench: str) -> Callable[[str], None]:
 
 def require_testbed(bench: str) -> None:
     """HaloError unless the kernel testbed can run here (root, ip, nft)."""
-    from halollm.cli.demo import _can_use_testbed
     from halollm.errors import HaloError
+    from halollm.testbed.system import unavailable
 
-    ok, why = _can_use_testbed()
-    if not ok:
+    why = unavailable()
+    if why:
         raise HaloError(f"halo bench {bench} needs the kernel testbed: {why}")

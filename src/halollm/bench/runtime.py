@@ -68,26 +68,7 @@ def run(args: argparse.Namespace) -> int:
                  "decode_ms_per_token": round(single, 2)})
     print(f"single device: {single:.2f} ms/token", file=sys.stderr, flush=True)
     del model
-
-    # the cost of a synchronisation round: 30 rounds/token, each with a 1-neuron group
-    with LocalWorkers(1, KEY, threads=1) as lw:
-        for mode in ("relaxed", "strict"):
-            opts = ClusterOptions.build(mode=mode, mlp_groups=1536, custom_plan=echo_plan,
-                                        predictor=None,
-                                        deadline_ms=50.0 if mode == "relaxed" else None)
-            coord = Coordinator(None, args.dtype, lw.addresses, key_bytes(KEY), opts)
-            try:
-                ms = _decode_ms(coord, tok, ids, args.tokens, args.repeats)
-                local = _decode_ms(LocalDecoder(coord.model), tok, ids, args.tokens, 1)
-            finally:
-                coord.close()
-            per_round = (ms - local) / 30
-            rows.append({"config": f"round cost ({mode})", "workers": 1, "mode": mode,
-                         "decode_ms_per_token": round(ms, 2),
-                         "same_compute_local_ms_per_token": round(local, 2),
-                         "sync_round_ms": round(per_round, 3)})
-            print(f"{mode} round cost: {per_round:.3f} ms/round", file=sys.stderr, flush=True)
-
+    rows += _round_costs(args, tok, ids)
     for n in counts:
         with LocalWorkers(n, KEY, threads=1) as lw:
             for mode in ("strict", "relaxed"):
@@ -106,6 +87,35 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{n} workers {mode}: {ms:.2f} ms/token", file=sys.stderr, flush=True)
     data = {"results": rows, "tokens": args.tokens, "repeats": args.repeats,
             "dtype": args.dtype}
+    publish(args.out, "runtime", data, _lines(args, rows), args.json)
+    return 0
+
+
+def _round_costs(args: argparse.Namespace, tok: Any, ids: list[int]) -> list[dict[str, Any]]:
+    """The cost of a synchronisation round, per mode: 30 rounds/token, each with a 1-neuron
+    group on one worker."""
+    rows = []
+    with LocalWorkers(1, KEY, threads=1) as lw:
+        for mode in ("relaxed", "strict"):
+            opts = ClusterOptions.build(mode=mode, mlp_groups=1536, custom_plan=echo_plan,
+                                        predictor=None,
+                                        deadline_ms=50.0 if mode == "relaxed" else None)
+            coord = Coordinator(None, args.dtype, lw.addresses, key_bytes(KEY), opts)
+            try:
+                ms = _decode_ms(coord, tok, ids, args.tokens, args.repeats)
+                local = _decode_ms(LocalDecoder(coord.model), tok, ids, args.tokens, 1)
+            finally:
+                coord.close()
+            per_round = (ms - local) / 30
+            rows.append({"config": f"round cost ({mode})", "workers": 1, "mode": mode,
+                         "decode_ms_per_token": round(ms, 2),
+                         "same_compute_local_ms_per_token": round(local, 2),
+                         "sync_round_ms": round(per_round, 3)})
+            print(f"{mode} round cost: {per_round:.3f} ms/round", file=sys.stderr, flush=True)
+    return rows
+
+
+def _lines(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[str]:
     lines = ["# Distributed runtime on loopback", "", "{header}",
              "All processes share this machine's 2 cores (coordinator and workers 1 torch "
              "thread each), so more workers means more contention, not more compute: these "
@@ -125,5 +135,4 @@ def run(args: argparse.Namespace) -> int:
                     f"{r['expected']}; groups per device {r['groups_per_device']}")
         lines.append(f"| {r['config']} | {r['mode']} | {r['decode_ms_per_token']} | {note} |")
     lines.append("")
-    publish(args.out, "runtime", data, lines, args.json)
-    return 0
+    return lines

@@ -6,11 +6,22 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from halollm.cli.options import add_model_options
 from halollm.cli.progress import Bars
+from halollm.errors import HaloError
+from halollm.loader.streamed import peak_rss_bytes
 from halollm.model.loader import content_hash, open_source
 from halollm.predictor import report, store
-from halollm.predictor.calibrate import GROUPINGS, CalibrationOptions, calibrate, read_texts
+from halollm.predictor.calibrate import (
+    DEFAULT_TEXT,
+    GROUPINGS,
+    CalibrationOptions,
+    calibrate,
+    lean_heap,
+    read_texts,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,10 +31,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "neuron group's true significance (the norm of its partial update), train "
                     "one small predictor per layer and half, report its quality on the last "
                     "tokens of the text (held out), and save it next to the model (or --out). "
-                    "`halo run` and `halo demo` then use it. Never calibrate on evaluation data.")
+                    "`halo run` and `halo demo` then use it. Without --text it trains on the "
+                    "public-domain book shipped with HALO (Alice's Adventures in Wonderland). "
+                    "Never calibrate on evaluation data.")
     add_model_options(p)
-    p.add_argument("--text", nargs="+", required=True, metavar="FILE",
-                   help="calibration text file(s), UTF-8")
+    p.add_argument("--text", nargs="+", metavar="FILE",
+                   help="calibration text file(s), UTF-8 (default: the shipped book, "
+                        f"{DEFAULT_TEXT})")
     p.add_argument("--out", type=Path, metavar="PATH",
                    help="where to save (default: next to the model, or ~/.cache/halo/predictors"
                         " if that is not writable)")
@@ -37,6 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: contribution)")
     p.add_argument("--max-tokens", type=int, default=16384, metavar="N",
                    help="calibration tokens used for training (default: 16384)")
+    p.add_argument("--sample-tokens", type=int, metavar="N",
+                   help="train on the layer inputs of N tokens drawn at random from the "
+                        "--max-tokens (default: as many as 256 MiB hold, one byte per value: "
+                        "14,716 for the default model); every token counts for the static "
+                        "ranking")
     p.add_argument("--context", type=int, default=256, metavar="N",
                    help="tokens per calibration sequence (default: 256)")
     p.add_argument("--holdout", type=int, default=512, metavar="N",
@@ -46,19 +65,27 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="hidden width of each predictor (default: 64)")
     p.add_argument("--epochs", type=int, default=30, metavar="N", help="training epochs (30)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch compute threads (default: PyTorch's choice)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     texts = read_texts(args.text)  # before anything slow
+    if args.threads is not None:
+        if args.threads < 1:
+            raise HaloError(f"--threads must be at least 1 (got {args.threads})")
+        torch.set_num_threads(args.threads)
+    lean_heap()  # before the model file is parsed: peak memory
     source = open_source(args.model)
     bars = Bars(enabled=not args.json)
     try:
         opts = CalibrationOptions(
             attn_groups=args.attn_groups, mlp_groups=args.mlp_groups, grouping=args.grouping,
             max_tokens=args.max_tokens, context=args.context, holdout_tokens=args.holdout,
-            rank=args.rank, epochs=args.epochs, seed=args.seed)
+            rank=args.rank, epochs=args.epochs, seed=args.seed,
+            sample_tokens=args.sample_tokens)
         predictor = calibrate(source, texts, opts, bar=bars)
         bars.close()
         path = args.out or store.writable_path(Path(source.path),
@@ -68,13 +95,14 @@ def run(args: argparse.Namespace) -> int:
         bars.close()
         source.close()
     rep = predictor.meta.get("report")
+    peak = peak_rss_bytes()
     if args.json:
         print(json.dumps({"predictor": str(path), "partition": store.describe(
-            predictor.partition), **{k: v for k, v in predictor.meta.items()}}))
+            predictor.partition), **predictor.meta, "peak_rss_bytes": peak}))
         return 0
     if rep:
         print(report.format_report(rep))
     print(f"saved the predictor ({store.describe(predictor.partition)}, trained on "
-          f"{predictor.meta['training_tokens']} tokens in {predictor.meta['seconds']:.0f}s) to "
-          f"{path}")
+          f"{predictor.meta['training_tokens']} tokens in {predictor.meta['seconds']:.0f}s, "
+          f"peak memory {peak / 2**20:.0f} MiB) to {path}")
     return 0

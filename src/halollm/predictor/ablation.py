@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from halollm.eval.metrics import kl_per_position, token_nll, top1_match
 from halollm.groups import Kind
+from halollm.metrics import kl_per_position, token_nll, top1_match
 from halollm.predictor.net import HalfPredictor
 from halollm.predictor.signals import GroupedModel, Signals, significance
 

@@ -23,17 +23,9 @@ from halollm.scheduler.placement import (
     static_plan,
 )
 from halollm.scheduler.profile import DeviceProfile
-from halollm.scheduler.specs import WorkerState, device_specs
+from halollm.scheduler.specs import WorkerState, device_specs, units_per_round
 
 DWELL_CHECKS = 2  # a plan adopted for speed stays for at least this many re-planning checks
-
-
-def units_per_round(placement: Placement | None, device: int, n_layers: int) -> float:
-    """Mean MLP neurons the device computes per round it takes part in (placement now)."""
-    if placement is None:
-        return 0.0
-    used = [n for i in range(n_layers) if (n := len(placement.units_of(device, i, "mlp")))]
-    return sum(used) / len(used) if used else 0.0
 
 
 class Planner:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 MAGIC = b"HL"
@@ -159,12 +158,3 @@ class Reassembler:
         if len(body) != frag.body_len:
             raise ProtocolError("malformed", "reassembled length differs from the header")
         return body
-
-    def forget(self, keep: callable) -> None:  # type: ignore[valid-type]
-        """Drop partial messages whose tag does not satisfy keep(tag) (stale rounds)."""
-        for key in [k for k in self._pending if not keep(k[2])]:
-            del self._pending[key]
-            self.dropped_incomplete += 1
-
-    def pending(self) -> Iterator[RoundTag]:
-        return (k[2] for k in self._pending)

@@ -64,9 +64,6 @@ class UdpEndpoint:
     def port(self) -> int:
         return int(self.sock.getsockname()[1])
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
     def send(self, kind: int, sender: int, wire: int, tag: RoundTag, body: bytes,
              addrs: Sequence[Address]) -> None:
         """Encode once, send every fragment to every address. A full send buffer or an

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from halollm.errors import HaloError
 from halollm.groups import KINDS, GroupId, Kind, Partition, Units, merge_units
 from halollm.model.config import ModelConfig
+from halollm.predictor.critical import critical_groups
 
 if TYPE_CHECKING:
     from halollm.scheduler.solver import DeviceSpec, GroupSpec
@@ -83,25 +84,6 @@ class Placement:
                 "groups_per_device": [self.count(d) for d in range(self.n_devices)],
                 "critical_groups": len(self.critical),
                 "groups": len(self.owner)}
-
-
-def critical_groups(partition: Partition, significance: Mapping[GroupId, float],
-                    share: float) -> frozenset[GroupId]:
-    """Per layer half, the smallest set of groups carrying `share` of its total significance."""
-    if not 0.0 <= share <= 1.0:
-        raise HaloError(f"a significance share must be between 0 and 1 (got {share})")
-    out: set[GroupId] = set()
-    for layer in range(len(partition.layers)):
-        for kind in KINDS:
-            gids = [GroupId(layer, kind, i) for i in range(partition.count(layer, kind))]
-            gids.sort(key=lambda g: -significance.get(g, 0.0))
-            total = sum(significance.get(g, 0.0) for g in gids)
-            acc = 0.0
-            for g in gids:
-                if share > 0 and (acc < share * total or total == 0):
-                    out.add(g)
-                    acc += significance.get(g, 0.0)
-    return frozenset(out)
 
 
 def group_specs(partition: Partition, significance: Mapping[GroupId, float],

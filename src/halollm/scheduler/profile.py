@@ -51,8 +51,6 @@ def memory_budget(declared: int | None) -> int:
                                                      available_memory_bytes())
 
 
-
-
 class LinkEstimate:
     """Moving estimates for one worker's link, from live rounds: the share of contributions
     missing at the deadline, and the time from sending the activation to the contribution's

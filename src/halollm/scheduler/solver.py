@@ -149,94 +149,144 @@ class _Half:
                                                    -groups[i].significance, i))
 
 
+Row = tuple[dict[int, float], float, float]  # (coefficients by variable, lower, upper)
+
+
+@dataclass(frozen=True)
+class _Vars:
+    """The count program's variables: n[h, d], u[h, d], t[h], then (when some device
+    streams) e[k] per streaming device and T."""
+
+    H: int
+    D: int
+    n_streaming: int
+
+    @property
+    def count(self) -> int:
+        return 2 * self.H * self.D + self.H + (self.n_streaming + 1 if self.n_streaming else 0)
+
+    def n(self, h: int, d: int) -> int:
+        return h * self.D + d
+
+    def u(self, h: int, d: int) -> int:
+        return self.H * self.D + h * self.D + d
+
+    def t(self, h: int) -> int:
+        return 2 * self.H * self.D + h
+
+    def e(self, k: int) -> int:
+        return 2 * self.H * self.D + self.H + k
+
+    @property
+    def big_t(self) -> int:
+        return self.count - 1
+
+
 def _solve_counts(classes: Sequence[Sequence[_Half]], devices: Sequence[DeviceSpec],
                   reliable_loss: float, time_limit_s: float) -> tuple[list[list[int]], float]:
     """Groups per device for each class of halves of one size, which share their counts
     (the program in the module docstring; the objective counts every half of a class)."""
     H, D = len(classes), len(devices)
     streaming = [d for d in range(D) if devices[d].streams]
-    # n[h, d], u[h, d], t[h], then (if a device streams) e[d] per streaming device and T
-    n_vars = 2 * H * D + H + (len(streaming) + 1 if streaming else 0)
+    v = _Vars(H, D, len(streaming))
+    c = np.zeros(v.count)
+    lower, upper = np.zeros(v.count), np.ones(v.count)
+    rows = _round_rows(classes, devices, reliable_loss, v, c, upper, bool(streaming))
+    rows += _memory_rows(classes, devices, streaming, v)
+    if streaming:
+        rows += _streaming_rows(classes, devices, streaming, v, c, upper)
+    x = _milp(c, rows, lower, upper, 2 * H * D, time_limit_s)  # t, e, T are continuous
+    n = np.rint(x[: H * D]).astype(int).reshape(H, D)
+    if streaming:
+        return n.tolist(), float(x[v.big_t])
+    t = x[2 * H * D:]
+    return n.tolist(), float(sum(t[h] * len(members) for h, members in enumerate(classes)))
 
-    def ni(h: int, d: int) -> int:
-        return h * D + d
 
-    def ui(h: int, d: int) -> int:
-        return H * D + h * D + d
-
-    def ti(h: int) -> int:
-        return 2 * H * D + h
-
-    def ei(k: int) -> int:
-        return 2 * H * D + H + k
-
-    big_t = n_vars - 1  # T, when some device streams
-
-    reliable = [d for d in range(D) if d == 0 or devices[d].loss <= reliable_loss]
-    lossy = [d for d in range(D) if d not in reliable]
+def _round_rows(classes: Sequence[Sequence[_Half]], devices: Sequence[DeviceSpec],
+                reliable_loss: float, v: _Vars, c: np.ndarray, upper: np.ndarray,
+                streaming: bool) -> list[Row]:
+    """Per class of halves: the counts' bounds and objective terms (set in c and upper),
+    the groups all placed, each device's time in the round, critical groups on reliable
+    devices and the bound on the significance behind lossy links."""
+    reliable = [d for d in range(len(devices)) if d == 0 or devices[d].loss <= reliable_loss]
+    lossy = [d for d in range(len(devices)) if d not in reliable]
     worst = max((devices[d].loss for d in lossy), default=0.0)
-    c = np.zeros(n_vars)
-    lower, upper = np.zeros(n_vars), np.ones(n_vars)
-    rows: list[tuple[dict[int, float], float, float]] = []
+    rows: list[Row] = []
     for h, members in enumerate(classes):
         first = members[0]
         G, weight = len(first.members), len(members)
-        c[ti(h)] = 0.0 if streaming else weight
-        upper[ti(h)] = np.inf
+        c[v.t(h)] = 0.0 if streaming else weight
+        upper[v.t(h)] = np.inf
         for d, dev in enumerate(devices):
-            upper[ni(h, d)] = G
-            c[ni(h, d)] = 1e-3 * weight * dev.loss / G  # tie-break: fewer behind lossy links
-            rows.append(({ni(h, d): 1.0, ui(h, d): -float(G)}, -np.inf, 0.0))
-            rows.append(({ni(h, d): first.mean_cost / dev.speed,
-                          ui(h, d): dev.latency if d != 0 else 0.0, ti(h): -1.0},
+            upper[v.n(h, d)] = G
+            c[v.n(h, d)] = 1e-3 * weight * dev.loss / G  # tie-break: fewer behind lossy links
+            rows.append(({v.n(h, d): 1.0, v.u(h, d): -float(G)}, -np.inf, 0.0))
+            rows.append(({v.n(h, d): first.mean_cost / dev.speed,
+                          v.u(h, d): dev.latency if d != 0 else 0.0, v.t(h): -1.0},
                          -np.inf, 0.0))
-        rows.append(({ni(h, d): 1.0 for d in range(D)}, G, G))
+        rows.append(({v.n(h, d): 1.0 for d in range(len(devices))}, G, G))
         critical = max(half.critical for half in members)
         if critical:
-            rows.append(({ni(h, d): 1.0 for d in reliable}, critical, np.inf))
+            rows.append(({v.n(h, d): 1.0 for d in reliable}, critical, np.inf))
         for half in members:
             if half.tail and lossy:
                 # groups behind lossy links: the m least significant; worst * tailsum(m) <=
                 # bound, tailsum convex and piecewise linear: one constraint per piece
                 acc = 0.0
                 for k, slope in enumerate(half.tail):
-                    coef = {ni(h, d): worst * slope for d in lossy}
+                    coef = {v.n(h, d): worst * slope for d in lossy}
                     rows.append((coef, -np.inf, half.bound - worst * (acc - slope * k)))
                     acc += slope
+    return rows
+
+
+def _memory_rows(classes: Sequence[Sequence[_Half]], devices: Sequence[DeviceSpec],
+                 streaming: list[int], v: _Vars) -> list[Row]:
+    """What each device with a budget holds fits it, beyond it the e[k] it streams."""
+    rows: list[Row] = []
     for d, dev in enumerate(devices):
         if np.isfinite(dev.memory):
-            coef = {ni(h, d): members[0].cost * len(members)
+            coef = {v.n(h, d): members[0].cost * len(members)
                     for h, members in enumerate(classes)}
             if d in streaming:
-                coef[ei(streaming.index(d))] = -1.0
+                coef[v.e(streaming.index(d))] = -1.0
             rows.append((coef, -np.inf, dev.memory))
-    if streaming:
-        compute = {ti(h): float(len(members)) for h, members in enumerate(classes)}
-        c[big_t], upper[big_t] = 1.0, np.inf
-        rows.append(({**compute, big_t: -1.0}, -np.inf, 0.0))
-        for k, d in enumerate(streaming):
-            upper[ei(k)] = np.inf
-            rows.append(({**compute, ei(k): 1.0 / devices[d].load_speed, big_t: -1.0},
-                         -np.inf, 0.0))
-    A = lil_matrix((len(rows), n_vars))
+    return rows
+
+
+def _streaming_rows(classes: Sequence[Sequence[_Half]], devices: Sequence[DeviceSpec],
+                    streaming: list[int], v: _Vars, c: np.ndarray, upper: np.ndarray
+                    ) -> list[Row]:
+    """T (the objective, set in c) is at least the compute, plus each device's streaming."""
+    compute = {v.t(h): float(len(members)) for h, members in enumerate(classes)}
+    c[v.big_t], upper[v.big_t] = 1.0, np.inf
+    rows: list[Row] = [({**compute, v.big_t: -1.0}, -np.inf, 0.0)]
+    for k, d in enumerate(streaming):
+        upper[v.e(k)] = np.inf
+        rows.append(({**compute, v.e(k): 1.0 / devices[d].load_speed, v.big_t: -1.0},
+                     -np.inf, 0.0))
+    return rows
+
+
+def _milp(c: np.ndarray, rows: list[Row], lower: np.ndarray, upper: np.ndarray,
+          n_integers: int, time_limit_s: float) -> np.ndarray:
+    """The solution of the program (the first `n_integers` variables integer)."""
+    A = lil_matrix((len(rows), len(c)))
     lo, hi = np.empty(len(rows)), np.empty(len(rows))
     for r, (coef, a, b) in enumerate(rows):
-        for j, v in coef.items():
-            A[r, j] = v
+        for j, value in coef.items():
+            A[r, j] = value
         lo[r], hi[r] = a, b
-    integrality = np.ones(n_vars)
-    integrality[2 * H * D:] = 0  # t, e, T are continuous
+    integrality = np.ones(len(c))
+    integrality[n_integers:] = 0
     res = milp(c, constraints=LinearConstraint(A.tocsr(), lo, hi), bounds=Bounds(lower, upper),
                integrality=integrality, options={"time_limit": time_limit_s})
     if res.x is None:
         raise HaloError(f"no placement satisfies the constraints ({res.message.strip()}); "
                         "relax the memory budgets, the reliability requirement or the "
                         "expected-loss bound")
-    n = np.rint(res.x[: H * D]).astype(int).reshape(H, D)
-    if streaming:
-        return n.tolist(), float(res.x[big_t])
-    t = res.x[2 * H * D:]
-    return n.tolist(), float(sum(t[h] * len(members) for h, members in enumerate(classes)))
+    return res.x
 
 
 def makespan(groups: Sequence[GroupSpec], devices: Sequence[DeviceSpec],

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from halollm.scheduler.placement import Placement
 from halollm.scheduler.profile import DeviceProfile, LinkEstimate
 from halollm.scheduler.solver import DeviceSpec
 
 DEFAULT_RTT_MS = 0.5  # a LAN round trip with Python at both ends, until one is measured
+
+
+def units_per_round(placement: Placement | None, device: int, n_layers: int) -> float:
+    """Mean MLP neurons the device computes per round it takes part in (placement now)."""
+    if placement is None:
+        return 0.0
+    used = [n for i in range(n_layers) if (n := len(placement.units_of(device, i, "mlp")))]
+    return sum(used) / len(used) if used else 0.0
 
 
 @dataclass(frozen=True)

@@ -152,42 +152,46 @@ def parse_spec(data: dict[str, Any], path: Path | None = None) -> Spec:
         raise HaloError(f"{where}: no [[device]] entries")
     if len(raw) > 200:
         raise HaloError(f"{where}: at most 200 devices")
-    devices, seen = [], set()
+    devices: list[Device] = []
     for i, d in enumerate(raw, start=1):
-        if not isinstance(d, dict):
-            raise HaloError(f"{where}: device {i} must be a table")
-        dname = str(d.get("name", f"w{i}"))
-        at = f"{where} device '{dname}'"
-        _unknown(set(d), _DEVICE_KEYS, at)
-        if not _NAME.match(dname):
-            raise HaloError(f"{at}: name must be 1-8 lowercase letters/digits, starting with a "
-                            "letter")
-        if dname in seen:
-            raise HaloError(f"{at}: duplicate device name")
-        seen.add(dname)
-        if "loss" in d and ("loss_in" in d or "loss_out" in d):
-            raise HaloError(f"{at}: give either loss or loss_in/loss_out, not both")
-        loss = d.get("loss", 0.0)
-        loss_in = _share(d.get("loss_in", loss), f"{at}: loss_in")
-        loss_out = _share(d.get("loss_out", loss), f"{at}: loss_out")
-        delay = float(d.get("delay_ms", 0.0))
-        jitter = float(d.get("jitter_ms", 0.0))
-        if delay < 0 or jitter < 0:
-            raise HaloError(f"{at}: delay_ms and jitter_ms must be >= 0")
-        if jitter > 0 and delay == 0:
-            raise HaloError(f"{at}: jitter_ms needs a delay_ms")
-        cpu = None
-        if "cpu" in d:
-            cpu = _share(d["cpu"], f"{at}: cpu", 64.0, inclusive=True)
-            if cpu < 0.01:
-                raise HaloError(f"{at}: cpu must be at least 0.01 of a core")
-        devices.append(Device(
-            name=dname, index=i, loss_in=loss_in, loss_out=loss_out,
-            bandwidth_bps=parse_rate(d["bandwidth"], at) if "bandwidth" in d else None,
-            delay_ms=delay, jitter_ms=jitter, cpu=cpu,
-            memory_bytes=parse_size(d["memory"], at) if "memory" in d else None))
+        devices.append(_parse_device(d, i, where, {x.name for x in devices}))
     return Spec(name=name, subnet=subnet, port=port, devices=tuple(devices),
                 coordinator_cpu=coord_cpu, path=path)
+
+
+def _parse_device(d: Any, i: int, where: str, seen: set[str]) -> Device:
+    """Device `i` of the spec (`seen`: the names of the devices before it)."""
+    if not isinstance(d, dict):
+        raise HaloError(f"{where}: device {i} must be a table")
+    dname = str(d.get("name", f"w{i}"))
+    at = f"{where} device '{dname}'"
+    _unknown(set(d), _DEVICE_KEYS, at)
+    if not _NAME.match(dname):
+        raise HaloError(f"{at}: name must be 1-8 lowercase letters/digits, starting with a "
+                        "letter")
+    if dname in seen:
+        raise HaloError(f"{at}: duplicate device name")
+    if "loss" in d and ("loss_in" in d or "loss_out" in d):
+        raise HaloError(f"{at}: give either loss or loss_in/loss_out, not both")
+    loss = d.get("loss", 0.0)
+    loss_in = _share(d.get("loss_in", loss), f"{at}: loss_in")
+    loss_out = _share(d.get("loss_out", loss), f"{at}: loss_out")
+    delay = float(d.get("delay_ms", 0.0))
+    jitter = float(d.get("jitter_ms", 0.0))
+    if delay < 0 or jitter < 0:
+        raise HaloError(f"{at}: delay_ms and jitter_ms must be >= 0")
+    if jitter > 0 and delay == 0:
+        raise HaloError(f"{at}: jitter_ms needs a delay_ms")
+    cpu = None
+    if "cpu" in d:
+        cpu = _share(d["cpu"], f"{at}: cpu", 64.0, inclusive=True)
+        if cpu < 0.01:
+            raise HaloError(f"{at}: cpu must be at least 0.01 of a core")
+    return Device(
+        name=dname, index=i, loss_in=loss_in, loss_out=loss_out,
+        bandwidth_bps=parse_rate(d["bandwidth"], at) if "bandwidth" in d else None,
+        delay_ms=delay, jitter_ms=jitter, cpu=cpu,
+        memory_bytes=parse_size(d["memory"], at) if "memory" in d else None)
 
 
 def load_spec(path: str | Path) -> Spec:

@@ -23,20 +23,28 @@ def sh(*cmd: str, ns: str | None = None, input: str | None = None, check: bool =
     return proc
 
 
-def preflight(need_tc: bool) -> None:
-    """Explain what is missing before touching anything."""
+def unavailable(need_tc: bool = False) -> str:
+    """Why the kernel testbed cannot run here ('' when it can): it needs root, `ip` and
+    `nft` (and `tc` for bandwidth or delay)."""
     problems = []
     if os.geteuid() != 0:
-        problems.append("the testbed needs root (network namespaces, nftables, cgroups): run "
-                        "it as root, or use `halo demo`, which falls back to user-space loss")
+        problems.append("the testbed needs root (network namespaces, nftables, cgroups)")
     tools = {"ip": "iproute2", "nft": "nftables"}
     if need_tc:
         tools["tc"] = "iproute2"
     for tool, package in tools.items():
         if shutil.which(tool) is None:
             problems.append(f"`{tool}` is not installed (Debian/Ubuntu: apt-get install {package})")
-    if problems:
-        raise HaloError("; ".join(problems))
+    return "; ".join(problems)
+
+
+def preflight(need_tc: bool) -> None:
+    """Explain what is missing before touching anything."""
+    why = unavailable(need_tc)
+    if why:
+        if os.geteuid() != 0:
+            why += "; run it as root, or use `halo demo`, which falls back to user-space loss"
+        raise HaloError(why)
 
 
 def netem_available() -> bool:

@@ -1,4 +1,4 @@
-"""Per-position measures on logits, shared by every evaluation and benchmark (pure)."""
+"""Per-position measures on logits, shared by every evaluation, benchmark and ablation (pure)."""
 
 from __future__ import annotations
 
