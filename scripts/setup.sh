@@ -22,4 +22,13 @@ if [ "$(id -u)" = 0 ] && ! command -v nft >/dev/null 2>&1 && command -v apt-get 
   { apt-get install -y -q nftables || { apt-get update -q && apt-get install -y -q nftables; }; } \
     >/dev/null 2>&1 || echo "setup: could not install nftables; the demo will use user-space loss" >&2
 fi
+# The web page's test drives a real headless browser: Debian's chromium and its driver (the
+# test skips, saying so, without them).
+if [ "${1:-}" = "--test" ] && [ "$(id -u)" = 0 ] && ! command -v chromedriver >/dev/null 2>&1 \
+    && command -v apt-get >/dev/null; then
+  echo "setup: installing chromium and chromium-driver for the browser test…" >&2
+  { apt-get install -y -q chromium chromium-driver \
+      || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }; } \
+    >/dev/null 2>&1 || echo "setup: could not install chromium; the browser test will skip" >&2
+fi
 echo "setup: done (.venv/bin/halo)" >&2

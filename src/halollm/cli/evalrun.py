@@ -40,7 +40,8 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
 
 
 def is_cluster(args: argparse.Namespace) -> bool:
-    return any(getattr(args, k, None) is not None for k in ("workers", "local", "testbed"))
+    return getattr(args, "discover", False) or any(
+        getattr(args, k, None) is not None for k in ("workers", "local", "testbed"))
 
 
 def check_common(args: argparse.Namespace) -> None:

@@ -6,24 +6,39 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 from halollm.cli.options import add_generation_options, checked_request, prompt_ids
 from halollm.errors import HaloError
 from halollm.generate import generate
 from halollm.model.loader import dtype_name
+from halollm.runtime.discovery import DEFAULT_WAIT_S
+from halollm.runtime.discovery_records import merge
 from halollm.runtime.keys import ENV, key_bytes, key_text
 from halollm.runtime.options import ClusterOptions, add_flags
-from halollm.runtime.transport import parse_address
+from halollm.runtime.transport import Address, parse_address
 
 
 def add_cluster_options(p: argparse.ArgumentParser, required: bool = True) -> None:
-    where = p.add_mutually_exclusive_group(required=required)
+    """The cluster's flags; `required`: one of --workers/--local/--testbed/--discover must
+    be given (checked by check_cluster_options)."""
+    p.set_defaults(cluster_required=required)
+    where = p.add_mutually_exclusive_group()
     where.add_argument("--workers", metavar="H:P,H:P,…",
                        help="comma-separated addresses of running `halo worker`s")
     where.add_argument("--local", type=int, metavar="N",
                        help="start N worker processes on this machine (stopped on exit)")
     where.add_argument("--testbed", metavar="SPEC",
                        help="use the workers of a running `halo testbed up SPEC`")
+    p.add_argument("--discover", action="store_true",
+                   help="also use the workers that announce themselves on the local network "
+                        "(mDNS) and accept this cluster's --key; alone or with --workers")
+    p.add_argument("--discover-wait", type=float, default=DEFAULT_WAIT_S, metavar="S",
+                   help=f"with --discover: listen this many seconds (default {DEFAULT_WAIT_S:g})")
+    p.add_argument("--discover-on", metavar="ADDR,…",
+                   help="with --discover: only on the network interfaces with these local "
+                        "IPv4 addresses (default: every interface)")
     add_flags(p)
     p.add_argument("--key", metavar="TEXT",
                    help=f"cluster key (default: ${ENV}; with --local a fresh one)")
@@ -43,9 +58,48 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions:
     return ClusterOptions.from_args(args)
 
 
+def wants_cluster(args: argparse.Namespace) -> bool:
+    return args.discover or any(v is not None for v in (args.workers, args.local,
+                                                        args.testbed))
+
+
 def check_cluster_options(args: argparse.Namespace) -> None:
     """The cluster options' own checks, before any worker starts."""
+    if args.cluster_required and not wants_cluster(args):
+        raise HaloError("say where the workers are: --workers, --local, --testbed or "
+                        "--discover")
+    if args.discover and (args.local is not None or args.testbed is not None):
+        raise HaloError("--discover goes with --workers or alone, not with --local or "
+                        "--testbed")
+    if not 0 < args.discover_wait <= 60:
+        raise HaloError(f"--discover-wait must be in (0, 60] seconds (got {args.discover_wait})")
     cluster_options(args).validate()
+
+
+def discovered(args: argparse.Namespace, given: list[Address], key: Any,
+               quiet: bool) -> list[Address]:
+    """--discover: the given addresses plus the workers of this cluster that answer on the
+    network (printed with those skipped, and why)."""
+    from halollm.model.loader import content_hash, open_source
+    from halollm.runtime.discovery import discover
+
+    source = open_source(args.model)
+    try:
+        model_hash = content_hash(Path(source.path))
+    finally:
+        source.close()
+    if not quiet:
+        print(f"discovery: listening {args.discover_wait:g}s for workers on the local "
+              "network…", file=sys.stderr, flush=True)
+    on = [a.strip() for a in (args.discover_on or "").split(",") if a.strip()] or None
+    found = discover(key, model_hash, args.discover_wait, on)
+    for line in found.report():
+        print(line, file=sys.stderr, flush=True)
+    addresses = merge(given, found.used)
+    if not addresses:
+        raise HaloError("discovery found no worker of this cluster (is `halo worker` running "
+                        "with the same --key and model on this network?)")
+    return addresses
 
 
 def open_cluster(args: argparse.Namespace, quiet: bool):  # type: ignore[no-untyped-def]
@@ -73,9 +127,12 @@ def open_cluster(args: argparse.Namespace, quiet: bool):  # type: ignore[no-unty
         if generated:
             raise HaloError(f"no cluster key: pass --key (the one each worker printed) or set "
                             f"{ENV}")
-        addresses = [parse_address(a.strip()) for a in args.workers.split(",") if a.strip()]
-        if not addresses:
+        addresses = [parse_address(a.strip()) for a in (args.workers or "").split(",")
+                     if a.strip()]
+        if not addresses and not args.discover:
             raise HaloError("--workers lists no address")
+        if args.discover:
+            addresses = discovered(args, addresses, key_bytes(key), quiet)
     try:
         t0 = time.perf_counter()
         coord = Coordinator(args.model, args.dtype, addresses, key_bytes(key),

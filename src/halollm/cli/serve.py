@@ -9,7 +9,12 @@ import sys
 from pathlib import Path
 
 from halollm.cli.options import add_model_options
-from halollm.cli.run import add_cluster_options, check_cluster_options, open_cluster
+from halollm.cli.run import (
+    add_cluster_options,
+    check_cluster_options,
+    open_cluster,
+    wants_cluster,
+)
 from halollm.errors import HaloError
 from halollm.serve.limits import DEFAULT_MAX_QUEUE
 from halollm.units import parse_bytes
@@ -78,24 +83,29 @@ def run(args: argparse.Namespace) -> int:
         raise HaloError(f"--max-queue must be at least 1 (got {args.max_queue})")
     _check_port(args.host, args.port)
     coord = local = None
-    cluster = any(v is not None for v in (args.workers, args.local, args.testbed))
+    cluster = wants_cluster(args)
     try:
         if cluster:
             coord, local = open_cluster(args, quiet=False)
             decoder, tokenizer, config = coord, coord.tokenizer, coord.config
             path = Path(coord.source.path)
             stats = coord.sync_json
+            device = coord.profile.to_json
         else:
             model = load_model(args.model, args.dtype)
             decoder, tokenizer = LocalDecoder(model.transformer), model.tokenizer
             config, path, stats = model.config, Path(model.path), None
+            device = None
         model_id = args.model_id or path.name
         engine = Engine(decoder, tokenizer, config.max_position, max_queue=args.max_queue)
         app = create_app(engine, tokenizer, model_id, config.max_position, args.api_key,
-                         stats, max_body=max_body)
+                         stats, max_body=max_body, device=device)
         print(f"halo serve: {model_id} on http://{args.host}:{args.port}/v1 "
-              f"({'cluster' if cluster else 'this device'})", file=sys.stderr, flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+              f"({'cluster' if cluster else 'this device'}); web page: "
+              f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+        # open status streams (the web page) must not hold a shutdown up for ever
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=3)
         engine.close()
     finally:
         if coord is not None:

@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="memory this device offers for model weights, e.g. 512M or 2G "
                         "(default: 80%% of the RAM available at start); the scheduler never "
                         "places more groups here")
+    p.add_argument("--no-announce", action="store_true",
+                   help="do not announce this worker on the local network (mDNS/DNS-SD, for "
+                        "`halo run --discover`); a worker listening on a loopback address "
+                        "is never announced. The announcement holds no key material")
     p.add_argument("--status-file", metavar="PATH",
                    help="keep this device's profile and counters in PATH as JSON (what "
                         "`halo testbed status` shows)")
@@ -63,10 +68,27 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     print(f"halo worker listening on {host}:{worker.port} (model {worker.source.path.name}, "
           f"{worker.model_hash[:12]})", flush=True)
+    announcer = None
     try:
+        if not args.no_announce and not host.startswith("127.") and host != "localhost":
+            announcer = _announce(host, worker)
         worker.serve()
     except KeyboardInterrupt:
         pass
     finally:
+        if announcer is not None:
+            announcer.close()
         worker.close()
     return 0
+
+
+def _announce(host: str, worker: Any) -> Any:
+    """Start announcing the worker on the network (a failure is a warning, not fatal)."""
+    from halollm.runtime.discovery import Announcer
+
+    try:
+        return Announcer(host, worker.port, worker.source.path.name, worker.model_hash,
+                         worker.memory_bytes, worker.log)
+    except (HaloError, OSError) as exc:
+        worker.log(f"not announcing this worker on the network: {exc}")
+        return None

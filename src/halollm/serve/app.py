@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from halollm.errors import HaloError
+from halollm.generate import GenerationResult
 from halollm.model.tokenizer import Tokenizer
 from halollm.sampling import SamplingParams
 from halollm.serve.engine import Engine, Job, QueueFull
@@ -35,6 +36,8 @@ from halollm.serve.schemas import (
     Sampling,
     error_body,
 )
+from halollm.serve.status import Status
+from halollm.serve.web import add_web
 
 __all__ = ["ApiError", "create_app", "error_body"]
 
@@ -43,16 +46,23 @@ class Server:
     """What the routes share: the engine, the tokenizer and the limits."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_id: str,
-                 max_position: int, cluster_stats: Callable[[], dict] | None) -> None:
+                 max_position: int, cluster_stats: Callable[[], dict] | None,
+                 device: Callable[[], dict] | None = None) -> None:
         self.engine, self.tokenizer, self.model_id = engine, tokenizer, model_id
         self.max_position, self.cluster_stats = max_position, cluster_stats
         self.metrics = Metrics(engine, cluster_stats)
-        engine.on_result = self.metrics.observe
+        self.status = Status(engine, model_id, cluster_stats, device)
+        engine.on_result = self._on_result
+        engine.on_step = self.status.on_step
         self.created = int(time.time())
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="halo-tokenize")
         vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
         # no token covers more characters than its own string has
         self.max_prompt_chars = max_position * max((len(t) for t in vocab), default=1)
+
+    def _on_result(self, result: GenerationResult, seconds: float) -> None:
+        self.metrics.observe(result, seconds)
+        self.status.on_result(result, seconds)
 
     def check_model(self, name: str) -> None:
         if name not in (self.model_id, "default"):
@@ -198,11 +208,15 @@ def _add_routes(app: FastAPI, server: Server) -> None:
 def create_app(engine: Engine, tokenizer: Tokenizer, model_id: str, max_position: int,
                api_key: str | None = None,
                cluster_stats: Callable[[], dict] | None = None,
-               max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+               max_body: int = DEFAULT_MAX_BODY,
+               device: Callable[[], dict] | None = None) -> FastAPI:
+    """The app; `cluster_stats` is the coordinator's report (None: this device only),
+    `device` this device's measured profile (speed, memory) for the web page."""
     app = FastAPI(title="HALO", docs_url=None, redoc_url=None)
-    server = Server(engine, tokenizer, model_id, max_position, cluster_stats)
+    server = Server(engine, tokenizer, model_id, max_position, cluster_stats, device)
     _add_error_handlers(app, server)
     _add_routes(app, server)
+    add_web(app, server.status)
     app.add_middleware(Guard, api_key=api_key, max_body=max_body, count=server.metrics.count)
     app.state.server = server
     return app

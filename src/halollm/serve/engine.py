@@ -24,7 +24,9 @@ from halollm.model.tokenizer import Tokenizer
 from halollm.sampling import SamplingParams
 from halollm.serve.limits import DEFAULT_MAX_QUEUE
 
-IDLE_S = 20.0  # between requests, keep a cluster's sessions alive this often
+# between requests, keep a cluster's sessions alive this often, and notice lost or returning
+# workers (so the web page's cluster view is live while nobody chats)
+IDLE_S = 1.0
 
 
 class Cancelled(Exception):
@@ -65,8 +67,11 @@ class _Watched:
     def forward_last(self, ids: Sequence[int], start: int) -> Any:
         if self.job.cancelled.is_set():
             raise Cancelled
+        t0 = time.perf_counter()
         logits = self.engine.decoder.forward_last(ids, start)
         self.engine.steps += 1  # only the engine thread writes it
+        if self.engine.on_step is not None:
+            self.engine.on_step(1e3 * (time.perf_counter() - t0), len(ids), self.job.number)
         return logits
 
 
@@ -78,6 +83,8 @@ class Engine:
             raise HaloError(f"--max-queue must be at least 1 (got {max_queue})")
         self.decoder, self.tokenizer, self.max_position = decoder, tokenizer, max_position
         self.on_result, self.max_queue = on_result, max_queue
+        # (ms, tokens, request number) after every model step, on the engine thread
+        self.on_step: Callable[[float, int, int], None] | None = None
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()  # waiting/cancelled change on both threads
