@@ -92,7 +92,10 @@ def discovered(args: argparse.Namespace, given: list[Address], key: Any,
         print(f"discovery: listening {args.discover_wait:g}s for workers on the local "
               "network…", file=sys.stderr, flush=True)
     on = [a.strip() for a in (args.discover_on or "").split(",") if a.strip()] or None
-    found = discover(key, model_hash, args.discover_wait, on)
+    try:
+        found = discover(key, model_hash, args.discover_wait, on)
+    except OSError as exc:  # no multicast-capable interface, an address not of this machine
+        raise HaloError(f"discovery could not listen on the network: {exc}") from exc
     for line in found.report():
         print(line, file=sys.stderr, flush=True)
     addresses = merge(given, found.used)

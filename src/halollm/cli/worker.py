@@ -89,6 +89,6 @@ def _announce(host: str, worker: Any) -> Any:
     try:
         return Announcer(host, worker.port, worker.source.path.name, worker.model_hash,
                          worker.memory_bytes, worker.log)
-    except (HaloError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 -- announcing is a convenience, never fatal
         worker.log(f"not announcing this worker on the network: {exc}")
         return None
