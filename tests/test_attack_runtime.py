@@ -1,6 +1,7 @@
-"""A hostile peer against a real worker process on loopback: what is bounded before the key is
-checked, and what a key holder's malformed message does (issue 17, the runtime rows done so
-far; replay protection and encryption are still open)."""
+"""A hostile peer against a real worker process on loopback (issue 17): what is bounded
+before the key is checked, what a key holder's malformed message does, and that nothing
+captured -- a Hello, a Join, control messages -- can be replayed to take a worker over.
+Replayed datagrams against a live generation: tests/test_attack_replay.py."""
 
 from __future__ import annotations
 
@@ -14,20 +15,22 @@ import pytest
 import zmq
 
 from halollm.model.loader import content_hash, open_source
-from halollm.runtime.keys import key_bytes
+from halollm.runtime import handshake
+from halollm.runtime.keys import cluster_key
 from halollm.runtime.local import LocalWorkers
 from halollm.runtime.messages import (
-    PROTOCOL_VERSION,
+    Challenge,
     Heartbeat,
-    Hello,
+    Join,
     Ping,
     Plan,
     Pong,
     Ready,
+    Refused,
     Welcome,
     decode,
     encode,
-    join_proof,
+    encode_clear,
 )
 
 KEY = "attack-test-key"
@@ -58,34 +61,45 @@ def _rss_kib(pid: int) -> int:
 
 
 class Peer:
-    """A coordinator-side DEALER that holds the key and speaks the control protocol."""
+    """A coordinator-side DEALER that holds the key and speaks the control protocol; it
+    keeps every frame it sent (what an eavesdropper would have captured)."""
 
-    def __init__(self, address: tuple[str, int], model_hash: str) -> None:
-        self.key, self.model_hash = key_bytes(KEY), model_hash
+    def __init__(self, address: tuple[str, int], model_hash: str, key: str = KEY) -> None:
+        self.key, self.model_hash = cluster_key(key), model_hash
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(f"tcp://{address[0]}:{address[1]}")
+        self.sent: list[list[bytes]] = []
+        self.link: handshake.LinkChannels | None = None
+
+    def send_frames(self, frames: list[bytes]) -> None:
+        self.sent.append(frames)
+        self.sock.send_multipart(frames)
 
     def send(self, msg) -> None:
-        self.sock.send_multipart(encode(self.key, msg))
+        assert self.link is not None
+        self.send_frames(encode(self.link.control, msg))
 
     def receive(self, kind: type, timeout_s: float = 30.0):
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             if self.sock.poll(200):
-                msg = decode(self.key, self.sock.recv_multipart())
+                msg = decode(self.sock.recv_multipart(),
+                             None if self.link is None else self.link.control)
                 if isinstance(msg, kind):
                     return msg
         return None
 
-    def join(self) -> Welcome:
-        nonce = "n" * 32
-        self.send(Hello(PROTOCOL_VERSION, SESSION, nonce, self.model_hash,
-                        ["127.0.0.1", 9], join_proof(self.key, "coordinator", nonce,
-                                                     self.model_hash)))
-        welcome = self.receive(Welcome, 60)
-        assert welcome is not None
-        return welcome
+    def join(self, session: int = SESSION) -> Welcome | Refused:
+        hello, nonce = handshake.hello(session)
+        self.send_frames(encode_clear(hello))
+        challenge = self.receive(Challenge, 30)
+        assert challenge is not None
+        self.link = handshake.coordinator_channels(self.key, nonce, challenge)
+        self.send(Join(session, self.model_hash, ["127.0.0.1", 9]))
+        reply = self.receive((Welcome, Refused), 60)
+        assert reply is not None
+        return reply
 
     def close(self) -> None:
         self.sock.close(0)
@@ -95,7 +109,7 @@ def test_a_plan_naming_a_neuron_the_model_lacks_is_refused_and_the_worker_lives(
         worker, model_hash):
     peer = Peer(worker.addresses[0], model_hash)
     try:
-        peer.join()
+        assert isinstance(peer.join(), Welcome)
         empty = {"attn": {"groups": [], "units": []}, "mlp": {"groups": [], "units": []}}
         bad = {"attn": {"groups": [], "units": []}, "mlp": {"groups": [0], "units": [999999]}}
         layers = json.dumps([bad] + [empty] * (N_LAYERS - 1))
@@ -126,7 +140,7 @@ def test_an_oversized_frame_is_refused_before_it_is_kept(worker, model_hash):
         raw.close(0)
     peer = Peer(worker.addresses[0], model_hash)  # and a real join still works
     try:
-        peer.join()
+        assert isinstance(peer.join(), Welcome)
     finally:
         peer.close()
 
@@ -147,14 +161,14 @@ def test_heartbeats_keep_their_turn_under_a_datagram_flood(worker, model_hash):
     host, port = worker.addresses[0]
     floods = []
     try:
-        peer.join()
+        assert isinstance(peer.join(), Welcome)
         floods = [subprocess.Popen([sys.executable, "-c", FLOOD, host, str(port), "5"])
                   for _ in range(2)]
         beats = []
         end = time.monotonic() + 5.0
         while time.monotonic() < end:
             if peer.sock.poll(100):
-                msg = decode(peer.key, peer.sock.recv_multipart())
+                msg = decode(peer.sock.recv_multipart(), peer.link.control)
                 if isinstance(msg, Heartbeat):
                     beats.append(time.monotonic())
         gaps = [b - a for a, b in zip(beats, beats[1:], strict=False)]
@@ -166,3 +180,90 @@ def test_heartbeats_keep_their_turn_under_a_datagram_flood(worker, model_hash):
             f.wait(timeout=20)
         peer.close()
     assert worker.procs[0].poll() is None
+
+
+def _pong(peer: Peer, t: float) -> bool:
+    peer.send(Ping(SESSION, t))
+    pong = peer.receive(Pong, 10)
+    return pong is not None and pong.t == t
+
+
+def test_a_replayed_join_or_control_message_never_displaces_the_session(worker, model_hash):
+    """An eavesdropper replays a whole captured join (Hello, then the sealed Join) and the
+    session's control messages on its own connection, over and over: it gets a challenge and
+    a refusal, the real session carries on, and the worker counts what it rejected."""
+    real = Peer(worker.addresses[0], model_hash)
+    attacker = Peer(worker.addresses[0], model_hash, key="not the key")
+    try:
+        assert isinstance(real.join(), Welcome)
+        assert _pong(real, 1.0)
+        captured = list(real.sent)  # hello, join, ping
+        refusals = 0
+        for _ in range(20):
+            for frames in captured:
+                attacker.sock.send_multipart(frames)
+            while attacker.sock.poll(100):
+                reply = decode(attacker.sock.recv_multipart(), None)
+                refusals += isinstance(reply, Refused)
+        assert refusals >= 1  # the replayed Join does not open with the new challenge's keys
+        for frames in captured[1:]:  # and on the real connection: counters already used
+            real.sock.send_multipart(frames)
+        assert _pong(real, 2.0), "the real coordinator lost its session"
+        beat = real.receive(Heartbeat, 5)
+        assert beat is not None
+        counts = beat.stats["datagrams"]
+        assert counts.get("unauthenticated", 0) >= 1 and counts.get("replayed", 0) >= 2, counts
+        # a wrong key's own join is refused in clear, naming the reason
+        assert isinstance(attacker.join(), Refused)
+    finally:
+        real.close()
+        attacker.close()
+    assert worker.procs[0].poll() is None
+
+
+def test_a_real_join_succeeds_during_a_connection_flood(worker, model_hash):
+    """Hundreds of idle TCP connections that never speak ZMTP: ZeroMQ's handshake timeout
+    drops them, and a real join gets through meanwhile."""
+    import socket
+
+    host, port = worker.addresses[0]
+    idle = []
+    try:
+        for _ in range(300):
+            s = socket.create_connection((host, port), timeout=5)
+            idle.append(s)
+        peer = Peer(worker.addresses[0], model_hash)
+        try:
+            t0 = time.monotonic()
+            assert isinstance(peer.join(), Welcome)
+            assert time.monotonic() - t0 < 30
+        finally:
+            peer.close()
+    finally:
+        for s in idle:
+            s.close()
+    assert worker.procs[0].poll() is None
+
+
+def test_a_worker_ends_a_session_whose_coordinator_vanished(model_hash, tmp_path):
+    status = tmp_path / "status.json"
+    with LocalWorkers(1, KEY, threads=1, extra_args=["--status-file", str(status)]) as lw:
+        peer = Peer(lw.addresses[0], model_hash)
+        assert isinstance(peer.join(), Welcome)
+
+        def session() -> str | None:
+            try:
+                return json.loads(status.read_text()).get("session")
+            except (OSError, ValueError):
+                return "unreadable"
+
+        end = time.monotonic() + 10
+        while session() != f"{SESSION:08x}" and time.monotonic() < end:
+            time.sleep(0.1)
+        assert session() == f"{SESSION:08x}"
+        peer.close()  # the coordinator's process is gone: its connection closes
+        t0 = time.monotonic()
+        while session() is not None and time.monotonic() - t0 < 10:
+            time.sleep(0.1)
+        assert session() is None, "the worker kept a session whose coordinator vanished"
+        assert time.monotonic() - t0 < 8.0  # a few heartbeats, not the 900 s idle timeout

@@ -65,12 +65,12 @@ def test_predictor_for_another_model_or_partition_is_refused(predictor_file, tmp
 
 def test_coordinator_refuses_a_mismatched_predictor(predictor_file):
     from halollm.runtime.coordinator import Coordinator
-    from halollm.runtime.keys import key_bytes
+    from halollm.runtime.keys import cluster_key
     from halollm.runtime.options import ClusterOptions
 
     path, _ = predictor_file
     with pytest.raises(HaloError, match="another group partition"):
-        Coordinator(None, None, [], key_bytes("k"), ClusterOptions.build(predictor=str(path),
+        Coordinator(None, None, [], cluster_key("k"), ClusterOptions.build(predictor=str(path),
                                                                    mlp_groups=8))
 
 
@@ -183,11 +183,11 @@ def test_dropped_count():
 def _cluster_tokens(addresses, predictor: Path, drop: float, **opts):
     from halollm.generate import generate
     from halollm.runtime.coordinator import Coordinator
-    from halollm.runtime.keys import key_bytes
+    from halollm.runtime.keys import cluster_key
     from halollm.runtime.options import ClusterOptions
     from halollm.sampling import SamplingParams
 
-    coord = Coordinator(None, "fp32", addresses, key_bytes("pred-key"), ClusterOptions.build(
+    coord = Coordinator(None, "fp32", addresses, cluster_key("pred-key"), ClusterOptions.build(
         predictor=str(predictor), drop_rates=[drop] * len(addresses), **opts))
     try:
         ids = coord.tokenizer.encode("The three most useful things to pack for a hike are")

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from halollm.runtime import protocol
+from halollm.runtime.channel import Channel, channel_pair
 from halollm.runtime.protocol import ACTIVATION, PARTIAL, ProtocolError, Reassembler, RoundTag
 from halollm.runtime.tensor_codec import (
     WIRE_BF16,
@@ -27,13 +28,20 @@ KEY = b"k" * 32
 TAG = RoundTag(session=7, epoch=1, request=3, pos=42, ntok=1, layer=5, phase=1)
 
 
+def _link(key: bytes = KEY) -> tuple[Channel, Channel]:
+    """(the sending worker's end, the receiving coordinator's end) of one link."""
+    coordinator, worker = channel_pair(key)
+    return worker, coordinator
+
+
 def _roundtrip(body: bytes, mtu: int = 1500) -> bytes:
-    grams = protocol.encode(PARTIAL, 2, WIRE_FP16, TAG, body, KEY, mtu)
+    send, recv = _link()
+    grams = protocol.encode(PARTIAL, 2, WIRE_FP16, TAG, body, send, mtu)
     assert all(len(g) + protocol.IP_UDP_OVERHEAD <= mtu for g in grams)
     r = Reassembler()
     out = None
     for g in reversed(grams):  # out of order
-        frag = protocol.decode(g, KEY)
+        frag = protocol.decode(g, lambda sender, session: recv)
         assert frag.tag == TAG and frag.sender == 2 and frag.kind == PARTIAL
         got = r.add(frag)
         if got is not None:
@@ -46,56 +54,102 @@ def test_fragmentation_roundtrip():
     for size in (0, 1, 1000, 1420, 5000, 288_000):
         body = bytes(range(256)) * (size // 256) + bytes(size % 256)
         assert _roundtrip(body) == body
-    assert len(protocol.encode(ACTIVATION, 0, 0, TAG, b"x" * 5000, KEY, 1500)) == 4
+    assert len(protocol.encode(ACTIVATION, 0, 0, TAG, b"x" * 5000, _link()[0], 1500)) == 4
 
 
-def test_forged_truncated_oversized_and_replayed_are_rejected():
-    good = protocol.encode(ACTIVATION, 0, WIRE_FP16, TAG, b"a" * 3000, KEY)
+def test_the_body_travels_encrypted():
+    body = b"the prompt's activations " * 40
+    gram = protocol.encode(PARTIAL, 1, WIRE_FP16, TAG, body, _link()[0])[0]
+    assert b"prompt" not in gram and body[:64] not in gram
+
+
+def test_forged_truncated_oversized_replayed_and_misrouted_are_rejected():
+    send, recv = _link()
+    good = protocol.encode(ACTIVATION, 0, WIRE_FP16, TAG, b"a" * 3000, send)
+    other = _link(b"x" * 32)[1]
     with pytest.raises(ProtocolError) as e:
-        protocol.decode(good[0], b"x" * 32)  # another key
+        protocol.decode(good[0], lambda s, n: other)  # another key
     assert e.value.reason == "unauthenticated"
     tampered = bytearray(good[0])
-    tampered[30] ^= 1
+    tampered[30] ^= 1  # in the header: the authenticated data
     with pytest.raises(ProtocolError, match="unauthenticated"):
-        protocol.decode(bytes(tampered), KEY)
+        protocol.decode(bytes(tampered), lambda s, n: recv)
     with pytest.raises(ProtocolError, match="malformed"):
-        protocol.decode(good[0][:20], KEY)
-    # a correctly signed header claiming an absurd body is refused before any allocation
-    head = protocol.HEADER.pack(b"HL", 1, ACTIVATION, 0, 1, 7, 1, 3, 42, 1, 5, 1, 0, 0, 2,
-                                protocol.MAX_BODY + 1)
+        protocol.decode(good[0][:20], lambda s, n: recv)
+    with pytest.raises(ProtocolError, match="unknown_sender"):
+        protocol.decode(good[0], lambda s, n: None)
+    # a header claiming an absurd body is refused before any crypto or allocation
+    head = protocol.HEADER.pack(b"HL", protocol.VERSION, ACTIVATION, 0, 1, 7, 1, 3, 42, 1, 5,
+                                1, 0, 0, 2, protocol.MAX_BODY + 1, 1)
     with pytest.raises(ProtocolError, match="malformed"):
-        protocol.decode(head + protocol.mac(KEY, head), KEY)
-    # replay: the same fragment twice is a duplicate
-    r = Reassembler()
-    r.add(protocol.decode(good[0], KEY))
-    with pytest.raises(ProtocolError, match="duplicate"):
-        r.add(protocol.decode(good[0], KEY))
+        protocol.decode(head + b"\0" * 32, lambda s, n: recv)
+    # replay: the same datagram twice is rejected by the window, before reassembly
+    protocol.decode(good[0], lambda s, n: recv)
+    with pytest.raises(ProtocolError, match="replayed"):
+        protocol.decode(good[0], lambda s, n: recv)
+    protocol.decode(good[1], lambda s, n: recv)  # its sibling is still fine
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=2000))
 def test_fuzz_random_bytes_only_raise_protocol_error(data):
+    recv = _link()[1]
     with pytest.raises(ProtocolError):
-        protocol.decode(data, KEY)
+        protocol.decode(data, lambda s, n: recv)
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.binary(min_size=protocol.HEADER.size, max_size=600), st.integers(0, 3))
-def test_fuzz_signed_garbage_never_crashes(data, n):
-    """Even a peer holding the key cannot crash the parser or the reassembler."""
-    signed = data + protocol.mac(KEY, data)
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=600), st.integers(0, 3), st.integers(0, 2**16))
+def test_fuzz_sealed_garbage_never_crashes(data, n, count):
+    """Even a peer holding the key cannot crash the parser or the reassembler: any header
+    (its counter included), any body, sealed properly."""
+    send, recv = _link()
+    if len(data) < protocol.HEADER.size:
+        data = data + bytes(protocol.HEADER.size - len(data))
+    head, body = data[:protocol.HEADER.size], data[protocol.HEADER.size:]
+    counter = count + 1
+    head = head[:-8] + struct.pack(">Q", counter)
+    gram = head + send.seal(counter, head, body)
     r = Reassembler(max_pending=4)
     try:
-        frag = protocol.decode(signed, KEY)
+        frag = protocol.decode(gram, lambda s, m: recv)
     except ProtocolError:
         return
     for _ in range(n + 1):
         try:
-            body = r.add(frag)
+            got = r.add(frag)
         except ProtocolError:
             continue
-        if body is not None:
-            assert len(body) == frag.body_len
+        if got is not None:
+            assert len(got) == frag.body_len
+
+
+def test_reassembly_is_bounded_per_sender_and_in_bytes():
+    send = _link()[0]
+    r = Reassembler(max_pending=8, per_sender=3, max_bytes=10_000)
+    recv = _link()[1]
+
+    def first_fragment(sender: int, pos: int) -> protocol.Fragment:
+        tag = RoundTag(7, 1, 3, pos, 1, 0, 1)
+        g = protocol.encode(PARTIAL, sender, WIRE_FP16, tag, b"b" * 3000, send)[0]
+        return protocol.decode(g, lambda s, n: recv)
+
+    for pos in range(10):
+        assert r.add(first_fragment(1, pos)) is None
+    assert len([k for k in r._pending if k[1] == 1]) == 3  # one sender keeps at most 3
+    for pos in range(10):
+        r.add(first_fragment(2, pos))
+    assert r.held_bytes <= 10_000 and r.dropped_incomplete >= 14
+    # fragments that add up to more than the declared body: dropped
+    tag = RoundTag(7, 1, 3, 99, 1, 0, 1)
+    a = protocol.decode(protocol.encode(PARTIAL, 3, 1, tag, b"c" * 3000, send)[0],
+                        lambda s, n: recv)
+    r2 = Reassembler()
+    r2.add(a)
+    big = protocol.Fragment(a.kind, a.sender, a.wire, a.tag, 1, a.count, a.body_len,
+                            b"d" * 2999)
+    with pytest.raises(ProtocolError, match="exceed"):
+        r2.add(big)
 
 
 @settings(max_examples=100, deadline=None)
@@ -124,12 +178,14 @@ def test_tensor_codec_roundtrip(wire, tol):
 
 
 def test_udp_endpoint_counts_and_survives_hostile_datagrams():
-    ep = UdpEndpoint("127.0.0.1", 0, KEY)
+    send, recv = _link()
+    ep = UdpEndpoint("127.0.0.1", 0, lambda sender, session: recv if sender == 1 else None)
     raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     addr = ("127.0.0.1", ep.port)
-    good = protocol.encode(PARTIAL, 1, WIRE_FP16, TAG, b"z" * 2000, KEY)
+    good = protocol.encode(PARTIAL, 1, WIRE_FP16, TAG, b"z" * 2000, send)
     raw.sendto(b"\x00" * 10, addr)  # truncated
-    raw.sendto(protocol.encode(PARTIAL, 1, 1, TAG, b"q", b"w" * 32)[0], addr)  # forged
+    raw.sendto(protocol.encode(PARTIAL, 1, 1, TAG, b"q", _link(b"w" * 32)[0])[0], addr)  # forged
+    raw.sendto(protocol.encode(PARTIAL, 4, 1, TAG, b"q", send)[0], addr)  # not our peer
     raw.sendto(good[0], addr)
     raw.sendto(good[0], addr)  # replayed
     raw.sendto(good[1], addr)
@@ -138,12 +194,12 @@ def test_udp_endpoint_counts_and_survives_hostile_datagrams():
     msgs = ep.receive()
     assert len(msgs) == 1 and msgs[0].body == b"z" * 2000 and msgs[0].tag == TAG
     c = ep.counters
-    assert c["malformed"] >= 1 and c["unauthenticated"] >= 2 and c["duplicate"] == 1
-    assert c["datagrams_received"] == 6
+    assert c["malformed"] >= 1 and c["unauthenticated"] == 1 and c["replayed"] == 1
+    assert c["unknown_sender"] == 1 and c["datagrams_received"] == 7
     raw.close()
     ep.close()
 
 
 def test_header_layout_is_stable():
-    assert protocol.HEADER.size == 36
-    assert struct.calcsize(">2sBBBBIIIIHHBBHHI") == 36
+    assert protocol.HEADER.size == 44
+    assert struct.calcsize(">2sBBBBIIIIHHBBHHIQ") == 44

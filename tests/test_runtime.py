@@ -12,7 +12,7 @@ import pytest
 from halollm.errors import HaloError
 from halollm.generate import LocalDecoder, generate
 from halollm.runtime.coordinator import Coordinator
-from halollm.runtime.keys import ENV, key_bytes
+from halollm.runtime.keys import ENV, cluster_key
 from halollm.runtime.local import READY, LocalWorkers
 from halollm.runtime.options import ClusterOptions
 from halollm.sampling import SamplingParams
@@ -41,7 +41,7 @@ def _generate(addresses, max_tokens=32, dtype="fp32", on_text=None, **opts):
     # one attention group per KV head and half the significance critical: workers hold
     # attention groups too (KV caches, repair, replay), the harder case than the defaults
     opts = {"attn_groups": None, "coordinator_share": 0.5, "predictor": None, **opts}
-    coord = Coordinator(None, dtype, addresses, key_bytes(KEY), ClusterOptions.build(**opts))
+    coord = Coordinator(None, dtype, addresses, cluster_key(KEY), ClusterOptions.build(**opts))
     try:
         ids = coord.tokenizer.encode(PROMPT)
         # lossy runs may turn to EOS early; the tests count tokens
@@ -62,7 +62,7 @@ def test_strict_equals_single_device(workers, reference_tokens, n):
 
 
 def test_workers_hold_attention_groups_in_these_tests(workers):
-    coord = Coordinator(None, "fp32", workers.addresses, key_bytes(KEY),
+    coord = Coordinator(None, "fp32", workers.addresses, cluster_key(KEY),
                         ClusterOptions.build(attn_groups=None, coordinator_share=0.5,
                                              predictor=None))
     try:
@@ -151,7 +151,7 @@ def test_strict_takeover_and_rejoin_stay_exact(reference_tokens):
 
 def test_wrong_key_is_refused(workers):
     with pytest.raises(HaloError, match="wrong cluster key"):
-        Coordinator(None, "fp32", workers.addresses[:1], key_bytes("another key"),
+        Coordinator(None, "fp32", workers.addresses[:1], cluster_key("another key"),
                     ClusterOptions.build(join_timeout_s=10))
 
 
@@ -161,7 +161,7 @@ def test_different_model_is_refused(tmp_path, workers):
     write_gguf(tmp_path / "other.gguf", hf_tiny(tmp_path / "hf"), "F32")
     with pytest.raises(HaloError, match="different model"):
         Coordinator(str(tmp_path / "other.gguf"), "fp32", workers.addresses[:1],
-                    key_bytes(KEY), ClusterOptions.build(join_timeout_s=10))
+                    cluster_key(KEY), ClusterOptions.build(join_timeout_s=10))
 
 
 def test_unreachable_worker_is_a_clear_error():
@@ -173,7 +173,7 @@ def test_unreachable_worker_is_a_clear_error():
     s.close()
     t0 = time.monotonic()
     with pytest.raises(HaloError, match="did not answer"):
-        Coordinator(None, "fp32", [("127.0.0.1", port)], key_bytes(KEY),
+        Coordinator(None, "fp32", [("127.0.0.1", port)], cluster_key(KEY),
                     ClusterOptions.build(join_timeout_s=1.5))
     assert time.monotonic() - t0 < 30
 
@@ -241,7 +241,7 @@ def test_hostile_traffic_does_not_disturb_a_live_worker(workers, reference_token
 def test_idle_keepalive_between_requests(workers, reference_tokens):
     """What `halo serve` does between requests: ping the workers, check the links; the next
     request is unaffected."""
-    coord = Coordinator(None, "fp32", workers.addresses, key_bytes(KEY),
+    coord = Coordinator(None, "fp32", workers.addresses, cluster_key(KEY),
                         ClusterOptions.build(mode="strict", predictor=None))
     try:
         coord.idle()
@@ -259,7 +259,7 @@ def test_idle_keepalive_between_requests(workers, reference_tokens):
 def test_equal_placement_strict_equals_single_device(workers, reference_tokens):
     """distributed-llama's split: every device, the coordinator included, gets an equal share
     of every layer's groups; strict mode stays token-exact."""
-    coord = Coordinator(None, "fp32", workers.addresses, key_bytes(KEY),
+    coord = Coordinator(None, "fp32", workers.addresses, cluster_key(KEY),
                         ClusterOptions.build(mode="strict", predictor=None, placement="equal",
                                        attn_groups=None))
     try:
@@ -315,5 +315,5 @@ def test_workers_stream_a_plan_larger_than_their_memory_budget(reference_tokens)
 def test_a_worker_whose_budget_cannot_hold_a_layer_share_is_a_clear_error():
     with LocalWorkers(1, KEY, threads=1, extra_args=["--memory-budget", "64K"]) as lw:
         with pytest.raises(HaloError, match="cannot take its groups: its memory budget"):
-            Coordinator(None, "fp32", lw.addresses, key_bytes(KEY),
+            Coordinator(None, "fp32", lw.addresses, cluster_key(KEY),
                         ClusterOptions.build(predictor=None, coordinator_share=0.5))

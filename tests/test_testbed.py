@@ -68,7 +68,7 @@ def test_three_device_testbed_with_loss(tmp_path):
     """Up (twice), a relaxed generation over real kernel packet loss, down leaves nothing."""
     from halollm.generate import generate
     from halollm.runtime.coordinator import Coordinator
-    from halollm.runtime.keys import key_bytes
+    from halollm.runtime.keys import cluster_key
     from halollm.runtime.options import ClusterOptions
     from halollm.sampling import SamplingParams
     from halollm.testbed import cluster
@@ -83,7 +83,7 @@ def test_three_device_testbed_with_loss(tmp_path):
         assert proc.returncode == 0, proc.stderr
         state = cluster.load_state(spec)
         addrs = [(w["address"], int(w["port"])) for w in state["workers"]]
-        coord = Coordinator(None, None, addrs, key_bytes(state["key"]),
+        coord = Coordinator(None, None, addrs, cluster_key(state["key"]),
                             ClusterOptions.build(mode="relaxed", attn_groups=3,
                                                  coordinator_share=0.5,
                                            predictor=None))
@@ -145,7 +145,7 @@ def test_live_replan_when_a_link_starts_losing_packets(tmp_path):
     device's groups to the others between tokens. The generation completes."""
     from halollm.generate import generate
     from halollm.runtime.coordinator import Coordinator
-    from halollm.runtime.keys import key_bytes
+    from halollm.runtime.keys import cluster_key
     from halollm.runtime.options import ClusterOptions
     from halollm.sampling import SamplingParams
     from halollm.testbed import cluster
@@ -159,7 +159,7 @@ def test_live_replan_when_a_link_starts_losing_packets(tmp_path):
         assert run_halo("testbed", "up", str(f), timeout=300).returncode == 0
         state = cluster.load_state(spec)
         addrs = [(w["address"], int(w["port"])) for w in state["workers"]]
-        coord = Coordinator(None, None, addrs, key_bytes(state["key"]), ClusterOptions.build(
+        coord = Coordinator(None, None, addrs, cluster_key(state["key"]), ClusterOptions.build(
             placement="halo", memory_budget=60 << 20, predictor=None, replan_every=4))
         raised_at: list[int] = []
 

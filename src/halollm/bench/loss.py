@@ -28,7 +28,7 @@ from halollm.eval.agree import accuracy
 from halollm.generate import LocalDecoder, generate, teacher_forced
 from halollm.model.loader import load_model
 from halollm.runtime.coordinator import Coordinator
-from halollm.runtime.keys import key_bytes
+from halollm.runtime.keys import cluster_key
 from halollm.runtime.local import LocalWorkers
 from halollm.runtime.options import ClusterOptions
 from halollm.sampling import SamplingParams
@@ -149,7 +149,7 @@ def _measure(mode: str, addrs: list[tuple[str, int]], drop: list[float],
         opts.sync.critical_share = 0.0  # no per-token criticality
     elif args.critical_share is not None:
         opts.sync.critical_share = args.critical_share
-    coord = Coordinator(None, None, addrs, key_bytes(KEY), opts)
+    coord = Coordinator(None, None, addrs, cluster_key(KEY), opts)
     try:
         if mode == "halo" and coord.predictor is None:
             raise HaloError("the halo mode needs a predictor: run `halo calibrate "

@@ -46,7 +46,7 @@ from halollm.eval.zeroshot import TaskTally, evaluate, scorer
 from halollm.generate import Decoder, LocalDecoder, generate, teacher_forced
 from halollm.model.loader import load_model
 from halollm.runtime.coordinator import Coordinator
-from halollm.runtime.keys import key_bytes
+from halollm.runtime.keys import cluster_key
 from halollm.runtime.options import ClusterOptions
 from halollm.sampling import SamplingParams
 from halollm.units import parse_bytes
@@ -318,7 +318,7 @@ def _measure(cfg: Config, addrs: list[tuple[str, int]], key: str, budget: int,
                           predictor=args.predictor, streaming=cfg.streaming)
     if cfg.critical_share is not None:
         opts.sync.critical_share = cfg.critical_share
-    coord = Coordinator(args.model, None, addrs, key_bytes(key), opts, log=lambda m: None)
+    coord = Coordinator(args.model, None, addrs, cluster_key(key), opts, log=lambda m: None)
     try:
         strict = cfg.mode == "strict"
         warmup = 1 if strict else args.warmup

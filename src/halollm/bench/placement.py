@@ -26,7 +26,7 @@ from halollm.eval.agree import accuracy
 from halollm.generate import LocalDecoder, generate, teacher_forced
 from halollm.model.loader import load_model
 from halollm.runtime.coordinator import Coordinator
-from halollm.runtime.keys import key_bytes
+from halollm.runtime.keys import cluster_key
 from halollm.runtime.options import ClusterOptions
 from halollm.sampling import SamplingParams
 from halollm.units import parse_bytes
@@ -111,7 +111,7 @@ def _measure(name: str, addrs: list[tuple[str, int]], key: str, budget: int,
     opts = ClusterOptions.build(mode="strict" if strict else "relaxed", placement=placement,
                           memory_budget=budget,
                           predictor=None if args.predictor == "none" else args.predictor)
-    coord = Coordinator(args.model, None, addrs, key_bytes(key), opts, log=lambda m: None)
+    coord = Coordinator(args.model, None, addrs, cluster_key(key), opts, log=lambda m: None)
     try:
         if args.warmup:
             generate(coord, tok, prompt, max_tokens=args.warmup, sampling=SamplingParams(),

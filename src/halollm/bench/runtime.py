@@ -16,7 +16,7 @@ from halollm.generate import LocalDecoder, generate
 from halollm.groups import GroupId, Partition
 from halollm.model.loader import load_model
 from halollm.runtime.coordinator import Coordinator
-from halollm.runtime.keys import key_bytes
+from halollm.runtime.keys import cluster_key
 from halollm.runtime.local import LocalWorkers
 from halollm.runtime.options import ClusterOptions
 from halollm.sampling import SamplingParams
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     for n in counts:
         with LocalWorkers(n, KEY, threads=1) as lw:
             for mode in ("strict", "relaxed"):
-                coord = Coordinator(None, args.dtype, lw.addresses, key_bytes(KEY),
+                coord = Coordinator(None, args.dtype, lw.addresses, cluster_key(KEY),
                                     ClusterOptions.build(mode=mode, predictor=None))
                 try:
                     ms = _decode_ms(coord, tok, ids, args.tokens, args.repeats)
@@ -100,7 +100,7 @@ def _round_costs(args: argparse.Namespace, tok: Any, ids: list[int]) -> list[dic
             opts = ClusterOptions.build(mode=mode, mlp_groups=1536, custom_plan=echo_plan,
                                         predictor=None,
                                         deadline_ms=50.0 if mode == "relaxed" else None)
-            coord = Coordinator(None, args.dtype, lw.addresses, key_bytes(KEY), opts)
+            coord = Coordinator(None, args.dtype, lw.addresses, cluster_key(KEY), opts)
             try:
                 ms = _decode_ms(coord, tok, ids, args.tokens, args.repeats)
                 local = _decode_ms(LocalDecoder(coord.model), tok, ids, args.tokens, 1)

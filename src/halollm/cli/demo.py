@@ -143,7 +143,7 @@ def _generate_both(args: argparse.Namespace, network: str) -> dict[str, dict[str
     four workers of which links 3 and 4 lose packets."""
     from halollm.generate import generate
     from halollm.runtime.coordinator import Coordinator
-    from halollm.runtime.keys import key_bytes, key_text
+    from halollm.runtime.keys import cluster_key, key_text
     from halollm.runtime.local import LocalWorkers
     from halollm.runtime.options import ClusterOptions
     from halollm.sampling import SamplingParams
@@ -166,7 +166,7 @@ def _generate_both(args: argparse.Namespace, network: str) -> dict[str, dict[str
         results: dict[str, Any] = {}
         for mode in ("strict", "relaxed"):
             _say(f"{mode}: generating {args.max_tokens} tokens…")
-            coord = Coordinator(None, None, addresses, key_bytes(key),
+            coord = Coordinator(None, None, addresses, cluster_key(key),
                                 ClusterOptions.build(mode=mode, drop_rates=drop))
             try:
                 tok = coord.tokenizer

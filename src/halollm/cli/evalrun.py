@@ -28,7 +28,7 @@ INTERRUPTED = 130  # exit code of an interrupted evaluation (its partial result 
 
 
 def add_common_options(p: argparse.ArgumentParser) -> None:
-    add_model_options(p)
+    add_model_options(p, quant=True)
     add_cluster_options(p, required=False)
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch compute threads of this process (default: PyTorch's choice; "
@@ -92,7 +92,8 @@ def open_target(args: argparse.Namespace, teacher_force: bool = False,
             coord, local = open_cluster(args, quiet=args.json)
             decoder = coord
             info = {"model": str(coord.source.path), "dtype": dtype_name(coord.dtype),
-                    "device": "cluster", "sync_mode": args.mode, "scoring": "teacher-forced"}
+                    "weights": coord.format.name, "device": "cluster", "sync_mode": args.mode,
+                    "scoring": "teacher-forced"}
             yield Target(decoder, lambda ids: teacher_forced(decoder, ids), coord.tokenizer,
                          coord.config.max_position, info, lambda: _sync_summary(decoder))
         finally:
@@ -101,10 +102,12 @@ def open_target(args: argparse.Namespace, teacher_force: bool = False,
             if local is not None:
                 local.stop()
         return
-    model = loaded if loaded is not None else load_model(args.model, args.dtype)
+    model = loaded if loaded is not None else load_model(args.model, args.dtype,
+                                                         quant=args.quant)
     transformer = model.transformer
     local_decoder = LocalDecoder(transformer)
-    info = {"model": str(model.path), "dtype": dtype_name(model.dtype), "device": "single",
+    info = {"model": str(model.path), "dtype": dtype_name(model.dtype),
+            "weights": model.format.name, "weight_bytes": model.weight_bytes, "device": "single",
             "scoring": "teacher-forced" if teacher_force else "one pass"}
 
     def one_pass(ids: Any) -> torch.Tensor:

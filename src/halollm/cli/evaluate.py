@@ -288,7 +288,8 @@ def run_agree(args: argparse.Namespace) -> int:
         advance = bars("reference (fp32, this device)", len(ids))
         ref = teacher_forced(LocalDecoder(reference.transformer), ids,
                              on_step=lambda i, _: advance(1))
-        same = not is_cluster(args) and parse_dtype(args.dtype) == torch.float32
+        same = not is_cluster(args) and parse_dtype(args.dtype) == torch.float32 and \
+            args.quant in (None, "none")
         loaded = reference if same else None  # fp32 on this device: the reference itself
         del reference
         with open_target(args, teacher_force=True, loaded=loaded) as target:

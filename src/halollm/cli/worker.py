@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from halollm.errors import HaloError
-from halollm.runtime.keys import ENV, key_bytes, key_text
+from halollm.runtime.keys import ENV, cluster_key, key_text
 from halollm.runtime.transport import parse_address
 from halollm.units import parse_bytes
 
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.drop_rate < 1.0:
         raise HaloError(f"--drop-rate must be in [0, 1) (got {args.drop_rate})")
     budget = parse_bytes(args.memory_budget) if args.memory_budget else None
-    worker = Worker(host, port, key_bytes(text), args.model, drop_rate=args.drop_rate,
+    worker = Worker(host, port, cluster_key(text), args.model, drop_rate=args.drop_rate,
                     memory_budget=budget,
                     status_file=Path(args.status_file) if args.status_file else None)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

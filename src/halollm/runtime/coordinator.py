@@ -20,14 +20,16 @@ import torch
 
 from halollm.errors import HaloError
 from halollm.groups import Partition
+from halollm.model.formats import Weights, resolve_format
 from halollm.model.llama import Half, Layer, Transformer
-from halollm.model.loader import content_hash, dtype_name, open_source, open_tokenizer, parse_dtype
+from halollm.model.loader import content_hash, open_source, open_tokenizer
 from halollm.predictor import store as predictor_store
 from halollm.predictor.critical import SharePredictor
 from halollm.predictor.significance import RANKING_TEXT, cached_ranking
 from halollm.runtime.deadline import DeadlineEstimator
 from halollm.runtime.device_bench import compute_benchmark
 from halollm.runtime.history import History
+from halollm.runtime.keys import ClusterKey
 from halollm.runtime.links import Dead, Links, Rejoined, RepairNeeded, WorkerLink
 from halollm.runtime.messages import Bye, Ping, Plan, Ready
 from halollm.runtime.options import ClusterOptions
@@ -48,13 +50,17 @@ class Coordinator:
     """Joins the workers, places the groups, and decodes (it is a generate.Decoder)."""
 
     def __init__(self, model: str | None, dtype: str | None, workers: Sequence[Address],
-                 key: bytes, options: ClusterOptions,
-                 log: Callable[[str], None] | None = None) -> None:
+                 key: ClusterKey, options: ClusterOptions,
+                 log: Callable[[str], None] | None = None, quant: str | None = None) -> None:
+        """`dtype`, `quant`: the weight format (formats.resolve_format), the same on every
+        device: the workers get it with their plans."""
         options.validate()
         self.log = log or (lambda msg: print(f"[halo] {msg}", file=sys.stderr, flush=True))
         self.opts = options
-        self.dtype = parse_dtype(dtype)
         self.source = open_source(model)
+        self.format = resolve_format(self.source, dtype, quant)
+        self.dtype = self.format.dtype
+        self.weights = Weights(self.source, self.format, partial=True)
         self.config = self.source.config
         self.tokenizer = open_tokenizer(self.source)
         self.model_hash = content_hash(Path(self.source.path))
@@ -65,18 +71,19 @@ class Coordinator:
         self.taken: set[int] = set()  # workers whose groups the coordinator computes now
         self.stats = SyncStats(mode=options.sync.mode)
         self.deadline = DeadlineEstimator(fixed_ms=options.sync.deadline_ms)
-        self.udp = UdpEndpoint("0.0.0.0", 0, key, options.links.mtu)
+        self.udp = UdpEndpoint("0.0.0.0", 0, lambda sender, session:
+                               self.links.data_channel(sender, session), options.links.mtu)
         self.links = Links(workers, key, self.session, self.model_hash, self.udp.port,
                            options.links, self.stats, self.log)
         for link, rate in zip(self.links.links, options.links.drop_rates, strict=False):
             self.udp.drop_from[link.udp_addr] = rate
         try:
-            self._start(key)
+            self._start()
         except BaseException:
             self.close()
             raise
 
-    def _start(self, key: bytes) -> None:
+    def _start(self) -> None:
         plan = self.opts.plan
         partition = Partition.contiguous(self.config, plan.attn_groups, plan.mlp_groups)
         self.predictor = self._load_predictor(partition)
@@ -92,16 +99,16 @@ class Coordinator:
         self.profile = DeviceProfile("coordinator", 0.0, memory_budget(plan.memory_budget))
         if plan.placement in ("memory", "halo") and self.opts.custom_plan is None:
             self.profile.bench_speed = compute_benchmark(self.config, self.source.tensor)
-        self.planner = Planner(self.opts, partition, ranking, self.config, self.dtype,
+        self.planner = Planner(self.opts, partition, ranking, self.config, self.weights,
                                self.profile, self.log)
         self.placement = self.initial_placement = self.planner.initial(self.links.links)
         self.model = self._build_model()
         self.history = History(self.config.n_layers, self.config.hidden_size)
-        self.own = OwnShare(self.source, self.model, self.dtype, self.stats)
+        self.own = OwnShare(self.source, self.model, self.weights, self.stats)
         self.criticality = Criticality(shares, self.opts.sync.critical_share, self.stats)
         self.criticality.set_placement(self.placement)
         strict = self.opts.sync.mode == "strict"
-        transport = TcpTransport(key, self.links, self.stats) if strict else \
+        transport = TcpTransport(self.links, self.stats) if strict else \
             UdpTransport(self.udp, self.links)
         self.rounds = Rounds(transport, self.links, self.session, self.wire,
                              self.config.hidden_size, self.deadline, self.stats,
@@ -138,7 +145,7 @@ class Coordinator:
     def _build_model(self) -> Transformer:
         p, n = self.placement, self.config.n_layers
         return Transformer(
-            self.config, self.source.tensor, self.dtype,
+            self.config, Weights(self.source, self.format),
             attn_sets=[[u] if (u := p.units_of(COORDINATOR, i, "attn")) else [] for i in range(n)],
             mlp_sets=[[u] if (u := p.units_of(COORDINATOR, i, "mlp")) else [] for i in range(n)])
 
@@ -257,7 +264,7 @@ class Coordinator:
         live = self.links.alive()
         for link in live:
             self.links.send(link, Plan(self.session, self.epoch, link.index,
-                                       dtype_name(self.dtype), self.wire, self.history.request,
+                                       self.format.name, self.wire, self.history.request,
                                        self.placement.device_json(link.index)))
         for link in live:
             reply = self.links.await_reply(link, (Ready,), PLAN_TIMEOUT_S)

@@ -11,6 +11,7 @@ import torch
 
 from halollm.loader.weights import read_mlp
 from halollm.model.config import ModelConfig
+from halollm.model.formats import WeightFormat, Weights, resolve_format
 from halollm.model.llama import MlpShard
 
 BENCH_SECONDS = 0.4  # four CFS periods of 100 ms: a CPU quota shows in the result
@@ -34,17 +35,18 @@ def compute_benchmark(config: ModelConfig, tensor: Callable[[str], torch.Tensor]
     return n * calls / (1e3 * elapsed)
 
 
-def load_benchmark(config: ModelConfig, source: Any, dtype: torch.dtype = torch.float16,
+def load_benchmark(config: ModelConfig, source: Any, fmt: WeightFormat | None = None,
                    seconds: float = LOAD_BENCH_SECONDS) -> float:
     """MLP neurons per millisecond whose weights this device reads from the model file
     (partial reads of scattered rows, as a calibrated group's are) and converts to the
-    compute dtype, timed by the wall clock."""
+    weight format (default: the model's default one), timed by the wall clock."""
+    weights = Weights(source, fmt or resolve_format(source), partial=True)
     n = max(1, config.intermediate_size // 16)
     calls, layer = 0, 0
     t0 = time.perf_counter()
     while (elapsed := time.perf_counter() - t0) < seconds or not calls:
         neurons = tuple(range(calls % 2, config.intermediate_size, 2))[:n]
-        read_mlp(source, layer, neurons, dtype)
+        read_mlp(weights, layer, neurons)
         layer = (layer + 1) % config.n_layers
         calls += 1
     return n * calls / (1e3 * elapsed)

@@ -4,7 +4,6 @@ events; they do not act on them -- the coordinator applies every change between 
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -13,20 +12,22 @@ from typing import Any
 import zmq
 
 from halollm.errors import HaloError
-from halollm.runtime import protocol
-from halollm.runtime.messages import PROTOCOL_VERSION as CONTROL_VERSION
+from halollm.runtime import handshake, protocol
+from halollm.runtime.channel import Channel
+from halollm.runtime.handshake import LinkChannels
+from halollm.runtime.keys import ClusterKey
 from halollm.runtime.messages import (
+    Challenge,
     Heartbeat,
-    Hello,
+    Join,
     Message,
     Need,
     Refused,
     Welcome,
     decode,
     encode,
+    encode_clear,
     harden,
-    is_keyless_refusal,
-    join_proof,
 )
 from halollm.runtime.options import LinkOptions
 from halollm.runtime.protocol import ProtocolError
@@ -50,6 +51,16 @@ class WorkerLink:
     heartbeat: dict[str, Any] = field(default_factory=dict)
     profile: DeviceProfile | None = None
     estimate: LinkEstimate = field(default_factory=LinkEstimate)
+    channels: LinkChannels | None = None  # this session's keys, once the worker joined
+
+    @property
+    def control(self) -> Channel | None:
+        return None if self.channels is None else self.channels.control
+
+    @property
+    def data(self) -> Channel:
+        assert self.channels is not None, "a link is used before its join"
+        return self.channels.data
 
     @property
     def name(self) -> str:
@@ -84,13 +95,15 @@ DataHandler = Callable[[WorkerLink, bytes], None]
 
 
 class Links:
-    def __init__(self, addresses: Sequence[Address], key: bytes, session: int, model_hash: str,
+    def __init__(self, addresses: Sequence[Address], key: ClusterKey, session: int,
+                 model_hash: str,
                  udp_port: int, opts: LinkOptions, stats: SyncStats,
                  log: Callable[[str], None]) -> None:
         self.key, self.session, self.model_hash = key, session, model_hash
         self.udp_port, self.opts, self.stats, self.log = udp_port, opts, stats, log
         self.ctx = zmq.Context.instance()
         self.links = [WorkerLink(i + 1, h, p) for i, (h, p) in enumerate(addresses)]
+        self._by_index = {link.index: link for link in self.links}
         self.events: list[Event] = []
         self.last_poll = 0.0
 
@@ -101,7 +114,15 @@ class Links:
         return [link for link in self.links if link.alive]
 
     def send(self, link: WorkerLink, msg: Message, flags: int = 0) -> None:
-        link.sock.send_multipart(encode(self.key, msg), flags)
+        assert link.channels is not None, "a sealed message before the join"
+        link.sock.send_multipart(encode(link.channels.control, msg), flags)
+
+    def data_channel(self, sender: int, session: int) -> Channel | None:
+        """The data channel a datagram from `sender` in `session` must open with."""
+        link = self._by_index.get(sender)
+        if session != self.session or link is None or link.channels is None:
+            return None
+        return link.channels.data
 
     def silent(self, link: WorkerLink) -> bool:
         return time.monotonic() - link.last_seen > self.opts.dead_after_s
@@ -109,35 +130,51 @@ class Links:
     # -- joining -------------------------------------------------------------------------
     def join_all(self) -> None:
         for link in self.links:
-            nonce = self._hello(link)
-            reply = self.await_reply(link, (Welcome, Refused), self.opts.join_timeout_s,
-                                     joining=True)
-            if reply is None:
+            if not self._join(link, self.opts.join_timeout_s):
                 raise HaloError(f"worker {link.name} did not answer within "
                                 f"{self.opts.join_timeout_s:.0f}s (is `halo worker` running "
                                 "there, and reachable?)")
-            self._check_welcome(link, reply, nonce)
 
-    def _hello(self, link: WorkerLink) -> str:
+    def _join(self, link: WorkerLink, timeout_s: float) -> bool:
+        """The challenge-response join (handshake.py). False if the worker did not answer
+        in time; HaloError if it refused or could not prove it holds the key."""
         if link.sock is not None:
             link.sock.close(0)
         link.sock = self.ctx.socket(zmq.DEALER)
         link.sock.setsockopt(zmq.LINGER, 0)
         harden(link.sock)
         link.sock.connect(f"tcp://{link.host}:{link.port}")
-        nonce = secrets.token_hex(16)
+        link.channels = None
+        hello, nonce = handshake.hello(self.session)
+        link.sock.send_multipart(encode_clear(hello))
+        challenge = self.await_reply(link, (Challenge, Refused), timeout_s)
+        if challenge is None:
+            return False
+        if isinstance(challenge, Refused):
+            self._refused(link, challenge)
+        assert isinstance(challenge, Challenge)
+        try:
+            link.channels = handshake.coordinator_channels(self.key, nonce, challenge)
+        except ProtocolError as exc:
+            raise HaloError(f"worker {link.name} sent a malformed challenge ({exc})") from exc
         udp_host = local_address_towards(link.host, link.port)
-        self.send(link, Hello(CONTROL_VERSION, self.session, nonce, self.model_hash,
-                              [udp_host, self.udp_port],
-                              join_proof(self.key, "coordinator", nonce, self.model_hash)))
-        return nonce
-
-    def _check_welcome(self, link: WorkerLink, reply: Message, nonce: str) -> None:
+        self.send(link, Join(self.session, self.model_hash, [udp_host, self.udp_port]))
+        reply = self.await_reply(link, (Welcome, Refused), timeout_s)
+        if reply is None:
+            return False
         if isinstance(reply, Refused):
-            raise HaloError(f"worker {link.name} refused to join: {reply.reason}")
+            self._refused(link, reply)
         assert isinstance(reply, Welcome)
-        if reply.proof != join_proof(self.key, "worker", nonce, self.model_hash):
-            raise HaloError(f"worker {link.name} could not prove it holds the cluster key")
+        self._welcomed(link, reply)
+        return True
+
+    @staticmethod
+    def _refused(link: WorkerLink, reply: Refused) -> None:
+        hint = " (give both sides the same --key or HALO_KEY)" if reply.reason == WRONG_KEY \
+            else ""
+        raise HaloError(f"worker {link.name} refused to join: {reply.reason}{hint}")
+
+    def _welcomed(self, link: WorkerLink, reply: Welcome) -> None:
         link.alive, link.last_seen = True, time.monotonic()
         link.info = {"cores": reply.cores, "threads": reply.threads}
         if link.profile is None:
@@ -145,8 +182,8 @@ class Links:
                                          reply.memory or available_memory_bytes(),
                                          load_speed=reply.load_speed)
 
-    def await_reply(self, link: WorkerLink, kinds: tuple[type[Message], ...], timeout_s: float,
-                    joining: bool = False) -> Message | None:
+    def await_reply(self, link: WorkerLink, kinds: tuple[type[Message], ...], timeout_s: float
+                    ) -> Message | None:
         """Block for a control message of one of `kinds` from link (others are handled)."""
         end = time.monotonic() + timeout_s
         while (left := end - time.monotonic()) > 0:
@@ -156,10 +193,7 @@ class Links:
             if len(frames) == 1 and frames[0][:2] == protocol.MAGIC:
                 self.stats.late += 1  # a strict-mode partial of a round already closed
                 continue
-            if joining and is_keyless_refusal(frames, WRONG_KEY):
-                raise HaloError(f"worker {link.name} refused to join: wrong cluster key "
-                                "(give both sides the same --key or HALO_KEY)")
-            msg = self._decode(frames)
+            msg = self._decode(link, frames)
             if msg is None or getattr(msg, "session", None) not in (None, self.session):
                 continue
             if isinstance(msg, kinds):
@@ -169,9 +203,9 @@ class Links:
         return None
 
     # -- traffic -------------------------------------------------------------------------
-    def _decode(self, frames: list[bytes]) -> Message | None:
+    def _decode(self, link: WorkerLink, frames: list[bytes]) -> Message | None:
         try:
-            return decode(self.key, frames)
+            return decode(frames, link.control)
         except ProtocolError as exc:
             self.stats.datagrams[exc.reason] += 1
             return None
@@ -190,7 +224,7 @@ class Links:
                 else:
                     self.stats.late += 1  # a strict-mode partial of a closed round
                 continue
-            msg = self._decode(frames)
+            msg = self._decode(link, frames)
             if msg is None or getattr(msg, "session", None) != self.session:
                 continue
             link.last_seen = time.monotonic()
@@ -238,13 +272,11 @@ class Links:
     def _try_rejoin(self, link: WorkerLink) -> None:
         link.last_attempt = time.monotonic()
         try:
-            nonce = self._hello(link)
-            reply = self.await_reply(link, (Welcome, Refused), 0.2, joining=True)
-            if not isinstance(reply, Welcome):
-                return
-            self._check_welcome(link, reply, nonce)
+            joined = self._join(link, 0.2)
         except HaloError as exc:
             self.log(str(exc))
+            joined = False
+        if not joined:
             link.alive = False
             return
         self.events.append(Rejoined(link))
@@ -258,7 +290,7 @@ class Links:
             if link.sock is None:
                 continue
             linger = 0
-            if link.alive:
+            if link.alive and link.channels is not None:
                 try:
                     self.send(link, bye, zmq.NOBLOCK)
                     linger = 200

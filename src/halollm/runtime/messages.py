@@ -1,18 +1,24 @@
-"""The control plane's messages: typed records, one codec, authenticated ZeroMQ frames.
+"""The control plane's messages: typed records, one codec, encrypted ZeroMQ frames.
 
 Control messages (join, plan, heartbeat, KV repair and replay, keep-alive, shutdown) travel
-over ZeroMQ, which gives reliable, ordered delivery over TCP. Each is a frozen dataclass; on
-the wire it is a JSON header (its kind and its non-bytes fields), one frame per bytes field,
-and a keyed BLAKE2b MAC over all of them. ``decode`` returns the record or raises
-ProtocolError for anything forged, unknown, truncated or of the wrong type; receivers
-dispatch with ``match``. Nothing is unpickled; tensors travel as raw float32 bytes.
+over ZeroMQ, which gives reliable, ordered delivery over TCP. Each is a frozen dataclass,
+written as a JSON header (its kind and its non-bytes fields) and one part per bytes field.
+
+The join is a challenge-response: the coordinator's ``Hello`` and the worker's ``Challenge``
+(two fresh nonces and the worker's salt) travel in clear, as one ``HJ`` frame; both sides
+then derive the session's link keys (keys.py) and everything after -- from the coordinator's
+``Join`` on -- is *sealed*: one ``HS`` frame of its counter, one of the message's parts
+encrypted with the link's control channel (ChaCha20-Poly1305, channel.py; a counter is
+accepted once). Opening a sealed ``Join`` is the worker's proof that the coordinator holds
+the cluster key, and opening the sealed ``Welcome`` the coordinator's proof of the worker.
+``decode`` returns the record or raises ProtocolError for anything forged, replayed,
+unknown, truncated or of the wrong type; receivers dispatch with ``match``. Nothing is
+unpickled; tensors travel as raw float32 bytes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import secrets
 import struct
 import types
 from dataclasses import dataclass, fields
@@ -22,9 +28,13 @@ import numpy as np
 import torch
 import zmq
 
-from halollm.runtime.protocol import MAC_SIZE, ProtocolError
+from halollm.errors import ProtocolError
+from halollm.runtime.channel import Channel
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+CLEAR, SEALED = b"HJ", b"HS"
+_COUNTER = struct.Struct(">Q")
+_LENGTH = struct.Struct(">Q")
 MAX_HEADER = 1 << 20
 # the largest frame a control socket accepts (ZMQ_MAXMSGSIZE), checked by ZeroMQ before any
 # byte of it is kept: a strict-mode activation (protocol.MAX_BODY) plus its header and MAC;
@@ -50,13 +60,22 @@ class Message:
 # -- coordinator -> worker ---------------------------------------------------------------
 @dataclass(frozen=True)
 class Hello(Message):
+    """In clear: the coordinator's fresh nonce for this join."""
+
     kind: ClassVar[str] = "hello"
     version: int
     session: int
-    nonce: str
+    nonce: str  # hex
+
+
+@dataclass(frozen=True)
+class Join(Message):
+    """Sealed with the link keys of (Hello, Challenge): the coordinator holds the key."""
+
+    kind: ClassVar[str] = "join"
+    session: int
     model_hash: str
     udp: list[Any]  # [host, port] where the coordinator receives datagrams
-    proof: str
 
 
 @dataclass(frozen=True)
@@ -100,10 +119,22 @@ class Bye(Message):
 
 # -- worker -> coordinator ---------------------------------------------------------------
 @dataclass(frozen=True)
+class Challenge(Message):
+    """In clear: the worker's fresh nonce, and the salt its cluster key is stretched with."""
+
+    kind: ClassVar[str] = "challenge"
+    version: int
+    session: int
+    nonce: str  # hex
+    salt: str  # hex
+
+
+@dataclass(frozen=True)
 class Welcome(Message):
+    """Sealed: the worker holds the key and has joined."""
+
     kind: ClassVar[str] = "welcome"
     session: int
-    proof: str
     model_hash: str
     cores: int | None
     threads: int
@@ -154,40 +185,60 @@ class Pong(Message):
 
 
 MESSAGES: dict[str, type[Message]] = {
-    m.kind: m for m in (Hello, Plan, Kv, Ping, Bye, Welcome, Refused, Ready, Heartbeat, Need,
-                        Pong)}
+    m.kind: m for m in (Hello, Join, Plan, Kv, Ping, Bye, Challenge, Welcome, Refused, Ready,
+                        Heartbeat, Need, Pong)}
+IN_CLEAR = frozenset({"hello", "challenge", "refused"})  # what may travel unsealed
 _HINTS = {kind: get_type_hints(cls) for kind, cls in MESSAGES.items()}
-
-
-def _mac(key: bytes, frames: list[bytes]) -> bytes:
-    h = hashlib.blake2b(key=key, digest_size=MAC_SIZE)
-    for f in frames:
-        h.update(struct.pack(">Q", len(f)))
-        h.update(f)
-    return h.digest()
 
 
 def _blob_fields(cls: type[Message]) -> list[str]:
     return [f.name for f in fields(cls) if _HINTS[cls.kind][f.name] is bytes]
 
 
-def encode(key: bytes, msg: Message) -> list[bytes]:
-    """The message as ZeroMQ frames: JSON header, one frame per bytes field, MAC."""
+def _parts(msg: Message) -> list[bytes]:
+    """The message as parts: JSON header, then one part per bytes field."""
     blobs = _blob_fields(type(msg))
     head = {"kind": msg.kind, **{f.name: getattr(msg, f.name) for f in fields(msg)
                                  if f.name not in blobs}}
-    frames = [json.dumps(head, separators=(",", ":")).encode(),
-              *(getattr(msg, name) for name in blobs)]
-    return [*frames, _mac(key, frames)]
+    return [json.dumps(head, separators=(",", ":")).encode(),
+            *(getattr(msg, name) for name in blobs)]
 
 
-def keyless_refusal(reason: str) -> list[bytes]:
-    """A refusal to a peer that does not hold our key (it cannot check a MAC anyway)."""
-    return [json.dumps({"kind": "refused", "reason": reason}).encode(), b"\0" * MAC_SIZE]
+def encode_clear(msg: Message) -> list[bytes]:
+    """A join-phase message (hello, challenge, refused) as one unsealed frame."""
+    if msg.kind not in IN_CLEAR:
+        raise ValueError(f"a {msg.kind!r} message is never sent in clear")
+    return [CLEAR + _parts(msg)[0]]
 
 
-def is_keyless_refusal(frames: list[bytes], reason: str) -> bool:
-    return len(frames) == 2 and frames[1] == b"\0" * MAC_SIZE and reason.encode() in frames[0]
+def encode(channel: Channel, msg: Message) -> list[bytes]:
+    """The message sealed for the link: [HS + counter, ciphertext of its parts]."""
+    counter = channel.next_counter()
+    prefix = SEALED + _COUNTER.pack(counter)
+    parts = _parts(msg)
+    plain = b"".join(_LENGTH.pack(len(p)) + p for p in parts)
+    return [prefix, channel.seal(counter, prefix, plain)]
+
+
+def is_sealed(frames: list[bytes]) -> bool:
+    return len(frames) == 2 and len(frames[0]) == len(SEALED) + _COUNTER.size \
+        and frames[0][:2] == SEALED
+
+
+def _unpack(plain: bytes) -> list[bytes]:
+    parts, at = [], 0
+    while at < len(plain):
+        if at + _LENGTH.size > len(plain):
+            raise ProtocolError("malformed", "truncated part length")
+        (n,) = _LENGTH.unpack_from(plain, at)
+        at += _LENGTH.size
+        if at + n > len(plain):
+            raise ProtocolError("malformed", "truncated part")
+        parts.append(plain[at:at + n])
+        at += n
+    if not parts:
+        raise ProtocolError("malformed", "no header")
+    return parts
 
 
 def _fits(value: Any, hint: Any) -> bool:
@@ -208,13 +259,22 @@ def _fits(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
-def decode(key: bytes, frames: list[bytes]) -> Message:
-    """The typed message; ProtocolError for anything forged, unknown or malformed."""
-    if len(frames) < 2:
-        raise ProtocolError("malformed", "too few frames")
-    *body, tag = frames
-    if len(tag) != MAC_SIZE or not secrets.compare_digest(_mac(key, body), tag):
-        raise ProtocolError("unauthenticated")
+def decode(frames: list[bytes], channel: Channel | None) -> Message:
+    """The typed message; ProtocolError for anything forged, replayed, unknown or malformed.
+    A sealed message is opened with `channel` (None: no session with its sender, so it is
+    unauthenticated); an unsealed one must be of a kind that may travel in clear."""
+    if is_sealed(frames):
+        if channel is None:
+            raise ProtocolError("unauthenticated")
+        (counter,) = _COUNTER.unpack_from(frames[0], len(SEALED))
+        parts = _unpack(channel.open(counter, frames[0], frames[1]))
+        return _typed(parts, sealed=True)
+    if len(frames) == 1 and frames[0][:2] == CLEAR:
+        return _typed([frames[0][2:]], sealed=False)
+    raise ProtocolError("malformed", "neither a sealed nor a join frame")
+
+
+def _typed(body: list[bytes], sealed: bool) -> Message:
     if len(body[0]) > MAX_HEADER:
         raise ProtocolError("malformed", "header too large")
     try:
@@ -227,6 +287,8 @@ def decode(key: bytes, frames: list[bytes]) -> Message:
     cls = MESSAGES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError("unknown_kind")
+    if not sealed and cls.kind not in IN_CLEAR:
+        raise ProtocolError("unauthenticated", f"a {cls.kind!r} message must be sealed")
     blobs = _blob_fields(cls)
     if len(body) - 1 != len(blobs):
         raise ProtocolError("malformed", f"{cls.kind} carries {len(blobs)} blobs")
@@ -253,9 +315,3 @@ def blob_tensor(blob: bytes, shape: tuple[int, ...]) -> torch.Tensor:
     if len(blob) != 4 * n:
         raise ProtocolError("malformed", f"blob of {len(blob)} bytes is not {shape} float32")
     return torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy()).reshape(shape)
-
-
-def join_proof(key: bytes, role: str, nonce: str, model_hash: str) -> str:
-    """Proof that the sender holds the cluster key, bound to this join and this model."""
-    return hashlib.blake2b(f"{role}|{nonce}|{model_hash}".encode(), key=key,
-                           digest_size=16).hexdigest()

@@ -11,6 +11,7 @@ import torch
 
 from halollm.groups import GroupId
 from halollm.loader.weights import attention_shard, mlp_shard
+from halollm.model.formats import Weights
 from halollm.model.llama import MlpShard, Transformer
 from halollm.model.loader import ModelSource
 from halollm.predictor.critical import SharePredictor, critical_devices
@@ -28,9 +29,12 @@ def _units(shard: object) -> tuple[int, ...]:
 
 
 class OwnShare:
-    def __init__(self, source: ModelSource, model: Transformer, dtype: torch.dtype,
+    def __init__(self, source: ModelSource, model: Transformer, weights: Weights,
                  stats: SyncStats) -> None:
-        self.source, self.model, self.dtype, self.stats = source, model, dtype, stats
+        """`weights`: the coordinator's format, read group by group from `source` (the
+        same format every worker uses, so own and fallback shards equal theirs)."""
+        self.source, self.model, self.stats = source, model, stats
+        self.weights, self.dtype = weights, weights.format.dtype
         self.config = source.config
         self._fallback: dict[tuple[int, int], MlpShard] = {}
 
@@ -53,9 +57,8 @@ class OwnShare:
     def _build(self, layer: int, half: str, units: tuple[int, ...], history: History
                ) -> object:
         if half == "mlp":
-            return mlp_shard(self.source, layer, units, self.dtype)
-        shard = attention_shard(self.source, self.config, layer, units, self.dtype,
-                                self.model.rope)
+            return mlp_shard(self.weights, layer, units)
+        shard = attention_shard(self.weights, self.config, layer, units, self.model.rope)
         if history.length[layer]:
             shard.fill_cache(history.all_rows(layer).to(self.dtype), 0)
         return shard
@@ -68,7 +71,7 @@ class OwnShare:
         shard = self._fallback.get(key)
         if shard is None:
             units = placement.units_of(link.index, tag.layer, "mlp")
-            shard = self._fallback[key] = mlp_shard(self.source, tag.layer, units, self.dtype)
+            shard = self._fallback[key] = mlp_shard(self.weights, tag.layer, units)
         self.stats.fallbacks += 1
         return shard.forward(x)
 

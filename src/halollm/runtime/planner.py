@@ -13,6 +13,7 @@ from halollm.errors import HaloError
 from halollm.groups import GroupId, Partition
 from halollm.loader.weights import group_nbytes
 from halollm.model.config import ModelConfig
+from halollm.model.formats import Weights
 from halollm.runtime.links import WorkerLink
 from halollm.runtime.options import ClusterOptions
 from halollm.scheduler.placement import (
@@ -30,7 +31,8 @@ DWELL_CHECKS = 2  # a plan adopted for speed stays for at least this many re-pla
 
 class Planner:
     def __init__(self, opts: ClusterOptions, partition: Partition,
-                 ranking: Mapping[GroupId, float], config: ModelConfig, dtype: torch.dtype,
+                 ranking: Mapping[GroupId, float], config: ModelConfig,
+                 dtype: Weights | torch.dtype,
                  coordinator: DeviceProfile, log: Callable[[str], None]) -> None:
         self.opts, self.plan_opts = opts, opts.plan
         self.partition, self.ranking, self.config = partition, ranking, config

@@ -1,47 +1,45 @@
-"""The data-plane wire format: tagged, fragmented, authenticated datagrams (pure functions).
+"""The data-plane wire format: tagged, fragmented, encrypted datagrams (pure functions).
 
 One *message* carries one tensor for one synchronisation round: the coordinator's layer input
 (an ``ACTIVATION``) or a worker's partial residual update (a ``PARTIAL``). A round is named by
 (session, plan epoch, request, position, token count, layer, phase). A message body is split
 into fragments that fit the path MTU; every fragment is a datagram of its own:
 
-    header (HEADER.size bytes, big-endian) | fragment of the body | MAC (16 bytes)
+    header (HEADER.size bytes, big-endian, in clear) | sealed fragment of the body (+16 bytes)
 
-The MAC is keyed BLAKE2b over header and payload with the cluster key, so a datagram from
-anyone without the key, or altered on the way, is rejected before anything else looks at it.
-Nothing is unpickled; the body is raw tensor bytes described by the header.
+The fragment is sealed with the link's data key (ChaCha20-Poly1305, channel.py); the header,
+which ends with the sender's counter, is the authenticated data. A datagram from anyone
+without the key, altered on the way, replayed, or from an earlier session is rejected before
+anything else looks at it. Nothing is unpickled; the body is raw tensor bytes described by
+the header.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from halollm.errors import ProtocolError
+from halollm.runtime.channel import TAG_SIZE, Channel
+
 MAGIC = b"HL"
-VERSION = 1
-MAC_SIZE = 16
+VERSION = 2
+MAC_SIZE = TAG_SIZE
 ACTIVATION, PARTIAL = 1, 2
 KINDS = (ACTIVATION, PARTIAL)
 ATTN, MLP = 0, 1
 PHASE_NAMES = {ATTN: "attn", MLP: "mlp"}
 
 # magic, version, kind, sender, wire, session, epoch, request, pos, ntok, layer, phase, _,
-# fragment index, fragment count, body length
-HEADER = struct.Struct(">2sBBBBIIIIHHBBHHI")
+# fragment index, fragment count, body length, the sender's counter (the AEAD nonce)
+HEADER = struct.Struct(">2sBBBBIIIIHHBBHHIQ")
 DEFAULT_MTU = 1500
 IP_UDP_OVERHEAD = 28  # IPv4 (20) + UDP (8)
 MAX_BODY = 64 << 20  # refuse to reassemble anything larger (a forged length cannot eat RAM)
 MAX_FRAGMENTS = 65535
-
-
-class ProtocolError(ValueError):
-    """A datagram that must be discarded; `reason` names the counter it is charged to."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+MAX_PENDING_BYTES = 256 << 20  # bodies being reassembled, all senders together
+ChannelFor = Callable[[int, int], Channel | None]  # (sender, session) -> its link, if any
 
 
 @dataclass(frozen=True)
@@ -73,13 +71,10 @@ def max_payload(mtu: int) -> int:
     return mtu - IP_UDP_OVERHEAD - HEADER.size - MAC_SIZE
 
 
-def mac(key: bytes, data: bytes | memoryview) -> bytes:
-    return hashlib.blake2b(data, key=key, digest_size=MAC_SIZE).digest()
-
-
-def encode(kind: int, sender: int, wire: int, tag: RoundTag, body: bytes, key: bytes,
-           mtu: int = DEFAULT_MTU) -> list[bytes]:
-    """A message as a list of datagrams, each at most `mtu` bytes on the wire (with IP/UDP)."""
+def encode(kind: int, sender: int, wire: int, tag: RoundTag, body: bytes | memoryview,
+           channel: Channel, mtu: int = DEFAULT_MTU) -> list[bytes]:
+    """A message as a list of sealed datagrams, each at most `mtu` bytes on the wire (with
+    IP/UDP); every datagram takes the next counter of `channel`."""
     if kind not in KINDS:
         raise ValueError(f"bad message kind {kind}")
     size = max_payload(mtu)
@@ -87,33 +82,37 @@ def encode(kind: int, sender: int, wire: int, tag: RoundTag, body: bytes, key: b
         raise ValueError(f"MTU {mtu} is too small")
     if len(body) > MAX_BODY:
         raise ValueError(f"message of {len(body)} bytes exceeds {MAX_BODY}")
+    view = memoryview(body)
     count = max(1, -(-len(body) // size))
     out = []
     for i in range(count):
+        counter = channel.next_counter()
         head = HEADER.pack(MAGIC, VERSION, kind, sender, wire, tag.session, tag.epoch,
                            tag.request, tag.pos, tag.ntok, tag.layer, tag.phase, 0, i, count,
-                           len(body))
-        data = head + body[i * size:(i + 1) * size]
-        out.append(data + mac(key, data))
+                           len(body), counter)
+        out.append(head + channel.seal(counter, head, view[i * size:(i + 1) * size]))
     return out
 
 
-def decode(datagram: bytes, key: bytes) -> Fragment:
-    """Check and parse one datagram; raises ProtocolError (never anything else)."""
+def decode(datagram: bytes, channel_for: ChannelFor) -> Fragment:
+    """Check, open and parse one datagram; raises ProtocolError (never anything else).
+    `channel_for(sender, session)` is the link the datagram must come from (None: nobody
+    we have a session with)."""
     if len(datagram) < HEADER.size + MAC_SIZE:
         raise ProtocolError("malformed", f"{len(datagram)} bytes is shorter than a header")
-    data, tail = datagram[:-MAC_SIZE], datagram[-MAC_SIZE:]
-    if not hmac.compare_digest(mac(key, data), tail):
-        raise ProtocolError("unauthenticated")
+    head = datagram[:HEADER.size]
     (magic, version, kind, sender, wire, session, epoch, request, pos, ntok, layer, phase, _,
-     index, count, body_len) = HEADER.unpack_from(data)
+     index, count, body_len, counter) = HEADER.unpack(head)
     if magic != MAGIC or version != VERSION:
         raise ProtocolError("malformed", "bad magic or version")
     if kind not in KINDS or phase not in PHASE_NAMES:
         raise ProtocolError("malformed", "bad kind or phase")
     if count == 0 or index >= count or body_len > MAX_BODY:
         raise ProtocolError("malformed", "bad fragment numbering or length")
-    payload = data[HEADER.size:]
+    channel = channel_for(sender, session)
+    if channel is None:
+        raise ProtocolError("unknown_sender")
+    payload = channel.open(counter, head, memoryview(datagram)[HEADER.size:])
     if len(payload) > body_len:
         raise ProtocolError("malformed", "payload longer than the body")
     return Fragment(kind, sender, wire, RoundTag(session, epoch, request, pos, ntok, layer,
@@ -122,12 +121,32 @@ def decode(datagram: bytes, key: bytes) -> Fragment:
 
 class Reassembler:
     """Collects fragments into message bodies. Bounded: at most `max_pending` messages are
-    being assembled at once (the oldest is dropped first) and a body never exceeds MAX_BODY."""
+    being assembled at once, at most `per_sender` of them from one sender, at most
+    MAX_PENDING_BYTES held in all (the oldest is dropped first), and a message whose
+    fragments exceed its declared length is dropped."""
 
-    def __init__(self, max_pending: int = 64) -> None:
-        self.max_pending = max_pending
+    def __init__(self, max_pending: int = 64, per_sender: int = 32,
+                 max_bytes: int = MAX_PENDING_BYTES) -> None:
+        self.max_pending, self.per_sender, self.max_bytes = max_pending, per_sender, max_bytes
         self._pending: dict[tuple, tuple[Fragment, dict[int, bytes]]] = {}
+        self._held: dict[tuple, int] = {}  # bytes held per message
+        self.held_bytes = 0
         self.dropped_incomplete = 0
+
+    def _drop(self, key: tuple) -> None:
+        del self._pending[key]
+        self.held_bytes -= self._held.pop(key)
+
+    def _make_room(self, sender: int, size: int) -> None:
+        mine = [k for k in self._pending if k[1] == sender]
+        while self._pending and (len(self._pending) >= self.max_pending
+                                 or len(mine) >= self.per_sender
+                                 or self.held_bytes + size > self.max_bytes):
+            victim = mine.pop(0) if len(mine) >= self.per_sender else next(iter(self._pending))
+            if victim in mine:
+                mine.remove(victim)
+            self._drop(victim)
+            self.dropped_incomplete += 1
 
     def add(self, frag: Fragment) -> bytes | None:
         """The whole body once its last fragment arrives; None while incomplete. Raises
@@ -140,20 +159,23 @@ class Reassembler:
         key = (frag.kind, frag.sender, frag.tag)
         entry = self._pending.get(key)
         if entry is None:
-            if len(self._pending) >= self.max_pending:
-                self._pending.pop(next(iter(self._pending)))
-                self.dropped_incomplete += 1
+            self._make_room(frag.sender, len(frag.payload))
             entry = (frag, {})
-            self._pending[key] = entry
+            self._pending[key], self._held[key] = entry, 0
         first, parts = entry
         if frag.count != first.count or frag.body_len != first.body_len:
             raise ProtocolError("malformed", "fragment disagrees with its message")
         if frag.index in parts:
             raise ProtocolError("duplicate")
+        if self._held[key] + len(frag.payload) > frag.body_len:
+            self._drop(key)
+            raise ProtocolError("malformed", "fragments exceed the declared length")
         parts[frag.index] = frag.payload
+        self._held[key] += len(frag.payload)
+        self.held_bytes += len(frag.payload)
         if len(parts) < frag.count:
             return None
-        del self._pending[key]
+        self._drop(key)
         body = b"".join(parts[i] for i in range(frag.count))
         if len(body) != frag.body_len:
             raise ProtocolError("malformed", "reassembled length differs from the header")

@@ -69,7 +69,7 @@ class UdpTransport:
 
     def send(self, tag: RoundTag, wire: int, body: bytes, targets: Sequence[WorkerLink]
              ) -> None:
-        self.udp.send(ACTIVATION, 0, wire, tag, body, [t.udp_addr for t in targets])
+        self.udp.send(ACTIVATION, 0, wire, tag, body, [(t.udp_addr, t.data) for t in targets])
 
     def wait(self, timeout: float, pending: dict[int, WorkerLink]) -> list[Arrival]:
         out: list[Arrival] = []
@@ -86,14 +86,13 @@ class TcpTransport:
 
     can_retry = False
 
-    def __init__(self, key: bytes, links: Links, stats: SyncStats) -> None:
-        self.key, self.links, self.stats = key, links, stats
+    def __init__(self, links: Links, stats: SyncStats) -> None:
+        self.links, self.stats = links, stats
 
     def send(self, tag: RoundTag, wire: int, body: bytes, targets: Sequence[WorkerLink]
              ) -> None:
-        data = protocol.encode(ACTIVATION, 0, wire, tag, body, self.key, mtu=1 << 30)[0]
-        for t in targets:
-            t.sock.send(data)
+        for t in targets:  # sealed for each worker's link
+            t.sock.send(protocol.encode(ACTIVATION, 0, wire, tag, body, t.data, mtu=1 << 30)[0])
 
     def wait(self, timeout: float, pending: dict[int, WorkerLink]) -> list[Arrival]:
         poller = zmq.Poller()
@@ -107,7 +106,7 @@ class TcpTransport:
 
     def _decode(self, data: bytes, out: list[Arrival]) -> None:
         try:
-            f = protocol.decode(data, self.key)
+            f = protocol.decode(data, self.links.data_channel)
         except ProtocolError as exc:
             self.stats.datagrams[exc.reason] += 1
             return

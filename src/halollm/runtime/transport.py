@@ -1,7 +1,7 @@
 """Datagram endpoint of the data plane: send tagged messages, receive and reassemble them.
 
-Everything that arrives is checked (MAC, format) and counted; nothing malformed or forged
-ever raises out of here.
+Everything that arrives is checked (format, then the link's AEAD and replay window) and
+counted; nothing malformed, forged or replayed ever raises out of here.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from halollm.errors import HaloError
 from halollm.runtime import protocol
-from halollm.runtime.protocol import ProtocolError, RoundTag
+from halollm.runtime.channel import Channel
+from halollm.runtime.protocol import ChannelFor, ProtocolError, RoundTag
 
 Address = tuple[str, int]
 RECEIVE_BATCH = 256  # datagrams read per wake-up at most
@@ -34,9 +35,10 @@ class Message:
 class UdpEndpoint:
     """A UDP socket speaking the data-plane protocol."""
 
-    def __init__(self, host: str, port: int, key: bytes, mtu: int = protocol.DEFAULT_MTU,
-                 drop_rate: float = 0.0, seed: int | None = None) -> None:
-        self.key, self.mtu = key, mtu
+    def __init__(self, host: str, port: int, channel_for: ChannelFor,
+                 mtu: int = protocol.DEFAULT_MTU, drop_rate: float = 0.0,
+                 seed: int | None = None) -> None:
+        self.channel_for, self.mtu = channel_for, mtu
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -65,12 +67,11 @@ class UdpEndpoint:
         return int(self.sock.getsockname()[1])
 
     def send(self, kind: int, sender: int, wire: int, tag: RoundTag, body: bytes,
-             addrs: Sequence[Address]) -> None:
-        """Encode once, send every fragment to every address. A full send buffer or an
-        unreachable peer loses the datagram, like the network would."""
-        grams = protocol.encode(kind, sender, wire, tag, body, self.key, self.mtu)
-        for addr in addrs:
-            for g in grams:
+             targets: Sequence[tuple[Address, Channel]]) -> None:
+        """Seal the message for each target's link and send its fragments. A full send
+        buffer or an unreachable peer loses the datagram, like the network would."""
+        for addr, channel in targets:
+            for g in protocol.encode(kind, sender, wire, tag, body, channel, self.mtu):
                 try:
                     self.sock.sendto(g, addr)
                     self.counters["datagrams_sent"] += 1
@@ -96,7 +97,7 @@ class UdpEndpoint:
                 continue
             self.counters["datagrams_received"] += 1
             try:
-                frag = protocol.decode(data, self.key)
+                frag = protocol.decode(data, self.channel_for)
                 body = self.reassembler.add(frag)
             except ProtocolError as exc:
                 self.counters[exc.reason] += 1

@@ -9,7 +9,6 @@ coordinator's join replaces the old session, so a worker never needs a restart.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import select
 import sys
@@ -23,15 +22,22 @@ import zmq
 
 from halollm.errors import HaloError
 from halollm.loader.store import GroupStore
+from halollm.model.formats import Weights
 from halollm.model.llama import Rope, cached
-from halollm.model.loader import DTYPES, content_hash, open_source
+from halollm.model.loader import content_hash, open_source
+from halollm.paths import write_json_quietly
 from halollm.runtime import protocol
+from halollm.runtime.channel import Channel
 from halollm.runtime.device_bench import compute_benchmark, load_benchmark
+from halollm.runtime.handshake import Challenges
+from halollm.runtime.keys import ClusterKey
+from halollm.runtime.liveness import ConnectionWatch
 from halollm.runtime.messages import (
     PROTOCOL_VERSION,
     Bye,
     Heartbeat,
     Hello,
+    Join,
     Kv,
     Message,
     Need,
@@ -44,9 +50,9 @@ from halollm.runtime.messages import (
     blob_tensor,
     decode,
     encode,
+    encode_clear,
     harden,
-    join_proof,
-    keyless_refusal,
+    is_sealed,
 )
 from halollm.runtime.protocol import ACTIVATION, ATTN, PARTIAL, ProtocolError, RoundTag
 from halollm.runtime.tensor_codec import decode_body, encode_body
@@ -56,26 +62,29 @@ from halollm.runtime.worker_session import (
     build_layers,
     group_reader,
     parse_layers,
+    plan_format,
     plan_sizes,
+    public_stats,
 )
 from halollm.scheduler import profile
 
 HEARTBEAT_S = 0.25
+WRONG_KEY = "wrong cluster key"
 
 
 class Worker:
-    def __init__(self, host: str, port: int, key: bytes, model: str | None,
+    def __init__(self, host: str, port: int, key: ClusterKey, model: str | None,
                  log: Callable[[str], None] | None = None, idle_timeout: float = 900.0,
                  drop_rate: float = 0.0, memory_budget: int | None = None,
                  status_file: Path | None = None) -> None:
         self.log = log or (lambda msg: print(f"[worker] {msg}", file=sys.stderr, flush=True))
-        self.key = key
+        self.challenges = Challenges(key)  # stretches the key under this worker's salt
         self.source = open_source(model)
         self.config = self.source.config
         self.model_hash = content_hash(Path(self.source.path))
         self.rope = Rope(self.config)
         self.idle_timeout = idle_timeout
-        self.udp = UdpEndpoint(host, port, key, drop_rate=drop_rate)
+        self.udp = UdpEndpoint(host, port, self._data_channel, drop_rate=drop_rate)
         self.port = self.udp.port
         self.ctx = zmq.Context.instance()
         self.router = self.ctx.socket(zmq.ROUTER)
@@ -90,6 +99,7 @@ class Worker:
                 raise HaloError(f"TCP port {self.port} on {host} is in use; choose another "
                                 "port") from exc
             raise HaloError(f"cannot listen on TCP {host}:{self.port}: {exc}") from exc
+        self.watch = ConnectionWatch(self.router)
         self.session: Session | None = None
         self.stats: dict[str, Any] = {"rounds": 0, "repair_requests": 0, "repaired": 0,
                                       "repair_ms": [], "compute_ms": 0.0, "mlp_neurons": 0,
@@ -110,9 +120,10 @@ class Worker:
         udp = self.udp.sock
         last_beat = 0.0
         while not self._stop:
+            self._watch_connections()
             if self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 self._drain_router()
-            ready, _, _ = select.select([udp, zmq_fd], [], [], HEARTBEAT_S)
+            ready, _, _ = select.select([udp, zmq_fd, self.watch.fd], [], [], HEARTBEAT_S)
             if udp in ready:
                 for msg in self.udp.receive():
                     self._guarded_data(msg.kind, msg.wire, msg.tag, msg.body, True)
@@ -120,14 +131,21 @@ class Worker:
             s = self.session
             if now - last_beat >= HEARTBEAT_S:
                 if s is not None:
-                    self._send(s, self._heartbeat(s))
+                    self._send(s, Heartbeat(s.session, self._public_stats()))
                 self._write_status()
                 last_beat = now
             if s is not None and now - s.last_heard > self.idle_timeout:
                 self.log("coordinator silent for too long; waiting for a new one")
                 self._end_session()
 
+    def _watch_connections(self) -> None:
+        s = self.session
+        if self.watch.closed() & {s.fd if s is not None else None}:
+            self.log("the coordinator's connection closed; waiting for a new one")
+            self._end_session()
+
     def close(self) -> None:
+        self.watch.close()
         self.router.close(0)
         self.udp.close()
         self.source.close()
@@ -135,40 +153,58 @@ class Worker:
     def _drain_router(self) -> None:
         while True:
             try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK)
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             if len(frames) < 2:
                 continue
-            identity, rest = frames[0], frames[1:]
+            identity, rest = frames[0].bytes, [f.bytes for f in frames[1:]]
             if len(rest) == 1 and rest[0][:2] == protocol.MAGIC:  # strict-mode data
                 self._on_datagram(rest[0], identity)
                 continue
             try:
-                msg = decode(self.key, rest)
-            except ProtocolError as exc:
-                self.udp.counters[exc.reason] += 1
-                if exc.reason == "unauthenticated":
-                    self.router.send_multipart([identity, *keyless_refusal("wrong cluster key")])
-                continue
-            try:
-                self._on_control(identity, msg)
+                self._on_frames(identity, rest, frames[1])
             except Exception as exc:  # noqa: BLE001 -- a worker never dies of a message
                 self.udp.counters["handler_errors"] += 1
-                self.log(f"could not handle a {msg.kind!r} message: {exc}")
+                self.log(f"could not handle a control message: {exc}")
+
+    def _on_frames(self, identity: bytes, rest: list[bytes], first: zmq.Frame) -> None:
+        s = self.session
+        ours = s is not None and identity == s.identity
+        channel = s.link.control if s is not None and ours else \
+            self.challenges.channel(identity) if is_sealed(rest) else None
+        try:
+            msg = decode(rest, channel)
+        except ProtocolError as exc:
+            self.udp.counters[exc.reason] += 1
+            if exc.reason == "unauthenticated" and not ours and channel is not None:
+                self.challenges.take(identity)  # a Join sealed with another key
+                self._send_clear(identity, Refused(WRONG_KEY))
+                self.log(f"refused a coordinator: {WRONG_KEY}")
+            return
+        if isinstance(msg, Hello):
+            self._on_hello(identity, msg)
+        elif isinstance(msg, Join) and not ours:
+            self._on_join(identity, msg, first)
+        elif not ours or getattr(msg, "session", None) != s.session:  # type: ignore[union-attr]
+            self.udp.counters["stale_control"] += 1
+        else:
+            self._on_control(s, msg)  # type: ignore[arg-type]
 
     # -- control plane -------------------------------------------------------------------
     def _send(self, s: Session, msg: Message) -> None:
-        self.router.send_multipart([s.identity, *encode(self.key, msg)])
+        self.router.send_multipart([s.identity, *encode(s.link.control, msg)])
 
-    def _on_control(self, identity: bytes, msg: Message) -> None:
-        if isinstance(msg, Hello):
-            self._on_hello(identity, msg)
-            return
+    def _send_clear(self, identity: bytes, msg: Message) -> None:
+        self.router.send_multipart([identity, *encode_clear(msg)])
+
+    def _data_channel(self, sender: int, session: int) -> Channel | None:
         s = self.session
-        if s is None or getattr(msg, "session", None) != s.session or identity != s.identity:
-            self.udp.counters["stale_control"] += 1
-            return
+        if s is None or sender != 0 or session != s.session:
+            return None
+        return s.link.data
+
+    def _on_control(self, s: Session, msg: Message) -> None:
         s.last_heard = time.monotonic()
         match msg:
             case Plan():
@@ -189,22 +225,33 @@ class Worker:
         self.session = None
 
     def _on_hello(self, identity: bytes, h: Hello) -> None:
-        def refuse(reason: str) -> None:
-            self.router.send_multipart([identity, *encode(self.key, Refused(reason))])
-            self.log(f"refused a coordinator: {reason}")
-
+        """A coordinator opens a join: answer with a fresh challenge (nothing changes until
+        its sealed Join opens with the keys that challenge derives)."""
         if h.version != PROTOCOL_VERSION:
-            return refuse(f"protocol version {h.version} (this worker speaks "
-                          f"{PROTOCOL_VERSION})")
-        if h.proof != join_proof(self.key, "coordinator", h.nonce, h.model_hash):
-            return refuse("wrong cluster key")
-        if h.model_hash != self.model_hash:
-            return refuse(f"different model (worker has {self.model_hash[:12]}…, coordinator "
-                          f"has {h.model_hash[:12]}…)")
-        udp_host, udp_port = h.udp
+            self._send_clear(identity, Refused(f"protocol version {h.version} (this worker "
+                                               f"speaks {PROTOCOL_VERSION})"))
+            self.log(f"refused a coordinator speaking protocol version {h.version}")
+            return
+        self._send_clear(identity, self.challenges.issue(identity, h))
+
+    def _on_join(self, identity: bytes, j: Join, first: zmq.Frame) -> None:
+        opened = self.challenges.take(identity)
+        if opened is None or opened[0] != j.session:
+            self.udp.counters["stale_control"] += 1
+            return
+        session, link = opened
+        if j.model_hash != self.model_hash:
+            self.router.send_multipart([identity, *encode(link.control, Refused(
+                f"different model (worker has {self.model_hash[:12]}…, coordinator has "
+                f"{j.model_hash[:12]}…)", session))])
+            self.log("refused a coordinator with a different model")
+            return
+        udp_host, udp_port = j.udp
+        self._watch_connections()  # a closed connection's number may be this one's now
         self._end_session()
-        self.session = Session(session=h.session, identity=identity,
-                               udp_addr=(str(udp_host), int(udp_port)))
+        self.session = Session(session=session, identity=identity, link=link,
+                               udp_addr=(str(udp_host), int(udp_port)),
+                               fd=self.watch.fd_of(first))
         self._need_sent.clear()
         if self.speed is None:
             self.speed = compute_benchmark(self.config, cached(self.source.tensor))
@@ -212,22 +259,20 @@ class Worker:
             self.log(f"compute benchmark: {self.speed:.0f} MLP neurons/ms; loading "
                      f"{self.load_speed:.0f} neurons/ms")
         self._send(self.session, Welcome(
-            h.session, join_proof(self.key, "worker", h.nonce, self.model_hash),
-            self.model_hash, os.cpu_count(), torch.get_num_threads(), self.speed,
+            session, self.model_hash, os.cpu_count(), torch.get_num_threads(), self.speed,
             self.memory_bytes, self.load_speed))
-        self.log(f"joined session {h.session:08x}")
+        self.log(f"joined session {session:08x}")
 
     def _on_plan(self, s: Session, p: Plan) -> None:
         t0 = time.perf_counter()
-        if p.dtype not in DTYPES:
-            raise HaloError(f"unknown dtype {p.dtype!r}")
-        dtype = DTYPES[p.dtype]
+        fmt = plan_format(p.dtype)  # the plan's weight format (a float dtype, or packed)
+        weights = Weights(self.source, fmt, partial=True)
         try:
             layers = parse_layers(p.layers, self.config)
         except HaloError as exc:
             self._send(s, Ready(s.session, p.epoch, error=str(exc)))
             raise
-        sizes = plan_sizes(self.config, layers, dtype)
+        sizes = plan_sizes(self.config, layers, weights)
         stream = sum(sizes.values()) > self.memory_bytes
         if stream and max(sizes.values()) > self.memory_bytes:
             self._send(s, Ready(s.session, p.epoch, error=(
@@ -235,13 +280,13 @@ class Worker:
                 f"layer's share of the plan ({max(sizes.values()) / 2**20:.1f} MiB)")))
             return
         s.close()
-        s.layers = build_layers(self.source, self.rope, s, layers, dtype, stream)
+        s.layers = build_layers(weights, self.rope, s, layers, stream)
         if stream:
-            s.store = GroupStore(list(sizes), sizes, group_reader(self.source, layers, dtype),
+            s.store = GroupStore(list(sizes), sizes, group_reader(weights, layers),
                                  self.memory_bytes)
             self.log(f"plan of {sum(sizes.values()) / 2**20:.0f} MiB exceeds the memory budget "
                      f"({self.memory_bytes / 2**20:.0f} MiB): streaming its weights")
-        s.dtype, s.device, s.epoch, s.wire = dtype, p.device, p.epoch, p.wire
+        s.dtype, s.format, s.device, s.epoch, s.wire = fmt.dtype, fmt, p.device, p.epoch, p.wire
         if p.request != s.request:
             s.start_request(p.request)
         self._send(s, Ready(s.session, s.epoch,
@@ -249,58 +294,29 @@ class Worker:
 
     def _on_kv(self, s: Session, m: Kv) -> None:
         """Keys/values for positions we missed (repair) or never had (replay)."""
-        if m.request != s.request:
-            if not m.replay:
-                return
-            s.start_request(m.request)
-        if not 0 <= m.layer < len(s.layers) or s.layers[m.layer].attn is None or m.start < 0:
+        if not s.fill_kv(m, blob_tensor(m.x, (m.n, self.config.hidden_size))) or m.replay:
             return
-        x = blob_tensor(m.x, (m.n, self.config.hidden_size))
-        with torch.inference_mode():
-            s.attention(m.layer).fill_cache(x.to(s.dtype), m.start)
-        s.mark_known(m.layer, m.start, m.n)
-        if not m.replay:
-            self.stats["repaired"] += m.n
-            for p in range(m.start, m.start + m.n):
-                sent = self._need_sent.pop((m.layer, p), None)
-                if sent is not None:
-                    self.stats["repair_ms"].append(1e3 * (time.monotonic() - sent))
-
-    def _heartbeat(self, s: Session) -> Message:
-        return Heartbeat(s.session, self._public_stats())
+        self.stats["repaired"] += m.n
+        for p in range(m.start, m.start + m.n):
+            sent = self._need_sent.pop((m.layer, p), None)
+            if sent is not None:
+                self.stats["repair_ms"].append(1e3 * (time.monotonic() - sent))
 
     def _public_stats(self) -> dict[str, Any]:
-        ms = self.stats["repair_ms"]
-        s = self.session
-        loader = None
-        if s is not None and s.store is not None:
-            loader = {k: v for k, v in s.store.stats.to_json().items() if k != "per_token"}
-        return {"rounds": self.stats["rounds"], "repair_requests": self.stats["repair_requests"],
-                "loader": loader,
-                "repaired_positions": self.stats["repaired"],
-                "repair_mean_ms": round(sum(ms) / len(ms), 3) if ms else None,
-                "compute_ms": round(self.stats["compute_ms"], 1),
-                "mlp_neurons": self.stats["mlp_neurons"], "mlp_ms": round(self.stats["mlp_ms"], 3),
-                "datagrams": dict(self.udp.counters)}
+        return public_stats(self.stats, self.session, self.udp.counters)
 
     def _write_status(self) -> None:
         """What `halo testbed status` shows of this worker: its profile and counters."""
-        if self.status_file is None:
-            return
-        st = {"speed_neurons_per_ms": None if self.speed is None else round(self.speed, 1),
-              "memory_bytes": self.memory_bytes, "session": None if self.session is None
-              else f"{self.session.session:08x}", **self._public_stats()}
-        tmp = self.status_file.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps(st))
-            tmp.replace(self.status_file)
-        except OSError:
-            pass  # a full or read-only disk must not stop the worker
+        if self.status_file is not None:
+            write_json_quietly(self.status_file, {
+                "speed_neurons_per_ms": None if self.speed is None else round(self.speed, 1),
+                "memory_bytes": self.memory_bytes, "session": None if self.session is None
+                else f"{self.session.session:08x}", **self._public_stats()})
 
     # -- data plane ----------------------------------------------------------------------
     def _on_datagram(self, data: bytes, identity: bytes) -> None:
         try:
-            frag = protocol.decode(data, self.key)
+            frag = protocol.decode(data, self._data_channel)
         except ProtocolError as exc:
             self.udp.counters[exc.reason] += 1
             return
@@ -342,9 +358,9 @@ class Worker:
         reply = encode_body(y, s.wire, groups)
         self.stats["rounds"] += 1
         if via_udp:
-            self.udp.send(PARTIAL, s.device, s.wire, tag, reply, [s.udp_addr])
+            self.udp.send(PARTIAL, s.device, s.wire, tag, reply, [(s.udp_addr, s.link.data)])
         else:
-            data = protocol.encode(PARTIAL, s.device, s.wire, tag, reply, self.key,
+            data = protocol.encode(PARTIAL, s.device, s.wire, tag, reply, s.link.data,
                                    mtu=1 << 30)[0]
             self.router.send_multipart([s.identity, data])
 
@@ -372,23 +388,11 @@ class Worker:
         return groups, y
 
     def _key_mask(self, s: Session, tag: RoundTag) -> torch.Tensor | None:
-        """None when every earlier position is in the cache; otherwise a mask that hides the
-        missing ones, after asking the coordinator for them (KV repair)."""
-        if tag.pos == 0:
-            return None
-        known = s.known_upto(tag.layer, tag.pos + tag.ntok)
-        if bool(known[: tag.pos].all()):
-            return None
-        missing = (~known[: tag.pos]).nonzero().flatten().tolist()
-        asked = s.asked.setdefault(tag.layer, set())
-        new = [p for p in missing if p not in asked]
+        """Session.key_mask, asking the coordinator for the positions not asked yet."""
+        mask, new = s.key_mask(tag.layer, tag.pos, tag.ntok)
         if new:
-            asked.update(new)
             now = time.monotonic()
-            for p in new:
-                self._need_sent[(tag.layer, p)] = now
+            self._need_sent.update({(tag.layer, p): now for p in new})
             self.stats["repair_requests"] += 1
             self._send(s, Need(s.session, s.request, tag.layer, new))
-        mask = known.clone()
-        mask[tag.pos: tag.pos + tag.ntok] = True
         return mask

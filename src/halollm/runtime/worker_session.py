@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from halollm.errors import HaloError
 from halollm.groups import GroupId
 from halollm.loader.store import GroupStore
+from halollm.loader.streamed import peak_rss_bytes
 from halollm.loader.weights import (
     GroupWeights,
     attention_shard,
@@ -22,8 +24,10 @@ from halollm.loader.weights import (
     read_group,
 )
 from halollm.model.config import ModelConfig
+from halollm.model.formats import WeightFormat, Weights, nbytes
 from halollm.model.llama import AttentionShard, MlpShard, Rope
-from halollm.model.loader import ModelSource
+from halollm.runtime.handshake import LinkChannels
+from halollm.runtime.messages import Kv
 
 Units = tuple[int, ...]
 
@@ -42,10 +46,13 @@ class Session:
     session: int
     identity: bytes  # the coordinator's ZeroMQ identity on our ROUTER
     udp_addr: tuple[str, int]
+    link: LinkChannels  # this session's control and data channels (the worker's end)
+    fd: int | None = None  # the coordinator's connection, to notice it close
     device: int = -1
     epoch: int = -1
     wire: int = 1
-    dtype: torch.dtype = torch.float16
+    dtype: torch.dtype = torch.float16  # of activations
+    format: WeightFormat | None = None  # of the weights of the current plan
     layers: list[LayerWork] = field(default_factory=list)
     store: GroupStore | None = None  # the plan exceeds the memory budget: weights streamed
     request: int = -1
@@ -62,6 +69,19 @@ class Session:
             self.store.close()
             self.store = None
 
+    def weight_bytes(self) -> int:
+        """Resident bytes of this plan's weights: resident shards and the store's groups."""
+        total = 0
+        for work in self.layers:
+            if work.attn is not None and not work.attn.streamed:
+                total += sum(nbytes(m) for m in (work.attn.w_qkv, work.attn.b_qkv,
+                                                 work.attn.w_o))
+            if work.mlp is not None:
+                total += nbytes(work.mlp.w_gate_up) + nbytes(work.mlp.w_down)
+        if self.store is not None:
+            total += sum(w.nbytes for w in list(self.store.resident.values()))
+        return total
+
     def known_upto(self, layer: int, upto: int) -> torch.Tensor:
         known = self.known.get(layer)
         if known is None or known.shape[0] < upto:
@@ -75,6 +95,36 @@ class Session:
     def mark_known(self, layer: int, start: int, n: int) -> None:
         self.known_upto(layer, start + n)[start:start + n] = True
 
+    def fill_kv(self, m: Kv, x: torch.Tensor) -> bool:
+        """Fill the layer's cache at m's positions with keys/values of inputs x (a repair
+        of this request, or a replay that starts one). False if it does not apply."""
+        if m.request != self.request:
+            if not m.replay:
+                return False
+            self.start_request(m.request)
+        if not 0 <= m.layer < len(self.layers) or self.layers[m.layer].attn is None \
+                or m.start < 0:
+            return False
+        with torch.inference_mode():
+            self.attention(m.layer).fill_cache(x.to(self.dtype), m.start)
+        self.mark_known(m.layer, m.start, m.n)
+        return True
+
+    def key_mask(self, layer: int, pos: int, ntok: int) -> tuple[torch.Tensor | None, list[int]]:
+        """(None when every earlier position is in the cache, else a mask hiding the missing
+        ones; the missing positions not asked for before, now marked asked: KV repair)."""
+        if pos == 0:
+            return None, []
+        known = self.known_upto(layer, pos + ntok)
+        if bool(known[:pos].all()):
+            return None, []
+        asked = self.asked.setdefault(layer, set())
+        new = [p for p in (~known[:pos]).nonzero().flatten().tolist() if p not in asked]
+        asked.update(new)
+        mask = known.clone()
+        mask[pos: pos + ntok] = True
+        return mask, new
+
     def attention(self, layer: int) -> AttentionShard:
         """The layer's attention shard with its weights (from the store when streaming)."""
         shard = self.layers[layer].attn
@@ -86,8 +136,17 @@ class Session:
     def mlp(self, layer: int) -> MlpShard | None:
         work = self.layers[layer]
         if work.mlp is None and work.mlp_units and self.store is not None:
-            return MlpShard.of(work.mlp_units, *self.store.get(GroupId(layer, "mlp", 0)).tensors)
+            return MlpShard.of(work.mlp_units,
+                               *self.store.get(GroupId(layer, "mlp", 0)).tensors)  # type: ignore[arg-type]
         return work.mlp
+
+
+def plan_format(name: str) -> WeightFormat:
+    """The weight format a plan names (fp32/fp16/bf16, gguf, q4, q8); else a HaloError."""
+    try:
+        return WeightFormat(name)
+    except HaloError as exc:
+        raise HaloError(f"unknown weight format {name!r} in a plan") from exc
 
 
 def parse_layers(text: str, config: ModelConfig) -> list[tuple[Units, Units, Units, Units]]:
@@ -110,23 +169,24 @@ def parse_layers(text: str, config: ModelConfig) -> list[tuple[Units, Units, Uni
 
 
 def plan_sizes(config: ModelConfig, layers: list[tuple[Units, Units, Units, Units]],
-               dtype: torch.dtype) -> dict[GroupId, int]:
+               weights: Weights | torch.dtype) -> dict[GroupId, int]:
     """Bytes of this device's share of every layer half (a store key)."""
     out: dict[GroupId, int] = {}
     for i, (_, attn, _, mlp) in enumerate(layers):
         for kind, share in (("attn", attn), ("mlp", mlp)):
             if share:
-                out[GroupId(i, kind, 0)] = group_nbytes(config, kind, len(share), dtype)
+                out[GroupId(i, kind, 0)] = group_nbytes(config, kind, len(share), weights)
     return out
 
 
-def build_layers(source: ModelSource, rope: Rope, s: Session,
-                 layers: list[tuple[Units, Units, Units, Units]], dtype: torch.dtype,
-                 stream: bool) -> list[LayerWork]:
-    """The shards of a plan, keeping those of the previous plan that did not change (their
-    KV caches included); a layer whose attention changed forgets what it knew."""
-    config = source.config
-    keep = s.dtype == dtype and len(s.layers) == len(layers)
+def build_layers(weights: Weights, rope: Rope, s: Session,
+                 layers: list[tuple[Units, Units, Units, Units]], stream: bool
+                 ) -> list[LayerWork]:
+    """The shards of a plan in its weight format (`weights`), keeping those of the previous
+    plan that did not change (their KV caches included); a layer whose attention changed
+    forgets what it knew."""
+    config = weights.source.config  # type: ignore[union-attr]
+    keep = s.format == weights.format and len(s.layers) == len(layers)
     out = []
     for i, (attn_groups, attn_units, mlp_groups, mlp_units) in enumerate(layers):
         old = s.layers[i] if keep else LayerWork()
@@ -139,23 +199,42 @@ def build_layers(source: ModelSource, rope: Rope, s: Session,
             elif stream:
                 work.attn = AttentionShard.without_weights(config, attn_units, rope)
             else:
-                work.attn = attention_shard(source, config, i, attn_units, dtype, rope)
+                work.attn = attention_shard(weights, config, i, attn_units, rope)
             if not same:
                 s.known.pop(i, None)
         if mlp_units and stream:
             work.mlp_units = mlp_units
         elif mlp_units:
             same = old.mlp is not None and old.mlp.neurons == mlp_units
-            work.mlp = old.mlp if same else mlp_shard(source, i, mlp_units, dtype)
+            work.mlp = old.mlp if same else mlp_shard(weights, i, mlp_units)
         out.append(work)
     return out
 
 
-def group_reader(source: ModelSource, layers: list[tuple[Units, Units, Units, Units]],
-                 dtype: torch.dtype) -> Callable[[GroupId], GroupWeights]:
+def group_reader(weights: Weights, layers: list[tuple[Units, Units, Units, Units]]
+                 ) -> Callable[[GroupId], GroupWeights]:
+    config = weights.source.config  # type: ignore[union-attr]
+
     def read(gid: GroupId) -> GroupWeights:
         _, attn, _, mlp = layers[gid.layer]
-        return read_group(source, source.config, gid.layer, gid.kind,
-                          mlp if gid.kind == "mlp" else attn, dtype)
+        return read_group(weights, config, gid.layer, gid.kind,
+                          mlp if gid.kind == "mlp" else attn)
 
     return read
+
+
+def public_stats(stats: dict[str, Any], s: Session | None, counters: Mapping[str, int]
+                 ) -> dict[str, Any]:
+    """A worker's counters as its heartbeats and status file report them."""
+    ms = stats["repair_ms"]
+    loader = None
+    if s is not None and s.store is not None:
+        loader = {k: v for k, v in s.store.stats.to_json().items() if k != "per_token"}
+    return {"rounds": stats["rounds"], "repair_requests": stats["repair_requests"],
+            "loader": loader, "repaired_positions": stats["repaired"],
+            "repair_mean_ms": round(sum(ms) / len(ms), 3) if ms else None,
+            "compute_ms": round(stats["compute_ms"], 1), "mlp_neurons": stats["mlp_neurons"],
+            "mlp_ms": round(stats["mlp_ms"], 3), "datagrams": dict(counters),
+            "weights": None if s is None or s.format is None else s.format.name,
+            "weight_bytes": 0 if s is None else s.weight_bytes(),
+            "peak_rss_bytes": peak_rss_bytes()}

@@ -1,0 +1,51 @@
+"""Noticing that a worker's coordinator has gone: its TCP connection closes.
+
+A ZeroMQ socket monitor reports every connection that closes, by file descriptor: at once
+when the coordinator's process ends (the kernel closes its sockets), within ZeroMQ's
+heartbeat timeout (messages.harden) when its machine or the network vanished. The worker
+remembers which descriptor its session's Join arrived on (ZMQ_SRCFD), so a stranger opening
+and closing connections never ends a session.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+MAX_EVENTS = 1024  # read per call at most: a connection flood cannot stall the loop
+
+
+class ConnectionWatch:
+    def __init__(self, sock: zmq.Socket) -> None:
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.fd = self._monitor.getsockopt(zmq.FD)
+        self.connections = 0  # open now
+
+    def closed(self) -> set[int]:
+        """Descriptors of the connections that closed since the last call."""
+        out: set[int] = set()
+        for _ in range(MAX_EVENTS):
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self.connections += 1
+                out.discard(int(event["value"]))  # the number is in use again
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self.connections -= 1
+                out.add(int(event["value"]))
+        return out
+
+    @staticmethod
+    def fd_of(frame: Any) -> int | None:
+        """The descriptor of the connection a received frame came on."""
+        try:
+            return int(frame.get(zmq.SRCFD))
+        except (zmq.ZMQError, TypeError, ValueError):
+            return None
+
+    def close(self) -> None:
+        self._monitor.close(0)
