@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -75,6 +76,8 @@ class GenerationResult:
             "completion_tokens": len(self.token_ids),
             "finish_reason": self.finish_reason,
             "decode_ms_per_token": round(self.decode_ms_per_token, 3),
+            "decode_ms_median_per_token": round(1e3 * statistics.median(self.step_s), 3)
+            if self.step_s else 0.0,
             "decode_tokens_per_s": round(1e3 / self.decode_ms_per_token, 2)
             if self.step_s else 0.0,
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 1),

@@ -2,7 +2,8 @@
 
 Resident always: the embedding, the output head, the norms and the KV caches (the stated
 overhead). Streamed: every attention and MLP group, read from the memory-mapped model file
-(only its rows and column blocks) and dequantized when the store loads it. The groups of a
+(only its rows and column blocks) and, in a float format, dequantized when the store loads
+it; in a packed format the store holds the group's packed bytes. The groups of a
 layer half are computed one by one and their partial updates summed in float32, exactly as
 the distributed runtime sums the devices' partials.
 """
@@ -21,6 +22,7 @@ from halollm.errors import HaloError
 from halollm.groups import KINDS, GroupId, Partition
 from halollm.loader.store import GroupStore
 from halollm.loader.weights import GroupWeights, group_nbytes, read_group
+from halollm.model.formats import WeightFormat, Weights
 from halollm.model.llama import AttentionShard, Half, Layer, MlpShard, Transformer, sum_partials
 
 DEFAULT_MLP_GROUPS = 4  # per layer: fewer, larger groups cost less Python per token
@@ -42,7 +44,7 @@ def parse_budget(text: str, model_bytes: int) -> int:
 class StreamedDecoder:
     """generate.Decoder over a GroupStore."""
 
-    def __init__(self, source: Any, dtype: torch.dtype, budget: str | int,
+    def __init__(self, source: Any, fmt: WeightFormat | torch.dtype, budget: str | int,
                  policy: str = "prefetch", attn_groups: int | None = 1,
                  mlp_groups: int = DEFAULT_MLP_GROUPS,
                  critical_share: float | None = None) -> None:
@@ -53,15 +55,18 @@ class StreamedDecoder:
         (A predictor's contribution-ordered groups are not used here: their neurons are
         scattered, so reading one group's down-projection columns reads nearly the whole
         quantized tensor -- measured 3x slower than contiguous groups.)"""
-        self.config, self.dtype, self.source = source.config, dtype, source
+        if isinstance(fmt, torch.dtype):
+            fmt = WeightFormat.of_dtype(fmt)
+        self.config, self.format, self.dtype, self.source = source.config, fmt, fmt.dtype, source
         if not hasattr(source, "rows"):
             raise HaloError("this model format cannot be read group by group")
+        self.weights = Weights(source, fmt, partial=True)
         self.partition = Partition.contiguous(self.config, attn_groups, mlp_groups)
         self.critical_share = critical_share
-        self.head = Transformer(self.config, source.tensor, dtype, layers=[])
+        self.head = Transformer(self.config, Weights(source, fmt), layers=[])
         order = [GroupId(i, kind, j) for i in range(self.config.n_layers) for kind in KINDS
                  for j in range(self.partition.count(i, kind))]
-        sizes = {g: group_nbytes(self.config, g.kind, len(self.partition.units(g)), dtype)
+        sizes = {g: group_nbytes(self.config, g.kind, len(self.partition.units(g)), self.weights)
                  for g in order}
         self.model_bytes = sum(sizes.values())
         self.budget = budget if isinstance(budget, int) else parse_budget(budget,
@@ -71,7 +76,7 @@ class StreamedDecoder:
         if self.budget < need:
             raise HaloError(f"a memory budget of {_mib(self.budget)} cannot hold one layer's "
                             f"{'attention or MLP' if need else 'groups'} ({_mib(need)} in "
-                            f"{_dtype_name(dtype)}): give at least {_mib(need)} "
+                            f"{fmt.name}): give at least {_mib(need)} "
                             f"({100 * need / self.model_bytes:.0f}% of the model's "
                             f"{_mib(self.model_bytes)})")
         self.attn = [[AttentionShard.without_weights(self.config, self.partition.units(
@@ -94,8 +99,8 @@ class StreamedDecoder:
                                 else frozenset())
 
     def _read(self, gid: GroupId) -> GroupWeights:
-        return read_group(self.source, self.config, gid.layer, gid.kind,
-                          tuple(self.partition.units(gid)), self.dtype)
+        return read_group(self.weights, self.config, gid.layer, gid.kind,
+                          tuple(self.partition.units(gid)))
 
     @torch.inference_mode()
     def forward_last(self, ids: Sequence[int], start: int) -> torch.Tensor:
@@ -125,7 +130,8 @@ class StreamedDecoder:
                 gid = GroupId(i, "mlp", j)
                 w = self.store.get(gid) if needed[j] else self.store.get_if_resident(gid)
                 if w is not None:
-                    parts.append(MlpShard.of(self.partition.units(gid), *w.tensors).forward(x))
+                    parts.append(MlpShard.of(self.partition.units(gid), *w.tensors  # type: ignore[arg-type]
+                                             ).forward(x))
         return sum_partials(parts) if parts else torch.zeros(x.shape[0], x.shape[1])
 
     def _needed(self, layer: int, ntok: int) -> list[bool]:
@@ -136,8 +142,14 @@ class StreamedDecoder:
             return [True] * n
         return [GroupId(layer, "mlp", j) in self.critical for j in range(n)]
 
+    def weight_bytes(self) -> int:
+        """Resident weight bytes now: the head, embedding and norms, and the store's groups."""
+        return self.head.weight_bytes() + sum(
+            w.nbytes for w in list(self.store.resident.values()))
+
     def loader_json(self) -> dict[str, Any]:
         return {"policy": self.store.policy, "budget_bytes": self.budget,
+                "weights": self.format.name,
                 "critical_groups": len(self.critical),
                 "model_group_bytes": self.model_bytes, **self.store.stats.to_json()}
 
@@ -168,7 +180,3 @@ def _status_kib(key: str) -> int:
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

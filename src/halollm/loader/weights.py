@@ -1,33 +1,38 @@
-"""One group's weights, read from the model file: only its rows and column blocks."""
+"""One group's weights, read from the model file: only its rows and column blocks, in the
+device's weight format (packed groups are stored and moved as their packed bytes, never as
+dequantized copies)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import torch
 
 from halollm.model.config import ModelConfig
-from halollm.model.llama import AttentionShard, MlpShard, Rope, rows_of_heads
+from halollm.model.formats import Matrix, Weights, nbytes
+from halollm.model.llama import AttentionShard, MlpShard, Rope, attention_weights, mlp_weights
 
 
 @dataclass
 class GroupWeights:
-    """The compute-dtype tensors of one group, and what reading them cost."""
+    """The matrices of one group (float tensors or packed), and what reading them cost."""
 
-    tensors: tuple[torch.Tensor | None, ...]
+    tensors: tuple[Matrix | None, ...]
     file_bytes: int  # bytes of the model file read (quantized)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors if t is not None)
+        return sum(nbytes(t) for t in self.tensors)
 
 
-def group_nbytes(config: ModelConfig, kind: str, units: int, dtype: torch.dtype) -> int:
-    """Dequantized size in the compute dtype of a group of `units` MLP neurons or KV heads
-    (what counts against a memory budget)."""
-    d, size = config.hidden_size, torch.finfo(dtype).bits // 8
+def group_nbytes(config: ModelConfig, kind: str, units: int, weights: Weights | torch.dtype
+                 ) -> int:
+    """Resident size of a group of `units` MLP neurons or KV heads in the device's format
+    (what counts against a memory budget): packed bytes for packed weights (an estimate from
+    each matrix's layout), else the compute dtype's."""
+    if isinstance(weights, Weights):
+        return units * weights.unit_bytes(kind, config)
+    d, size = config.hidden_size, torch.finfo(weights).bits // 8
     if kind == "mlp":
         return 3 * units * d * size
     q, kv = units * config.q_per_kv * config.head_dim, units * config.head_dim
@@ -35,58 +40,34 @@ def group_nbytes(config: ModelConfig, kind: str, units: int, dtype: torch.dtype)
     return ((q + 2 * kv) * d + d * q) * size + bias
 
 
-def read_group(source: Any, config: ModelConfig, layer: int, kind: str,
-               units: tuple[int, ...], dtype: torch.dtype) -> GroupWeights:
+def read_group(weights: Weights, config: ModelConfig, layer: int, kind: str,
+               units: tuple[int, ...]) -> GroupWeights:
     """The weights of MLP neurons or KV heads `units` of one layer half."""
     if kind == "mlp":
-        return read_mlp(source, layer, units, dtype)
-    return read_attention(source, config, layer, units, dtype)
+        return read_mlp(weights, layer, units)
+    return read_attention(weights, config, layer, units)
 
 
-def read_mlp(source: Any, layer: int, neurons: tuple[int, ...], dtype: torch.dtype
-             ) -> GroupWeights:
+def read_mlp(weights: Weights, layer: int, neurons: tuple[int, ...]) -> GroupWeights:
     """(gate and up rows stacked [2n, d], down columns [d, n])."""
-    idx = np.asarray(neurons)
-    p = f"layers.{layer}."
-    gate, b1 = source.rows(p + "w_gate", idx)
-    up, b2 = source.rows(p + "w_up", idx)
-    down, b3 = source.cols(p + "w_down", idx)
-    gate_up = torch.from_numpy(np.concatenate([gate, up])).to(dtype).contiguous()
-    return GroupWeights((gate_up, torch.from_numpy(down).to(dtype).contiguous()),
-                        b1 + b2 + b3)
+    mats, read = mlp_weights(weights, layer, neurons)
+    return GroupWeights(mats, read)
 
 
-def read_attention(source: Any, config: ModelConfig, layer: int, kv_heads: tuple[int, ...],
-                   dtype: torch.dtype) -> GroupWeights:
+def read_attention(weights: Weights, config: ModelConfig, layer: int,
+                   kv_heads: tuple[int, ...]) -> GroupWeights:
     """(q, k, v rows stacked [.., d], their biases or None, o columns [d, n_q * hd])."""
-    g, hd = config.q_per_kv, config.head_dim
-    q_rows = rows_of_heads([k * g + j for k in kv_heads for j in range(g)], hd).numpy()
-    kv_rows = rows_of_heads(kv_heads, hd).numpy()
-    p = f"layers.{layer}."
-    q, b1 = source.rows(p + "wq", q_rows)
-    k, b2 = source.rows(p + "wk", kv_rows)
-    v, b3 = source.rows(p + "wv", kv_rows)
-    o, b4 = source.cols(p + "wo", q_rows)
-    bias = None
-    if config.attn_bias:
-        bias = torch.from_numpy(np.concatenate([source.tensor(p + "bq")[q_rows],
-                                                source.tensor(p + "bk")[kv_rows],
-                                                source.tensor(p + "bv")[kv_rows]])).to(dtype)
-    qkv = torch.from_numpy(np.concatenate([q, k, v])).to(dtype).contiguous()
-    return GroupWeights((qkv, bias, torch.from_numpy(o).to(dtype).contiguous()),
-                        b1 + b2 + b3 + b4)
+    mats, read = attention_weights(weights, config, layer, kv_heads)
+    return GroupWeights(mats, read)
 
 
-def mlp_shard(source: Any, layer: int, neurons: tuple[int, ...], dtype: torch.dtype
-              ) -> MlpShard:
+def mlp_shard(weights: Weights, layer: int, neurons: tuple[int, ...]) -> MlpShard:
     """A resident MLP shard built from its own rows and columns only (not whole tensors)."""
-    return MlpShard.of(neurons, *read_mlp(source, layer, neurons, dtype).tensors)
+    return MlpShard.of(neurons, *read_mlp(weights, layer, neurons).tensors)  # type: ignore[arg-type]
 
 
-def attention_shard(source: Any, config: ModelConfig, layer: int, kv_heads: tuple[int, ...],
-                    dtype: torch.dtype, rope: Rope) -> AttentionShard:
+def attention_shard(weights: Weights, config: ModelConfig, layer: int,
+                    kv_heads: tuple[int, ...], rope: Rope) -> AttentionShard:
     """A resident attention shard built from its own rows and columns only."""
     shard = AttentionShard.without_weights(config, kv_heads, rope)
-    shard.w_qkv, shard.b_qkv, shard.w_o = read_attention(  # type: ignore[assignment]
-        source, config, layer, kv_heads, dtype).tensors
-    return shard
+    return shard.with_weights(read_attention(weights, config, layer, kv_heads).tensors)

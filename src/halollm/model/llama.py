@@ -9,12 +9,13 @@ the runtime decides which shards live where and sums what arrives.
 Numerics: the residual stream ``h`` is kept in float32 whatever the compute dtype; weights,
 normalised activations and shard outputs use the compute dtype. RMSNorm and RoPE follow
 Hugging Face's LLaMA (norm in float32, RoPE tables in float32 cast to the compute dtype).
+Weights come from a ``formats.Weights``: float tensors, or packed quantized matrices that
+``project`` computes on directly (bfloat16 activations; docs/quant.md).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -22,88 +23,33 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from halollm.model.config import ModelConfig, RopeScaling
+from halollm.model import quant
+from halollm.model.config import ModelConfig
+from halollm.model.formats import (  # noqa: F401  (cached, TensorSource: re-exported)
+    Matrix,
+    TensorSource,
+    Weights,
+    as_weights,
+    cached,
+    concat,
+    head_rows,
+    nbytes,
+)
+from halollm.model.quant_gguf import QuantEmbedding, embed_rows
+from halollm.model.rope import Rope, rope_inv_freq  # noqa: F401  (re-exported)
 
-TensorSource = Callable[[str], np.ndarray]  # canonical name -> float32 array
 Half = Literal["attn", "mlp"]
-
-
-def cached(tensor: TensorSource, size: int = 8) -> TensorSource:
-    """`tensor` with the last `size` tensors kept: building many shards of one layer then
-    dequantizes each of its matrices once, not once per shard."""
-    memo: dict[str, np.ndarray] = {}
-
-    def get(name: str) -> np.ndarray:
-        if name not in memo:
-            if len(memo) >= size:
-                memo.pop(next(iter(memo)))
-            memo[name] = tensor(name)
-        return memo[name]
-
-    return get
-
 
 REFINE_TOP = 16  # logits recomputed in float32 per position when computing in fp16/bf16
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    hd = config.head_dim
-    inv = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-    if config.rope_scaling is not None:
-        inv = _llama3_scale(inv, config.rope_scaling)
-    elif config.rope_freq_factors is not None:
-        inv = inv / torch.tensor(config.rope_freq_factors, dtype=torch.float32)
-    return inv
-
-
-def _llama3_scale(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
-    low_wavelen = s.original_max_position / s.low_freq_factor
-    high_wavelen = s.original_max_position / s.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
-    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (
-        s.high_freq_factor - s.low_freq_factor)
-    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
-    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-    return torch.where(medium, smoothed, scaled)
-
-
-class Rope:
-    """cos/sin tables (float32) for rotary position embeddings, grown on demand.
-
-    rotate_half(x) = cat(-x2, x1) is applied as ``x[..., perm] * sign``; the sign is folded
-    into the sin table, so RoPE is ``x * cos + x[..., perm] * signed_sin`` (bit-identical to
-    the Hugging Face formula, in fewer operations)."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        self.inv_freq = rope_inv_freq(config)
-        half = config.head_dim // 2
-        self.perm = torch.cat((torch.arange(half, 2 * half), torch.arange(0, half)))
-        self.sign = torch.cat((-torch.ones(half), torch.ones(half)))
-        self.cos = torch.empty(0)
-        self.signed_sin = torch.empty(0)
-        self._grow(256)
-
-    def _grow(self, length: int) -> None:
-        pos = torch.arange(length, dtype=torch.int64).float()
-        freqs = torch.outer(pos, self.inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = emb.cos()
-        self.signed_sin = emb.sin() * self.sign
-
-    def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x: float32 [heads, T, head_dim] at positions start..start+T-1."""
-        end = start + x.shape[-2]
-        if end > self.cos.shape[0]:
-            self._grow(max(end, 2 * self.cos.shape[0]))
-        cos, sin = self.cos[start:end], self.signed_sin[start:end]
-        return torch.addcmul(x * cos, x[..., self.perm], sin)
-
-
-def project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ b). One-token products run in the weights' dtype (bandwidth-bound GEMV);
-    multi-token fp16 products run in float32, because PyTorch's CPU fp16 GEMM has no fast
-    kernel without AVX512-FP16 (measured 5x slower than upcasting)."""
+def project(x: torch.Tensor, w: Matrix, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ b). A packed weight computes in bfloat16 (its kernels). One-token float
+    products run in the weights' dtype (bandwidth-bound GEMV); multi-token fp16 products run
+    in float32, because PyTorch's CPU fp16 GEMM has no fast kernel without AVX512-FP16
+    (measured 5x slower than upcasting)."""
+    if not isinstance(w, torch.Tensor):
+        return quant.linear(x, w, b)
     if x.shape[0] > 1 and w.dtype == torch.float16:
         return F.linear(x.float(), w.float(), None if b is None else b.float())
     return F.linear(x.to(w.dtype), w, b)
@@ -146,26 +92,15 @@ class AttentionShard:
     """Attention of a set of KV heads (and their query heads) of one layer."""
 
     def __init__(self, config: ModelConfig, layer: int, kv_heads: Sequence[int],
-                 tensor: TensorSource, dtype: torch.dtype, rope: Rope) -> None:
+                 tensor: TensorSource | Weights, dtype: torch.dtype | None, rope: Rope
+                 ) -> None:
+        """Weights from `tensor` (a Weights, or a tensor function in float `dtype`)."""
         self.kv_heads = tuple(kv_heads)
-        g, hd = config.q_per_kv, config.head_dim
-        q_heads = [k * g + j for k in self.kv_heads for j in range(g)]
-        self.n_q, self.n_kv, self.head_dim = len(q_heads), len(self.kv_heads), hd
-        q_rows, kv_rows = rows_of_heads(q_heads, hd), rows_of_heads(self.kv_heads, hd)
-        p = f"layers.{layer}."
-
-        def t(name: str) -> torch.Tensor:
-            return torch.from_numpy(tensor(p + name))
-
-        self.w_qkv: torch.Tensor | None = torch.cat(
-            [t("wq")[q_rows], t("wk")[kv_rows], t("wv")[kv_rows]]).to(dtype).contiguous()
-        self.b_qkv: torch.Tensor | None = None
-        if config.attn_bias:
-            self.b_qkv = torch.cat([t("bq")[q_rows], t("bk")[kv_rows], t("bv")[kv_rows]]
-                                   ).to(dtype)
-        self.w_o: torch.Tensor | None = t("wo")[:, q_rows].to(dtype).contiguous()
-        self.rope = rope
-        self.cache = KVCache(self.n_kv, hd)
+        self.n_kv, self.n_q = len(self.kv_heads), len(self.kv_heads) * config.q_per_kv
+        self.head_dim, self.rope = config.head_dim, rope
+        weights = attention_weights(as_weights(tensor, dtype), config, layer, self.kv_heads)
+        self.w_qkv, self.b_qkv, self.w_o = weights[0]
+        self.cache = KVCache(self.n_kv, config.head_dim)
 
     @classmethod
     def without_weights(cls, config: ModelConfig, kv_heads: Sequence[int], rope: Rope
@@ -176,7 +111,9 @@ class AttentionShard:
         shard.kv_heads = tuple(kv_heads)
         shard.n_kv, shard.n_q = len(shard.kv_heads), len(shard.kv_heads) * config.q_per_kv
         shard.head_dim, shard.rope = config.head_dim, rope
-        shard.w_qkv = shard.b_qkv = shard.w_o = None
+        shard.w_qkv: Matrix | None = None
+        shard.b_qkv: torch.Tensor | None = None
+        shard.w_o: Matrix | None = None
         shard.cache = KVCache(shard.n_kv, config.head_dim)
         return shard
 
@@ -185,14 +122,14 @@ class AttentionShard:
         """True for a shard made without weights (they come with each use)."""
         return self.w_qkv is None
 
-    def with_weights(self, weights: Sequence[torch.Tensor | None]) -> AttentionShard:
+    def with_weights(self, weights: Sequence[Matrix | None]) -> AttentionShard:
         """This shard (its KV cache shared) computing with weights (w_qkv, b_qkv or None,
         w_o) read for this use only (a group store's `GroupWeights.tensors`)."""
         shard = copy.copy(self)
-        shard.w_qkv, shard.b_qkv, shard.w_o = weights
+        shard.w_qkv, shard.b_qkv, shard.w_o = weights  # type: ignore[assignment]
         return shard
 
-    def _weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def _weights(self) -> tuple[Matrix, torch.Tensor | None, Matrix]:
         if self.w_qkv is None or self.w_o is None:
             raise RuntimeError("a shard made without weights computes through with_weights()")
         return self.w_qkv, self.b_qkv, self.w_o
@@ -239,19 +176,14 @@ class MlpShard:
     """SwiGLU MLP of a set of intermediate neurons of one layer."""
 
     def __init__(self, config: ModelConfig, layer: int, neurons: Sequence[int],
-                 tensor: TensorSource, dtype: torch.dtype) -> None:
+                 tensor: TensorSource | Weights, dtype: torch.dtype | None = None) -> None:
         self.neurons = tuple(neurons)
-        idx = torch.tensor(self.neurons, dtype=torch.long)
-        p = f"layers.{layer}."
-        gate = torch.from_numpy(tensor(p + "w_gate"))[idx]
-        up = torch.from_numpy(tensor(p + "w_up"))[idx]
-        self.w_gate_up = torch.cat([gate, up]).to(dtype).contiguous()
-        self.w_down = torch.from_numpy(tensor(p + "w_down"))[:, idx].to(dtype).contiguous()
+        (self.w_gate_up, self.w_down), _ = mlp_weights(as_weights(tensor, dtype), layer,
+                                                       self.neurons)
         self.n = len(self.neurons)
 
     @classmethod
-    def of(cls, neurons: Sequence[int], w_gate_up: torch.Tensor, w_down: torch.Tensor
-           ) -> MlpShard:
+    def of(cls, neurons: Sequence[int], w_gate_up: Matrix, w_down: Matrix) -> MlpShard:
         """A shard over weights already read ([2n, d] gate rows then up rows; [d, n])."""
         shard = cls.__new__(cls)
         shard.neurons, shard.n = tuple(neurons), len(neurons)
@@ -267,6 +199,36 @@ class MlpShard:
         return project(self.activations(x), self.w_down)
 
 
+def attention_weights(w: Weights, config: ModelConfig, layer: int, kv_heads: Sequence[int]
+                      ) -> tuple[tuple[Matrix, torch.Tensor | None, Matrix], int]:
+    """(q, k, v rows stacked, their biases or None, o columns) of KV heads `kv_heads` of a
+    layer, and the file bytes read."""
+    g, hd = config.q_per_kv, config.head_dim
+    q_rows = rows_of_heads([k * g + j for k in kv_heads for j in range(g)], hd).numpy()
+    kv_rows = rows_of_heads(kv_heads, hd).numpy()
+    p = f"layers.{layer}."
+    q, b1 = w.rows(p + "wq", q_rows)
+    k, b2 = w.rows(p + "wk", kv_rows)
+    v, b3 = w.rows(p + "wv", kv_rows)
+    o, b4 = w.cols(p + "wo", q_rows)
+    bias = None
+    if config.attn_bias:
+        bias = torch.cat([w.vector(p + "bq")[q_rows], w.vector(p + "bk")[kv_rows],
+                          w.vector(p + "bv")[kv_rows]]).to(w.format.dtype)
+    return (concat([q, k, v]), bias, o), b1 + b2 + b3 + b4
+
+
+def mlp_weights(w: Weights, layer: int, neurons: Sequence[int]
+                ) -> tuple[tuple[Matrix, Matrix], int]:
+    """(gate rows then up rows [2n, d], down columns [d, n]) of `neurons`, and the bytes read."""
+    idx = np.asarray(neurons, dtype=np.int64)
+    p = f"layers.{layer}."
+    gate, b1 = w.rows(p + "w_gate", idx)
+    up, b2 = w.rows(p + "w_up", idx)
+    down, b3 = w.cols(p + "w_down", idx)
+    return (concat([gate, up]), down), b1 + b2 + b3
+
+
 def sum_partials(partials: Sequence[torch.Tensor]) -> torch.Tensor:
     """The residual update of a layer half: the float32 sum of its shards' partial updates,
     added to the residual stream once (as the coordinator does with what arrives)."""
@@ -279,15 +241,20 @@ def sum_partials(partials: Sequence[torch.Tensor]) -> torch.Tensor:
 class Layer:
     """One decoder layer: two norms and the shards of each half."""
 
-    def __init__(self, config: ModelConfig, index: int, tensor: TensorSource,
-                 dtype: torch.dtype, rope: Rope, attn_sets: Sequence[Sequence[int]],
-                 mlp_sets: Sequence[Sequence[int]]) -> None:
-        self.index, self.dtype, self.eps = index, dtype, config.rms_eps
+    def __init__(self, config: ModelConfig, index: int, weights: Weights, rope: Rope,
+                 attn_sets: Sequence[Sequence[int]], mlp_sets: Sequence[Sequence[int]]) -> None:
+        self.index, self.dtype, self.eps = index, weights.format.dtype, config.rms_eps
         p = f"layers.{index}."
-        self.attn_norm = torch.from_numpy(tensor(p + "attn_norm")).float()
-        self.mlp_norm = torch.from_numpy(tensor(p + "mlp_norm")).float()
-        self.attn = [AttentionShard(config, index, s, tensor, dtype, rope) for s in attn_sets]
-        self.mlp = [MlpShard(config, index, s, tensor, dtype) for s in mlp_sets]
+        self.attn_norm = weights.vector(p + "attn_norm")
+        self.mlp_norm = weights.vector(p + "mlp_norm")
+        self.attn = [AttentionShard(config, index, s, weights, None, rope) for s in attn_sets]
+        self.mlp = [MlpShard(config, index, s, weights) for s in mlp_sets]
+
+    def weight_bytes(self) -> int:
+        """Resident bytes of this layer's weights (norms and every shard's matrices)."""
+        mats = [m for s in self.attn for m in (s.w_qkv, s.b_qkv, s.w_o)]
+        mats += [m for s in self.mlp for m in (s.w_gate_up, s.w_down)]
+        return nbytes(self.attn_norm) + nbytes(self.mlp_norm) + sum(nbytes(m) for m in mats)
 
     def attn_input(self, h: torch.Tensor) -> torch.Tensor:
         return rms_norm(h, self.attn_norm, self.eps, self.dtype)
@@ -314,39 +281,47 @@ def local_reduce(index: int, half: Half, layer: Layer, x: torch.Tensor, start: i
 class Transformer:
     """A LLaMA-family decoder whose layers are sums of shards."""
 
-    def __init__(self, config: ModelConfig, tensor: TensorSource, dtype: torch.dtype,
+    def __init__(self, config: ModelConfig, tensor: TensorSource | Weights,
+                 dtype: torch.dtype | None = None,
                  attn_sets: Sequence[Sequence[Sequence[int]]] | None = None,
                  mlp_sets: Sequence[Sequence[Sequence[int]]] | None = None,
                  layers: Sequence[int] | None = None,
                  progress: Callable[[int], None] | None = None) -> None:
         """attn_sets[i] / mlp_sets[i]: the unit sets of layer i's shards (default: one shard
         with every unit). `layers` restricts which layers get weights: the others hold their
-        norms only (their halves are reduced from elsewhere: a group store)."""
-        self.config, self.dtype = config, dtype
-        tensor = cached(tensor)
+        norms only (their halves are reduced from elsewhere: a group store). `tensor`: a
+        Weights (any format), or a tensor function with a float `dtype`."""
+        weights = as_weights(tensor, dtype)
+        self.config, self.dtype, self.format = config, weights.format.dtype, weights.format
         self.rope = Rope(config)
-        head = torch.from_numpy(tensor("embed" if config.tie_embeddings else "lm_head"))
-        self.lm_head = head.to(dtype).contiguous()
-        self.embed_table = self.lm_head if config.tie_embeddings else (
-            torch.from_numpy(tensor("embed")).to(dtype))
-        self.norm = torch.from_numpy(tensor("norm")).float()
+        self.lm_head: Matrix = weights.rows("embed" if config.tie_embeddings else "lm_head")[0]
+        self.embed_table: Matrix | QuantEmbedding = weights.embedding(
+            self.lm_head, config.tie_embeddings)
+        self.norm = weights.vector("norm")
         all_kv = [tuple(range(config.n_kv_heads))]
         all_mlp = [tuple(range(config.intermediate_size))]
         wanted = set(range(config.n_layers) if layers is None else layers)
         self.layers: list[Layer] = []
         for i in range(config.n_layers):
             if i not in wanted:
-                self.layers.append(Layer(config, i, tensor, dtype, self.rope, [], []))
+                self.layers.append(Layer(config, i, weights, self.rope, [], []))
                 continue
-            self.layers.append(Layer(config, i, tensor, dtype, self.rope,
+            self.layers.append(Layer(config, i, weights, self.rope,
                                      attn_sets[i] if attn_sets else all_kv,
                                      mlp_sets[i] if mlp_sets else all_mlp))
             if progress is not None:
                 progress(i)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [T] -> float32 residual stream [T, d]."""
-        return self.embed_table[ids].float()
+        """Token ids [T] -> float32 residual stream [T, d] (a packed table dequantizes only
+        the rows looked up)."""
+        return embed_rows(self.embed_table, ids)
+
+    def weight_bytes(self) -> int:
+        """Resident bytes of every weight this model holds (head, embedding, norms, shards)."""
+        table = 0 if self.embed_table is self.lm_head else nbytes(self.embed_table)  # type: ignore[arg-type]
+        return nbytes(self.lm_head) + table + nbytes(self.norm) + sum(
+            layer.weight_bytes() for layer in self.layers)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Residual stream [T, d] -> float32 logits [T, vocab].
@@ -359,7 +334,7 @@ class Transformer:
         logits = project(x, self.lm_head).float()
         if self.dtype != torch.float32:
             top = logits.topk(REFINE_TOP, dim=-1).indices  # [T, k]
-            rows = self.lm_head[top].float()  # [T, k, d]
+            rows = head_rows(self.lm_head, top.reshape(-1)).reshape(*top.shape, -1)  # [T, k, d]
             exact = torch.bmm(rows, x.unsqueeze(-1)).squeeze(-1)
             logits.scatter_(-1, top, exact)
         return logits

