@@ -198,7 +198,8 @@ def test_cluster_request_survives_a_lost_worker():
     with LocalWorkers(2, key, threads=1) as lw:
         workers = ",".join(f"{h}:{p}" for h, p in lw.addresses)
         with serving("--workers", workers, "--key", key, "--predictor", "none") as base:
-            assert httpx.get(base + "/health").json()["workers"] == {"alive": 2, "total": 2}
+            health = httpx.get(base + "/health").json()
+            assert health["workers"] == {"alive": 2, "total": 2} and health["status"] == "ok"
             body = {"model": "default", "prompt": "Once upon a time", "max_tokens": 60,
                     "temperature": 0, "stream": True}
             pieces, finish = [], None
@@ -215,5 +216,5 @@ def test_cluster_request_survives_a_lost_worker():
                         lw.kill(0)
             assert finish in ("length", "stop") and len(pieces) > 5
             health = httpx.get(base + "/health").json()
-            assert health["workers"]["alive"] == 1
+            assert health["workers"]["alive"] == 1 and health["status"] == "degraded"
             assert 'halo_worker_alive{worker="' in httpx.get(base + "/metrics").text

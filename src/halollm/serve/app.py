@@ -138,7 +138,10 @@ class Server:
                                "max_queue": self.engine.max_queue}
         if self.cluster_stats is not None:
             workers = snapshot(self.cluster_stats).get("workers", [])
-            out["workers"] = {"alive": sum(w["alive"] for w in workers), "total": len(workers)}
+            alive = sum(w["alive"] for w in workers)
+            out["workers"] = {"alive": alive, "total": len(workers)}
+            if alive < len(workers):  # still answering: the coordinator took their groups
+                out["status"] = "degraded"
         return out
 
 
