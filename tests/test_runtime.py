@@ -81,6 +81,9 @@ def test_relaxed_without_loss_equals_single_device(workers, reference_tokens):
     assert sync["datagrams"].get("unauthenticated", 0) == 0
     reported = [w["reported"] for w in sync["workers"]]
     assert all(r.get("rounds", 0) > 0 for r in reported if r)
+    stages = sync["stage_ms_per_round"]  # where a round's time went, on the coordinator
+    assert set(stages) == {"send", "own", "gather", "sum"} and min(stages.values()) >= 0
+    assert stages["gather"] > 0  # it waited for the workers' partials
 
 
 def test_fp16_strict_matches_fp16_single_device(workers):

@@ -137,18 +137,25 @@ class Rounds:
         """The float32 update of one layer half: own shards plus the workers' partials."""
         tag = RoundTag(self.session, self.epoch, self.request, start, x.shape[0], layer,
                        PHASES[half])
+        t0 = time.perf_counter()
         body = b""
         if targets:
             body = encode_body(x, self.wire)
             self.transport.send(tag, self.wire, body, targets)
-        self.sent_wall = time.perf_counter()
+        self.sent_wall = t1 = time.perf_counter()
         partials = [s.forward(x, start) for s in shards]
+        t2 = time.perf_counter()
         if targets:
             partials += self.gather(tag, half, targets, x, body)
+        t3 = time.perf_counter()
         self.stats.rounds += 1
-        if not partials:
-            return torch.zeros(x.shape[0], self.dim)
-        return sum_partials(partials)
+        out = sum_partials(partials) if partials else torch.zeros(x.shape[0], self.dim)
+        stage = self.stats.stage_ms  # send (encode, seal, sendto), own share, gather, sum
+        stage["send"] += 1e3 * (t1 - t0)
+        stage["own"] += 1e3 * (t2 - t1)
+        stage["gather"] += 1e3 * (t3 - t2)
+        stage["sum"] += 1e3 * (time.perf_counter() - t3)
+        return out
 
     def _remember(self, tag: RoundTag, sent: float) -> None:
         self.sent_at[tag] = sent

@@ -23,6 +23,8 @@ class SyncStats:
     retries: int = 0  # activations re-sent for a critical attention contribution missing
     fallbacks: int = 0  # critical MLP contributions missing at the deadline, computed locally
     predict_ms: float = 0.0  # time spent predicting significance (relaxed mode, predictor)
+    # where a round's time goes on the coordinator (issue 16), summed over rounds
+    stage_ms: Counter[str] = field(default_factory=Counter)
     takeovers: list[dict[str, Any]] = field(default_factory=list)
     rejoins: list[dict[str, Any]] = field(default_factory=list)
     per_token: list[dict[str, Any]] = field(default_factory=list)
@@ -59,6 +61,8 @@ class SyncStats:
             "fallbacks": self.fallbacks,
             "predict_ms": round(self.predict_ms, 2),
             "predict_ms_per_token": round(self.predict_ms / n, 3),
+            "stage_ms_per_round": {k: round(v / max(1, self.rounds), 4)
+                                   for k, v in sorted(self.stage_ms.items())},
             "takeovers": self.takeovers,
             "rejoins": self.rejoins,
             "datagrams": dict(self.datagrams),
