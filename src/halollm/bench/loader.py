@@ -1,6 +1,7 @@
 """`halo bench loader`: decode speed under a memory budget, per loading policy.
 
-For each budget (a share of the model's dequantized group weights) and policy, one process
+For each budget (a share of the model's group weights, in the default weight format: packed
+for a quantized model) and policy, one process
 decodes the same greedy tokens with the group weights streamed from the memory-mapped model
 file: HALO's `prefetch` (farthest-future eviction, background loading), `demand` (the same
 cache, loading only when needed) and `window` (TPI-LLM's sliding window). The baselines are
@@ -27,7 +28,7 @@ from halollm.model.loader import (
     load_model,
     open_source,
     open_tokenizer,
-    parse_dtype,
+    resolve_format,
 )
 from halollm.sampling import SamplingParams
 
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
 def _streamed(source: ModelSource, ids: list[int], budget: float, policy: str, tokens: int,
               reference: list[int]) -> dict[str, Any]:
     """Greedy decoding with the groups streamed under a budget (% of the model's groups)."""
-    dec = StreamedDecoder(source, parse_dtype(None), f"{budget}%", policy)
+    dec = StreamedDecoder(source, resolve_format(source), f"{budget}%", policy)
     try:
         r = generate(dec, open_tokenizer(source), ids, max_tokens=tokens,
                      sampling=SamplingParams(), ignore_eos=True)
@@ -121,10 +122,10 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     streamed_full = next((r["decode_ms_per_token"] for r in rows
                           if r["config"] == "streamed" and r["budget"] == 100), None)
     lines = ["# Decoding under a memory budget", "", "{header}",
-             f"Model: `{args.model or 'default (SmolLM2-135M-Instruct, Q4_1 GGUF)'}`, fp16 "
-             f"compute, {args.tokens} greedy tokens, median per-token decode time, "
+             f"Model: `{args.model or 'default (SmolLM2-135M-Instruct, Q4_1 GGUF)'}`, "
+             f"default weight format, {args.tokens} greedy tokens, median per-token decode time, "
              f"{args.threads} compute thread(s); the loader thread runs beside it. The budget "
-             "counts dequantized group weights (attention and MLP of every layer); the "
+             "counts group weights in that format (attention and MLP of every layer); the "
              "embedding, output head, norms and KV caches are resident overhead.", "",
              "| budget | policy | ms/token | vs resident | vs streamed 100% | MiB read/token | "
              "stall ms/token | hit rate | share of loading hidden | same tokens |",

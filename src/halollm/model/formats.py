@@ -35,6 +35,7 @@ DEFAULT_DTYPE = "fp16"
 PACKED = ("gguf", "q4", "q8")
 QUANT_CHOICES = ("auto", "q4", "q8", "none")
 _LAYOUT_BYTES = {"int4": 0.5 + 4 / quant.GROUP, "int8": 1.0, "int4x2": 2 * (0.5 + 4 / quant.GROUP)}
+PACK_CHUNK_ROWS = 4096  # rows of a large matrix packed at a time (a multiple of 64)
 SCATTER_LIMIT = 2.0  # a column set kept as whole blocks if they hold at most 2x its columns
 
 
@@ -207,9 +208,9 @@ class Weights:
         """A float32 vector (norms, biases)."""
         return torch.from_numpy(self.tensor(name)).float()
 
-    def _float(self, name: str, rows: np.ndarray | None, cols: np.ndarray | None
-               ) -> tuple[np.ndarray, int]:
-        if self.partial and (rows is not None or cols is not None):
+    def _float(self, name: str, rows: np.ndarray | None, cols: np.ndarray | None,
+               partial: bool = False) -> tuple[np.ndarray, int]:
+        if (self.partial or partial) and (rows is not None or cols is not None):
             if rows is not None:
                 return self.source.rows(name, rows)  # type: ignore[union-attr]
             return self.source.cols(name, cols)  # type: ignore[union-attr]
@@ -223,12 +224,27 @@ class Weights:
     def rows(self, name: str, rows: np.ndarray | None = None) -> tuple[Matrix, int]:
         """Rows `rows` (default all) of a matrix and the file bytes read."""
         layout = self.layout(name)
+        if layout is not None and rows is None:
+            n = G.shape(self.source, name)[0] if self._gguf else (
+                self.source.shape(name)[0] if hasattr(self.source, "shape") else None)
+            if n is not None and n > PACK_CHUNK_ROWS:
+                return self._rows_in_chunks(name, n)
         if layout is not None and self._gguf:
             return G.pack_rows(self.source, name, rows, layout)
-        w, read = self._float(name, rows, None)
+        w, read = self._float(name, rows, None, partial=layout is not None)
         if layout is not None:
             return quant.quantize(w, layout), read
         return torch.from_numpy(np.ascontiguousarray(w)).to(self.format.float_dtype), read
+
+    def _rows_in_chunks(self, name: str, n: int) -> tuple[Matrix, int]:
+        """A large matrix packed PACK_CHUNK_ROWS rows at a time (bounds the float and int32
+        transients of packing: the output head of a 49k vocabulary is 200 MB in float32)."""
+        parts, read = [], 0
+        for s in range(0, n, PACK_CHUNK_ROWS):
+            part, r = self.rows(name, np.arange(s, min(s + PACK_CHUNK_ROWS, n)))
+            parts.append(part)
+            read += r
+        return stack_rows(parts), read  # type: ignore[arg-type]
 
     def cols(self, name: str, cols: np.ndarray) -> tuple[Matrix, int]:
         """Input columns `cols` (in that order) of a matrix and the file bytes read; packed,
@@ -289,6 +305,26 @@ class Weights:
         bias = (q + 2 * kv) * size if config.attn_bias else 0
         return int(d * (q * (per_weight("wq") + per_weight("wo")) + kv * (
             per_weight("wk") + per_weight("wv"))) + 0.999) + bias
+
+
+def stack_rows(parts: list[quant.PackedWeight]) -> quant.PackedWeight:
+    """Packed row blocks of one kind stacked without unpacking (every part but the last a
+    whole number of the int4 layout's row blocks)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    if isinstance(first, quant.Int4Weight):
+        return quant.Int4Weight(torch.cat([p.packed for p in parts]),  # type: ignore[union-attr]
+                                torch.cat([p.scale_zeros for p in parts], dim=1),  # type: ignore[union-attr]
+                                sum(p.out_features for p in parts), first.in_features)
+    if isinstance(first, quant.Int8Weight):
+        return quant.Int8Weight(torch.cat([p.q for p in parts]),  # type: ignore[union-attr]
+                                torch.cat([p.scale for p in parts]),  # type: ignore[union-attr]
+                                first.in_features)
+    if isinstance(first, quant.Int4PairWeight):
+        return quant.Int4PairWeight(stack_rows([p.hi for p in parts]),  # type: ignore[union-attr]
+                                    stack_rows([p.lo for p in parts]))  # type: ignore[union-attr]
+    return quant.concat_rows(parts)
 
 
 def as_weights(tensor: TensorSource | Weights, dtype: torch.dtype | None) -> Weights:

@@ -125,6 +125,11 @@ class HFModelFolder:
         h, key = self._where[name]
         return str(h.get_slice(key).get_dtype())
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, without reading it."""
+        h, key = self._where[name]
+        return tuple(int(d) for d in h.get_slice(key).get_shape())
+
     def tensor(self, name: str) -> np.ndarray:
         """Float32 copy of a tensor (safetensors maps the file; bf16/fp16 are widened)."""
         h, key = self._where[name]

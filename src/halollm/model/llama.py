@@ -191,8 +191,11 @@ class MlpShard:
         return shard
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up for each neuron: [T, n]."""
+        """silu(gate) * up for each neuron: [T, n] (packed: in float32 from the kernel's
+        bfloat16 outputs, so the down projection's input is rounded once, not three times)."""
         gu = project(x, self.w_gate_up)
+        if not isinstance(self.w_gate_up, torch.Tensor):
+            gu = gu.float()
         return F.silu(gu[:, : self.n]) * gu[:, self.n:]
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
