@@ -225,7 +225,8 @@ def test_bench_paper_small(tmp_path, predictor_file):
     the loss really applied (the equal split loses contributions at 10%), HALO accurate
     under it, strict exact with nothing lost, and the report, data and plots written."""
     f = tmp_path / "p.toml"
-    f.write_text('name = "tpaper"\nsubnet = "10.88"\n[[device]]\nname = "wired"\n'
+    f.write_text('name = "tpaper"\nsubnet = "10.88"\n[coordinator]\ncpu = 1.0\n'
+                 '[[device]]\nname = "wired"\n'
                  'memory = "64MiB"\n[[device]]\nname = "wifi"\nloss = 0.1\nmemory = "64MiB"\n')
     out = tmp_path / "res"
     proc = run_halo("bench", "paper", "--data", str(SHARED_DATA), "--spec", str(f),
@@ -242,6 +243,7 @@ def test_bench_paper_small(tmp_path, predictor_file):
     assert res["lossy"] == ["wifi"]
     ref = res["reference"]
     assert ref["ppl_tokens"] == 47 and ref["piqa_items"] == 2 and ref["ppl"] > 1
+    assert ref["single_device_ms_per_token"] > 0 and ref["coordinator_cpu"] == 1.0
     for (_, name), r in rows.items():
         assert r["decode_ms_per_token"] > 0
         if name == "strict":
@@ -256,6 +258,38 @@ def test_bench_paper_small(tmp_path, predictor_file):
         assert (out / name).stat().st_size > 0
     md = (out / "t.md").read_text()
     assert "Headline, at 10% loss" in md and "| 10% | halo-no-predictor |" in md
+    assert "One such device alone" in md and "vs one device" in md
+    from halollm.testbed.system import cgroup_paths
+
+    assert cgroup_paths("halo-tpaper-coordinator") == []  # released and removed
+
+
+@needs_root
+def test_the_coordinator_is_held_to_its_share(tmp_path):
+    """`[coordinator] cpu` puts this process in a CPU-capped cgroup for the body (as each
+    device's worker is), and takes it out and removes the cgroup after."""
+    import os
+    from pathlib import Path
+
+    from halollm.testbed import cluster, system
+
+    spec = parse_spec({"name": "tshare", "coordinator": {"cpu": 0.5},
+                       "device": [{"name": "a"}]})
+    home = system.cgroup_of(os.getpid())
+    with cluster.coordinator_share(spec) as share:
+        inside = system.cgroup_of(os.getpid())
+        assert share == 0.5 and inside != home and inside.name == "halo-tshare-coordinator"
+        quota = inside / "cpu.cfs_quota_us"
+        if quota.exists():
+            assert int(quota.read_text()) == 50_000
+        else:
+            assert (inside / "cpu.max").read_text().split()[0] == "50000"
+        assert str(os.getpid()) in (inside / "cgroup.procs").read_text().split()
+    assert system.cgroup_of(os.getpid()) == home
+    assert not Path(inside).exists()
+    without = parse_spec({"name": "tshare", "device": [{"name": "a"}]})
+    with cluster.coordinator_share(without) as share:
+        assert share is None and system.cgroup_of(os.getpid()) == home
 
 
 def test_bench_paper_report_keeps_failed_and_partial_runs(tmp_path):

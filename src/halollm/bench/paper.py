@@ -160,15 +160,27 @@ def run(args: argparse.Namespace) -> int:
 
     configs, ablations, rates, spec, lossy = _check(args)
     require_testbed("paper")
-    budget = parse_bytes(args.memory_budget)
     torch.set_num_threads(1)
     say = stage_printer("paper")
-
     args.predictor = _predictor_path(args.model, args.predictor)
+    with cluster.coordinator_share(spec) as share:  # the coordinator is a device too
+        if share is not None:
+            say(f"the coordinator (this process) is held to {share:g} of a core")
+        return _sweep(args, configs, ablations, rates, spec, lossy, say, share)
+
+
+def _sweep(args: argparse.Namespace, configs: list[str], ablations: list[str],
+           rates: list[float], spec: Any, lossy: list[str], say: Any, share: float | None
+           ) -> int:
+    from halollm.testbed import cluster
+
+    budget = parse_bytes(args.memory_budget)
     say("reference: the lossless single-device model…")
     work = _reference(args)
+    work.reference["coordinator_cpu"] = share
     say(f"    perplexity {work.reference['ppl']:.4f} on {work.reference['ppl_tokens']} "
-        f"tokens, PIQA {work.reference['piqa_acc']} on {len(work.piqa)} items")
+        f"tokens, PIQA {work.reference['piqa_acc']} on {len(work.piqa)} items; alone "
+        f"{work.reference['single_device_ms_per_token']} ms/token")
     plan = [(r, c) for r in rates for c in configs + (ablations if r == args.headline_rate
                                                       else [])]
     rows: list[dict[str, Any]] = []
@@ -285,12 +297,25 @@ def _reference(args: argparse.Namespace) -> Workload:
                                                                model.config.max_position)]
     piqa = eval_data.piqa(paths["piqa"], args.piqa_items) if args.piqa_items else []
     local = LocalDecoder(model.transformer)
+    alone = _decode_ms(local, tok, prompt, args)  # one such device, the whole model
     ref_logits = teacher_forced(local, fixed)
     ppl, piqa_tally = _accuracy(local, tok, model.config.max_position, wiki, piqa)
     del model
     reference = {"ppl": ppl.ppl, "ppl_tokens": ppl.tokens, "fixed_tokens": len(fixed),
+                 "single_device_ms_per_token": round(alone, 2),
                  **_piqa_json(piqa_tally), "piqa_correct": piqa_tally.correct}
     return Workload(tok, prompt, fixed, wiki, piqa, ref_logits, reference)
+
+
+def _decode_ms(decoder: Decoder, tok: Any, prompt: list[int], args: argparse.Namespace
+               ) -> float:
+    """Median decode ms/token of the lossless single device, measured as the cluster's
+    configurations are (greedy, after the warm-up tokens)."""
+    greedy = SamplingParams(temperature=0.0)
+    generate(decoder, tok, prompt, max_tokens=max(1, args.warmup), sampling=greedy)
+    result = generate(decoder, tok, prompt, max_tokens=args.tokens, sampling=greedy,
+                      ignore_eos=True)
+    return statistics.median(result.step_s) * 1e3
 
 
 def _accuracy(decoder: Decoder, tok: Any, max_position: int, wiki: list[int],

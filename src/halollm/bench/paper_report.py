@@ -76,18 +76,34 @@ def _intro(args: argparse.Namespace, spec: Any, lossy: list[str], ref: dict[str,
             "Strict is exact by construction and by test, so its accuracy is the single "
             "device's.", "",
             f"Lossless single device: perplexity **{ref['ppl']:.4f}**, PIQA acc "
-            f"{ref['piqa_acc']}.", ""]
+            f"{ref['piqa_acc']}.", "", _alone(ref), ""]
+
+
+def _alone(ref: dict[str, Any]) -> str:
+    """The row every cluster is compared with: one such device holding the whole model."""
+    ms = ref.get("single_device_ms_per_token")
+    if ms is None:
+        return ""
+    share = ref.get("coordinator_cpu")
+    regime = (f"held to {share:g} of a core, as the spec's `[coordinator] cpu` holds the "
+              "coordinator" if share is not None else "at this machine's full speed (the "
+              "spec gives the coordinator no `cpu`)")
+    return (f"**One such device alone** (the whole model in one process, lossless, {regime}): "
+            f"**{ms} ms/token**; the `vs one device` column is its time over each "
+            "configuration's (above 1: the cluster is faster than one device).")
 
 
 def _table(rows: list[dict[str, Any]], ref: dict[str, Any]) -> list[str]:
-    lines = ["| loss | configuration | ms/token | p95 | speedup vs strict | agreement | KL | "
-             "perplexity (Δ) | PIQA acc (same) | lost / expected | groups per device "
-             "(coordinator first) | re-plans |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    lines = ["| loss | configuration | ms/token | p95 | speedup vs strict | vs one device | "
+             "agreement | KL | perplexity (Δ) | PIQA acc (same) | lost / expected | groups per "
+             "device (coordinator first) | re-plans |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- "
+             "| ---: |"]
+    alone = ref.get("single_device_ms_per_token")
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['loss']:.0%} | {r['config']} | failed: {r['error']} |"
-                         + " |" * 10)
+                         + " |" * 11)
             continue
         strict = row(rows, r["loss"], "strict")
         speed = (f"{strict['decode_ms_per_token'] / r['decode_ms_per_token']:.2f}x"
@@ -98,9 +114,10 @@ def _table(rows: list[dict[str, Any]], ref: dict[str, Any]) -> list[str]:
                    f"({r['piqa_same_as_reference']}/{r['piqa_items']})")
         else:
             acc = "exact | 0 | = single device | = single device"
+        vs_one = f"{alone / r['decode_ms_per_token']:.2f}x" if alone else ""
         lines.append(f"| {r['loss']:.0%} | {r['config']} | {r['decode_ms_per_token']} | "
-                     f"{r['decode_ms_p95']} | {speed} | {acc} | {r['lost']} / {r['expected']} "
-                     f"| {r['groups_per_device']} | {r['replans']} |")
+                     f"{r['decode_ms_p95']} | {speed} | {vs_one} | {acc} | {r['lost']} / "
+                     f"{r['expected']} | {r['groups_per_device']} | {r['replans']} |")
     return lines
 
 

@@ -120,10 +120,13 @@ def open_cluster(args: argparse.Namespace, quiet: bool):  # type: ignore[no-unty
         local = LocalWorkers(args.local, key, args.model)
         addresses = local.addresses
     elif args.testbed is not None:
-        from halollm.testbed.cluster import load_state
+        from halollm.testbed.cluster import hold_coordinator, load_state
         from halollm.testbed.spec import load_spec
 
-        state = load_state(load_spec(args.testbed))
+        spec = load_spec(args.testbed)
+        state = load_state(spec)
+        if spec.coordinator_cpu is not None:  # the coordinator is a device of the spec too
+            hold_coordinator(spec)
         key = state["key"]
         addresses = [(w["address"], int(w["port"])) for w in state["workers"]]
     else:

@@ -10,12 +10,14 @@ inside each namespace; its log and the cluster key live in /run/halo/<name>/ (ro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,38 @@ def state_dir(spec: Spec) -> Path:
 
 def cgroup_name(spec: Spec, d: Device) -> str:
     return f"halo-{spec.name}-{d.name}"
+
+
+@contextlib.contextmanager
+def coordinator_share(spec: Spec) -> Iterator[float | None]:
+    """Hold this process -- the coordinator -- to the spec's `[coordinator] cpu` share for
+    the body, as every device is held to its own, so that a cluster of N Pi-class nodes adds
+    up to no more than N of them and can be compared with one such node. Yields the share
+    (None: no `cpu` in the spec, the coordinator runs at this machine's speed)."""
+    if spec.coordinator_cpu is None:
+        yield None
+        return
+    pid = os.getpid()
+    home = system.cgroup_of(pid)
+    path = hold_coordinator(spec)
+    try:
+        yield spec.coordinator_cpu
+    finally:
+        system.cgroup_move(pid, home)
+        system.cgroup_remove(path)
+
+
+def coordinator_cgroup(spec: Spec) -> str:
+    return f"halo-{spec.name}-coordinator"
+
+
+def hold_coordinator(spec: Spec) -> Path:
+    """Move this process into the coordinator's CPU-capped cgroup for good (`halo run
+    --testbed`: the cgroup is removed by `halo testbed down` once the process has ended)."""
+    assert spec.coordinator_cpu is not None
+    path = system.cgroup_create(coordinator_cgroup(spec), spec.coordinator_cpu)
+    system.cgroup_move(os.getpid(), path)
+    return path
 
 
 def up(spec: Spec, model: str | None = None, key: str | None = None, threads: int = 1,
@@ -228,6 +262,12 @@ def down(spec: Spec, quiet: bool = False) -> list[str]:
                 except HaloError:
                     time.sleep(0.1)
             removed.append(f"cgroup {path}")
+    for path in system.cgroup_paths(coordinator_cgroup(spec)):
+        try:  # empty once the `halo run --testbed` it held has ended
+            system.cgroup_remove(path)
+            removed.append(f"cgroup {path}")
+        except HaloError:
+            pass
     if system.nft_table_exists(spec.table):
         system.sh("nft", "delete", "table", "inet", spec.table, check=False)
         removed.append(f"nftables table {spec.table}")

@@ -7,7 +7,8 @@ TOML, for example::
     port = 7000                   # workers listen on this port
 
     [coordinator]
-    cpu = 1.0                     # optional: CPU share of the coordinator (informational)
+    cpu = 0.25                    # optional: CPU share of the coordinator (a cgroup quota
+                                  # while `halo bench paper` and `halo run --testbed` run)
 
     [[device]]
     name = "pi1"

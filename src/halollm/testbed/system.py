@@ -139,3 +139,19 @@ def cgroup_remove(path: Path) -> None:
         path.rmdir()
     except OSError as exc:
         raise HaloError(f"cannot remove cgroup {path}: {exc.strerror}") from exc
+
+
+def cgroup_of(pid: int) -> Path:
+    """The CPU cgroup a process is in now (v1 `cpu` controller, else v2)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, rel = line.split(":", 2)
+        if "cpu" in controllers.split(",") and CGROUP_V1_CPU.is_dir():
+            return CGROUP_V1_CPU / rel.lstrip("/")
+        if controllers == "" and not (CGROUP_V1_CPU / "cpu.cfs_quota_us").exists():
+            return CGROUP_V2 / rel.lstrip("/")
+    raise HaloError(f"cannot tell the CPU cgroup of process {pid}")
+
+
+def cgroup_move(pid: int, path: Path) -> None:
+    """Move a process (all its threads) into a cgroup."""
+    (path / "cgroup.procs").write_text(str(pid))
