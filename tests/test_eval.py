@@ -181,8 +181,9 @@ def test_sigint_reports_partial_ppl(tmp_path):
     text = tmp_path / "long.txt"
     text.write_text((TEXT_200 + "\n\n") * 100)  # ~20k tokens: minutes to score
     out = tmp_path / "partial.json"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "halollm.cli.main", "eval", "ppl", "--text", str(text),
+    proc = subprocess.Popen(  # -X faulthandler: a hang is dumped (SIGABRT) instead of lost
+        [sys.executable, "-X", "faulthandler", "-m", "halollm.cli.main", "eval", "ppl",
+         "--text", str(text),
          "--context", "64", "--stride", "64", "--dtype", "fp32", "--threads", "1",
          "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -196,7 +197,12 @@ def test_sigint_reports_partial_ppl(tmp_path):
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(4)  # a 64-token window takes ~0.1 s
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
+        try:
+            stdout, stderr = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # every thread's stack, to see where it hangs
+            _, stderr = proc.communicate(timeout=30)
+            raise AssertionError(f"no exit 120 s after SIGINT; stacks:\n{stderr[-6000:]}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
