@@ -18,6 +18,7 @@ def write_json_quietly(path: Path, obj: object) -> None:
     status file must never stop the process that writes it)."""
     tmp = path.with_suffix(".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(obj))
         tmp.replace(path)
     except OSError:

@@ -23,7 +23,7 @@ import torch
 
 from halollm.bench.report import publish
 from halollm.generate import generate
-from halollm.model.loader import open_source
+from halollm.model.loader import open_source, open_tokenizer
 from halollm.runtime import protocol
 from halollm.runtime.channel import channel_pair
 from halollm.runtime.coordinator import Coordinator
@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     source = open_source(None)
     hidden, layers = source.config.hidden_size, source.config.n_layers
+    tok = open_tokenizer(source)
     source.close()
     body = encode_body(torch.randn(1, hidden), WIRE_FP16)
     grams_per_msg = len(protocol.encode(ACTIVATION, 0, WIRE_FP16, RoundTag(1, 1, 1, 1, 1, 1, 1),
@@ -120,11 +121,6 @@ def run(args: argparse.Namespace) -> int:
     per = _per_datagram_us(body)
     print(f"one {len(body)}-byte message ({grams_per_msg} datagram(s)) sealed+opened: "
           f"{per['sealed']:.1f} us (MAC only, before: {per['mac']:.1f} us)", file=sys.stderr)
-    from halollm.model.loader import open_tokenizer
-
-    source = open_source(None)
-    tok = open_tokenizer(source)
-    source.close()
     ids = tok.encode(tok.render_chat([{"role": "user", "content": PROMPT}]))
     rows = []
     for loss in (0.0, 0.05):

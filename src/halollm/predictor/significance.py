@@ -17,7 +17,7 @@ import torch
 from halollm.groups import GroupId, Partition
 from halollm.model.config import ModelConfig
 from halollm.model.llama import Half, Layer, Transformer, cached, sum_partials
-from halollm.paths import cache_dir
+from halollm.paths import cache_dir, write_json_quietly
 
 # A fixed English text written for this project (not evaluation data), ~300 tokens.
 RANKING_TEXT = (
@@ -77,11 +77,6 @@ def cached_ranking(model_hash: str, config: ModelConfig, tensor: Callable[[str],
         except (OSError, ValueError, KeyError):
             pass  # unreadable cache: measure again
     ranking = measure(config, tensor, partition, ids)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({str(k): v for k, v in ranking.items()}))
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only home or a full disk only costs a re-measurement next time
+    # a read-only home or a full disk only costs a re-measurement next time
+    write_json_quietly(path, {str(k): v for k, v in ranking.items()})
     return ranking

@@ -69,7 +69,7 @@ class Channel:
 
     def seal(self, counter: int, aad: bytes, plaintext: bytes | memoryview) -> bytes:
         """Ciphertext and tag of plaintext, authenticating aad (which holds the counter)."""
-        return self._aead.encrypt(_NONCE.pack(self.direction, counter), bytes(plaintext), aad)
+        return self._aead.encrypt(_NONCE.pack(self.direction, counter), plaintext, aad)
 
     def open(self, counter: int, aad: bytes, sealed: bytes | memoryview) -> bytes:
         """The plaintext of what the peer sealed; ProtocolError if forged, replayed or old."""
@@ -77,8 +77,7 @@ class Channel:
         if why is not None:
             raise ProtocolError(why)
         try:
-            plain = self._aead.decrypt(_NONCE.pack(1 - self.direction, counter),
-                                       bytes(sealed), aad)
+            plain = self._aead.decrypt(_NONCE.pack(1 - self.direction, counter), sealed, aad)
         except InvalidTag:
             raise ProtocolError("unauthenticated") from None
         self.window.accept(counter)

@@ -17,6 +17,7 @@ from halollm.runtime.channel import Channel
 from halollm.runtime.handshake import LinkChannels
 from halollm.runtime.keys import ClusterKey
 from halollm.runtime.messages import (
+    WRONG_KEY,
     Challenge,
     Heartbeat,
     Join,
@@ -34,8 +35,6 @@ from halollm.runtime.protocol import ProtocolError
 from halollm.runtime.stats import SyncStats
 from halollm.runtime.transport import Address, local_address_towards
 from halollm.scheduler.profile import DeviceProfile, LinkEstimate, available_memory_bytes
-
-WRONG_KEY = "wrong cluster key"
 
 
 @dataclass
@@ -147,32 +146,31 @@ class Links:
         link.channels = None
         hello, nonce = handshake.hello(self.session)
         link.sock.send_multipart(encode_clear(hello))
-        challenge = self.await_reply(link, (Challenge, Refused), timeout_s)
-        if challenge is None:
+        challenge = self._answer(link, Challenge, timeout_s)
+        if not isinstance(challenge, Challenge):
             return False
-        if isinstance(challenge, Refused):
-            self._refused(link, challenge)
-        assert isinstance(challenge, Challenge)
         try:
             link.channels = handshake.coordinator_channels(self.key, nonce, challenge)
         except ProtocolError as exc:
             raise HaloError(f"worker {link.name} sent a malformed challenge ({exc})") from exc
         udp_host = local_address_towards(link.host, link.port)
         self.send(link, Join(self.session, self.model_hash, [udp_host, self.udp_port]))
-        reply = self.await_reply(link, (Welcome, Refused), timeout_s)
-        if reply is None:
+        welcome = self._answer(link, Welcome, timeout_s)
+        if not isinstance(welcome, Welcome):
             return False
-        if isinstance(reply, Refused):
-            self._refused(link, reply)
-        assert isinstance(reply, Welcome)
-        self._welcomed(link, reply)
+        self._welcomed(link, welcome)
         return True
 
-    @staticmethod
-    def _refused(link: WorkerLink, reply: Refused) -> None:
-        hint = " (give both sides the same --key or HALO_KEY)" if reply.reason == WRONG_KEY \
-            else ""
-        raise HaloError(f"worker {link.name} refused to join: {reply.reason}{hint}")
+    def _answer(self, link: WorkerLink, kind: type[Message], timeout_s: float
+                ) -> Message | None:
+        """The worker's answer of `kind` in a join (None: no answer in time); a refusal is
+        a HaloError naming its reason."""
+        reply = self.await_reply(link, (kind, Refused), timeout_s)
+        if isinstance(reply, Refused):
+            hint = " (give both sides the same --key or HALO_KEY)" \
+                if reply.reason == WRONG_KEY else ""
+            raise HaloError(f"worker {link.name} refused to join: {reply.reason}{hint}")
+        return reply
 
     def _welcomed(self, link: WorkerLink, reply: Welcome) -> None:
         link.alive, link.last_seen = True, time.monotonic()

@@ -21,7 +21,6 @@ class ConnectionWatch:
     def __init__(self, sock: zmq.Socket) -> None:
         self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self.fd = self._monitor.getsockopt(zmq.FD)
-        self.connections = 0  # open now
 
     def closed(self) -> set[int]:
         """Descriptors of the connections that closed since the last call."""
@@ -32,10 +31,8 @@ class ConnectionWatch:
             except zmq.Again:
                 break
             if event["event"] == zmq.EVENT_ACCEPTED:
-                self.connections += 1
                 out.discard(int(event["value"]))  # the number is in use again
             elif event["event"] == zmq.EVENT_DISCONNECTED:
-                self.connections -= 1
                 out.add(int(event["value"]))
         return out
 

@@ -188,6 +188,7 @@ MESSAGES: dict[str, type[Message]] = {
     m.kind: m for m in (Hello, Join, Plan, Kv, Ping, Bye, Challenge, Welcome, Refused, Ready,
                         Heartbeat, Need, Pong)}
 IN_CLEAR = frozenset({"hello", "challenge", "refused"})  # what may travel unsealed
+WRONG_KEY = "wrong cluster key"  # the reason a worker refuses a Join it cannot open
 _HINTS = {kind: get_type_hints(cls) for kind, cls in MESSAGES.items()}
 
 

@@ -138,13 +138,17 @@ class Reassembler:
         self.held_bytes -= self._held.pop(key)
 
     def _make_room(self, sender: int, size: int) -> None:
-        mine = [k for k in self._pending if k[1] == sender]
-        while self._pending and (len(self._pending) >= self.max_pending
-                                 or len(mine) >= self.per_sender
-                                 or self.held_bytes + size > self.max_bytes):
-            victim = mine.pop(0) if len(mine) >= self.per_sender else next(iter(self._pending))
-            if victim in mine:
-                mine.remove(victim)
+        """Drop the oldest messages until a new one from sender fits: the sender's own
+        oldest when it is at its share, else the oldest of all."""
+        while self._pending:
+            mine = [k for k in self._pending if k[1] == sender]
+            if len(mine) >= self.per_sender:
+                victim = mine[0]
+            elif len(self._pending) >= self.max_pending or \
+                    self.held_bytes + size > self.max_bytes:
+                victim = next(iter(self._pending))
+            else:
+                return
             self._drop(victim)
             self.dropped_incomplete += 1
 

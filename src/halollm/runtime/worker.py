@@ -34,6 +34,7 @@ from halollm.runtime.keys import ClusterKey
 from halollm.runtime.liveness import ConnectionWatch
 from halollm.runtime.messages import (
     PROTOCOL_VERSION,
+    WRONG_KEY,
     Bye,
     Heartbeat,
     Hello,
@@ -69,7 +70,6 @@ from halollm.runtime.worker_session import (
 from halollm.scheduler import profile
 
 HEARTBEAT_S = 0.25
-WRONG_KEY = "wrong cluster key"
 
 
 class Worker:
