@@ -172,9 +172,14 @@ def test_tensor_codec_roundtrip(wire, tol):
     assert rel <= tol
     with pytest.raises(ProtocolError):
         decode_body(encode_body(x, wire), wire, 2, 576)  # wrong shape
-    bad = encode_body(torch.full((1, 4), float("nan")), WIRE_FP32)
-    with pytest.raises(ProtocolError, match="non-finite"):
-        decode_body(bad, WIRE_FP32, 1, 4)
+    for value in (float("nan"), float("inf"), -float("inf")):
+        ok = torch.ones(2, 8)
+        ok[1, 5] = value
+        if wire != WIRE_INT8:
+            with pytest.raises(ProtocolError, match="non-finite"):
+                decode_body(encode_body(ok, wire), wire, 2, 8)
+    big = torch.full((1, 4), 6e4) if wire == WIRE_FP16 else torch.full((1, 4), 3e38)
+    assert torch.isfinite(decode_body(encode_body(big, wire), wire, 1, 4)[1]).all()
 
 
 def test_udp_endpoint_counts_and_survives_hostile_datagrams():

@@ -263,9 +263,12 @@ def test_equal_placement_strict_equals_single_device(workers, reference_tokens):
     """distributed-llama's split: every device, the coordinator included, gets an equal share
     of every layer's groups; strict mode stays token-exact."""
     coord = Coordinator(None, "fp32", workers.addresses, cluster_key(KEY),
-                        ClusterOptions.build(mode="strict", predictor=None, placement="equal",
-                                       attn_groups=None))
+                        ClusterOptions.build(mode="strict", predictor=None, placement="equal"))
     try:
+        p = coord.placement  # attention too is split by KV heads, one group per device
+        n = min(p.n_devices, coord.config.n_kv_heads)
+        assert len(p.partition.layers[0].attn) == n
+        assert all(len(p.groups_of(d, 0, "attn")) == 1 for d in range(n))
         counts = coord.placement.summary()["groups_per_device"]
         assert max(counts) - min(counts) <= coord.config.n_layers  # at most 1 per half
         assert all(c > 0 for c in counts)

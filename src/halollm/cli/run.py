@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from halollm.cli.options import add_generation_options, checked_request, prompt_ids
 from halollm.errors import HaloError
@@ -52,7 +55,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "synchronisation statistics.")
     add_generation_options(p)
     add_cluster_options(p)
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch compute threads of the coordinator (default: PyTorch's choice; "
+                        "with --local N, the cores the N one-thread workers leave, at least 1, "
+                        "so that the machine is not oversubscribed)")
     p.set_defaults(func=run)
+
+
+def set_coordinator_threads(args: argparse.Namespace) -> None:
+    """--threads, or with --local N the cores the workers leave (unless OMP_NUM_THREADS says).
+    Oversubscribed cores cost every round: a send on loopback then wakes the worker on the
+    sender's core (docs/results/hotpath.md)."""
+    threads = getattr(args, "threads", None)
+    if threads is None and args.local is not None and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) - args.local)
+    if threads is not None:
+        if threads < 1:
+            raise HaloError(f"--threads must be at least 1 (got {threads})")
+        torch.set_num_threads(threads)
 
 
 def cluster_options(args: argparse.Namespace) -> ClusterOptions:
@@ -113,6 +133,7 @@ def open_cluster(args: argparse.Namespace, quiet: bool):  # type: ignore[no-unty
     from halollm.runtime.local import LocalWorkers
 
     local = None
+    set_coordinator_threads(args)
     if args.local is not None:
         key, _ = key_text(args.key)
         if not quiet:
@@ -183,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
         out.update(model=str(coord.source.path), dtype=dtype_name(coord.dtype),
                    weights=coord.format.name, weight_bytes=coord.model.weight_bytes(),
                    peak_rss_bytes=peak_rss_bytes(), mode=args.mode,
+                   threads=torch.get_num_threads(),
                    sync=sync)
         print(json.dumps(out))
     else:

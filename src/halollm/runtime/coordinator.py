@@ -85,7 +85,7 @@ class Coordinator:
 
     def _start(self) -> None:
         plan = self.opts.plan
-        partition = Partition.contiguous(self.config, plan.attn_groups, plan.mlp_groups)
+        partition = Partition.contiguous(self.config, self._attn_groups(), plan.mlp_groups)
         self.predictor = self._load_predictor(partition)
         shares = None
         if self.predictor is not None:
@@ -115,6 +115,16 @@ class Coordinator:
                              self.criticality, self._fallback)
         self._distribute()
 
+    def _attn_groups(self) -> int:
+        """--attn-groups, or its default: attention split by KV heads over the devices for
+        the equal placement (distributed-llama's split), else one group on the coordinator."""
+        plan = self.opts.plan
+        if plan.attn_groups is not None:
+            return plan.attn_groups
+        if plan.placement == "equal":
+            return min(self.config.n_kv_heads, len(self.links.links) + 1)
+        return 1
+
     def _load_predictor(self, partition: Partition) -> predictor_store.Predictor | None:
         """The predictor to use, checked against this model and the asked group counts (its
         own partition may order neurons differently; the counts must agree)."""
@@ -132,8 +142,9 @@ class Coordinator:
         pred = predictor_store.load(path)
         try:
             pred.check(self.model_hash, where=str(path))
-            if [(len(a.attn), len(a.mlp)) for a in pred.partition.layers] != \
-                    [(len(b.attn), len(b.mlp)) for b in partition.layers]:
+            attn_given = self.opts.plan.attn_groups is not None  # else the predictor's
+            if [(len(a.attn) if attn_given else 0, len(a.mlp)) for a in pred.partition.layers] \
+                    != [(len(b.attn) if attn_given else 0, len(b.mlp)) for b in partition.layers]:
                 pred.check(self.model_hash, partition, where=str(path))
         except HaloError as exc:
             if explicit:

@@ -63,9 +63,12 @@ class PlanOptions:
     coordinator_share: float = flag(0.8, "static plan: per layer half, the groups carrying "
                                     "this share of the calibrated significance stay on the "
                                     "coordinator (default 0.8)", type=float, metavar="S")
-    attn_groups: int | None = flag(1, "attention groups per layer, at most the KV heads "
-                                   "(default 1: all attention is one critical group on the "
-                                   "coordinator)", type=int, metavar="N")
+    attn_groups: int | None = flag(None, "attention groups per layer, at most the KV heads "
+                                   "(default: 1, all attention one critical group on the "
+                                   "coordinator; with --placement equal, one per device up to "
+                                   "the KV heads, as distributed-llama splits attention by "
+                                   "heads; a predictor's own count when one is used)",
+                                   type=int, metavar="N")
     mlp_groups: int = flag(16, "MLP groups per layer (default 16)", type=int, metavar="N")
     memory_budget: int | None = flag(None, "memory the coordinator offers for weights, e.g. 2G "
                                      "(default: 80%% of the available RAM); used by "

@@ -15,6 +15,7 @@ WIRE_NAMES = {"fp32": WIRE_FP32, "fp16": WIRE_FP16, "bf16": WIRE_BF16, "int8": W
 _TORCH = {WIRE_FP32: torch.float32, WIRE_FP16: torch.float16, WIRE_BF16: torch.bfloat16}
 _ITEM = {WIRE_FP32: 4, WIRE_FP16: 2, WIRE_BF16: 2, WIRE_INT8: 1}
 _U16 = struct.Struct(">H")
+_EXPONENT = {WIRE_FP16: 0x7C00, WIRE_BF16: 0x7F80}
 
 
 def wire_for_dtype(dtype: torch.dtype) -> int:
@@ -61,15 +62,14 @@ def decode_body(body: bytes, wire: int, ntok: int, dim: int) -> tuple[tuple[int,
         arr = q.reshape(ntok, dim).astype(np.float32) * scale[:, None]
         finite = np.isfinite(arr).all()
         x = torch.from_numpy(arr)
-    elif wire == WIRE_BF16:
-        raw = np.frombuffer(body, dtype=np.int16, count=ntok * dim, offset=off)
-        x = torch.frombuffer(bytearray(raw.tobytes()), dtype=torch.bfloat16).reshape(ntok, dim)
-        finite = bool(torch.isfinite(x).all())
-    else:
-        np_dtype = np.float32 if wire == WIRE_FP32 else np.float16
-        arr = np.frombuffer(body, dtype=np_dtype, count=ntok * dim, offset=off)
+    elif wire == WIRE_FP32:
+        arr = np.frombuffer(body, dtype=np.float32, count=ntok * dim, offset=off)
         finite = np.isfinite(arr).all()
         x = torch.from_numpy(arr.copy()).reshape(ntok, dim)
+    else:  # 16-bit: finite unless the exponent bits are all ones (checked on the raw bits)
+        bits = np.frombuffer(body, dtype=np.uint16, count=ntok * dim, offset=off)
+        finite = not ((bits & _EXPONENT[wire]) == _EXPONENT[wire]).any()
+        x = torch.from_numpy(bits.astype(np.int16)).view(_TORCH[wire]).reshape(ntok, dim)
     if not finite:
         raise ProtocolError("malformed", "non-finite values")
     return groups, x
