@@ -88,6 +88,7 @@ class TcpTransport:
 
     def __init__(self, links: Links, stats: SyncStats) -> None:
         self.links, self.stats = links, stats
+        self._pollers: dict[tuple[tuple[int, int], ...], zmq.Poller] = {}  # per pending set
 
     def send(self, tag: RoundTag, wire: int, body: bytes, targets: Sequence[WorkerLink]
              ) -> None:
@@ -95,9 +96,14 @@ class TcpTransport:
             t.sock.send(protocol.encode(ACTIVATION, 0, wire, tag, body, t.data, mtu=1 << 30)[0])
 
     def wait(self, timeout: float, pending: dict[int, WorkerLink]) -> list[Arrival]:
-        poller = zmq.Poller()
-        for link in pending.values():
-            poller.register(link.sock, zmq.POLLIN)
+        key = tuple((i, id(lk.sock)) for i, lk in pending.items())  # a rejoin's new socket
+        poller = self._pollers.get(key)
+        if poller is None:
+            if len(self._pollers) > 64:
+                self._pollers.clear()
+            poller = self._pollers[key] = zmq.Poller()
+            for link in pending.values():
+                poller.register(link.sock, zmq.POLLIN)
         out: list[Arrival] = []
         for sock, _ in poller.poll(max(1, int(timeout * 1000))):
             link = next(lk for lk in pending.values() if lk.sock is sock)
