@@ -10,7 +10,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Benchmarks. Each writes a JSON and a markdown file with the "
                                    "machine and the command.")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    from halollm.bench import crypto, engine, loader, loss, paper, placement, predictor, runtime
+    from halollm.bench import (
+        crypto,
+        engine,
+        loader,
+        loss,
+        paper,
+        peer,
+        placement,
+        predictor,
+        runtime,
+    )
 
     engine.register(bsub)
     runtime.register(bsub)
@@ -20,3 +30,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     loader.register(bsub)
     paper.register(bsub)
     crypto.register(bsub)
+    peer.register(bsub)
