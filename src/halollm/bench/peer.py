@@ -24,11 +24,11 @@ import argparse
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from halollm.bench import peer_llamacpp
 from halollm.bench import peer_report as rep
 from halollm.bench import peer_run as prun
 from halollm.bench.report import command_line, require_testbed, stage_printer, write_results
@@ -37,96 +37,54 @@ from halollm.errors import HaloError
 MODES = {
     "strict": ("strict", "equal"),
     "relaxed": ("relaxed", "equal"),
-    "halo": ("relaxed", "halo"),
+    "halo": ("relaxed", "halo")
 }
-PROMPT = "The capital of France is"
+PROMPT = peer_llamacpp.PROMPT
 TIMEOUT = 900.0  # seconds for any one peer or HALO process
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "peer",
-        help="HALO side by side with distributed-llama (testbed, root) "
-        "and llama.cpp, built from source elsewhere",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+        "peer", help="HALO side by side with distributed-llama (testbed, root) "
+        "and llama.cpp, built from source elsewhere", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dllama", type=Path, metavar="DIR",
+                   help="a built distributed-llama folder (with the `dllama` binary)")
+    p.add_argument("--dllama-model", type=Path, metavar="FILE",
+                   help="the model converted by its converter/convert-hf.py (q40)")
+    p.add_argument("--dllama-tokenizer", type=Path, metavar="FILE",
+                   help="the tokenizer converted by converter/convert-tokenizer-hf.py")
     p.add_argument(
-        "--dllama",
-        type=Path,
-        metavar="DIR",
-        help="a built distributed-llama folder (with the `dllama` binary)",
-    )
-    p.add_argument(
-        "--dllama-model",
-        type=Path,
-        metavar="FILE",
-        help="the model converted by its converter/convert-hf.py (q40)",
-    )
-    p.add_argument(
-        "--dllama-tokenizer",
-        type=Path,
-        metavar="FILE",
-        help="the tokenizer converted by converter/convert-tokenizer-hf.py",
-    )
-    p.add_argument(
-        "--model",
-        metavar="PATH",
+        "--model", metavar="PATH",
         help="HALO's copy of the same weights: the Hugging Face folder the dllama "
-        "model was converted from, or a Q4_0 GGUF of it",
-    )
+        "model was converted from, or a Q4_0 GGUF of it")
     p.add_argument(
-        "--halo-quant",
-        default="q4",
-        choices=("q4", "auto"),
+        "--halo-quant", default="q4", choices=("q4", "auto"),
         help="HALO's --quant: q4 (default; pack the folder's fp16 weights to "
         "int4) or auto (a Q4_0 GGUF's blocks kept as they are, as dllama's "
-        "q40)",
-    )
+        "q40)")
     p.add_argument(
-        "--nodes",
-        default="1,2,4,8",
-        help="cluster sizes, root included, powers of two (dllama's rule; default 1,2,4,8)",
-    )
+        "--nodes", default="1,2,4,8",
+        help="cluster sizes, root included, powers of two (dllama's rule; default 1,2,4,8)")
     p.add_argument(
-        "--loss",
-        default="0,0.05,mixed",
-        help="per link and direction; 'mixed': 3 of 7 worker links at 5%% (default 0,0.05,mixed)",
-    )
+        "--loss", default="0,0.05,mixed",
+        help="per link and direction; 'mixed': 3 of 7 worker links at 5%% (default 0,0.05,mixed)")
     p.add_argument(
-        "--cpu",
-        type=float,
-        metavar="SHARE",
+        "--cpu", type=float, metavar="SHARE",
         help="hold every node, the root/coordinator included, to this fraction "
-        "of a core (cgroup quota), e.g. 0.25",
-    )
+        "of a core (cgroup quota), e.g. 0.25")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
     p.add_argument("--tokens", type=int, default=64, help="predicted tokens per run (64)")
     p.add_argument(
-        "--halo-modes",
-        default="strict,relaxed,halo",
+        "--halo-modes", default="strict,relaxed,halo",
         help="strict: --sync strict --placement equal; relaxed: --sync relaxed "
-        "--placement equal; halo: --sync relaxed --placement halo",
-    )
-    p.add_argument(
-        "--llama-cpp",
-        type=Path,
-        metavar="DIR",
-        help="a built llama.cpp folder (build/bin/llama-bench)",
-    )
-    p.add_argument(
-        "--llama-cpp-model",
-        type=Path,
-        metavar="GGUF",
-        help="the GGUF for the llama.cpp comparison (default: the default model)",
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=TIMEOUT,
-        metavar="S",
-        help=f"seconds before any one process is killed (default {TIMEOUT:.0f})",
-    )
+        "--placement equal; halo: --sync relaxed --placement halo")
+    p.add_argument("--llama-cpp", type=Path, metavar="DIR",
+                   help="a built llama.cpp folder (build/bin/llama-bench)")
+    p.add_argument("--llama-cpp-model", type=Path, metavar="GGUF",
+                   help="the GGUF for the llama.cpp comparison (default: the default model)")
+    p.add_argument("--timeout", type=float, default=TIMEOUT, metavar="S",
+                   help=f"seconds before any one process is killed (default {TIMEOUT:.0f})")
     p.add_argument("--out", type=Path, default=Path("docs/results/peer"))
     p.set_defaults(func=run)
 
@@ -149,14 +107,11 @@ def _need_file(path: Path | None, what: str, hint: str) -> Path:
 def _check_dllama(args: argparse.Namespace) -> tuple[Path, list[int], list[str], list[str]]:
     binary = args.dllama / "dllama"
     if not binary.is_file() or not os.access(binary, os.X_OK):
-        raise HaloError(
-            f"--dllama {args.dllama}: no executable dllama in it (build it there "
-            "with `make dllama`, docs/peer.md)"
-        )
+        raise HaloError(f"--dllama {args.dllama}: no executable dllama in it (build it there "
+                        "with `make dllama`, docs/peer.md)")
     _need_file(args.dllama_model, "--dllama-model", "converter/convert-hf.py MODEL q40 NAME")
-    _need_file(
-        args.dllama_tokenizer, "--dllama-tokenizer", "converter/convert-tokenizer-hf.py MODEL NAME"
-    )
+    _need_file(args.dllama_tokenizer, "--dllama-tokenizer",
+               "converter/convert-tokenizer-hf.py MODEL NAME")
     if not args.model or not Path(args.model).is_dir():
         raise HaloError("--model must be the Hugging Face folder the dllama model came from")
     try:
@@ -166,8 +121,7 @@ def _check_dllama(args: argparse.Namespace) -> tuple[Path, list[int], list[str],
     bad = [n for n in nodes if n < 1 or n & (n - 1)]
     if bad:
         raise HaloError(
-            f"--nodes: {bad[0]} is not a power of two (distributed-llama needs 1, 2, 4, 8, …)"
-        )
+            f"--nodes: {bad[0]} is not a power of two (distributed-llama needs 1, 2, 4, 8, …)")
     losses = _split(args.loss, "--loss")
     for loss in losses:
         if loss != "mixed" and not (loss.replace(".", "", 1).isdigit() and 0 <= float(loss) < 1):
@@ -181,10 +135,8 @@ def _check_dllama(args: argparse.Namespace) -> tuple[Path, list[int], list[str],
 
 def run(args: argparse.Namespace) -> int:
     if not args.dllama and not args.llama_cpp:
-        raise HaloError(
-            "give --dllama DIR (with --dllama-model, --dllama-tokenizer, --model) "
-            "and/or --llama-cpp DIR"
-        )
+        raise HaloError("give --dllama DIR (with --dllama-model, --dllama-tokenizer, --model) "
+                        "and/or --llama-cpp DIR")
     if args.repeats < 1 or args.tokens < 2:
         raise HaloError("--repeats must be at least 1 and --tokens at least 2")
     if args.cpu is not None and not 0.01 <= args.cpu <= 64:
@@ -192,14 +144,14 @@ def run(args: argparse.Namespace) -> int:
     say = stage_printer("peer")
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up as Ctrl-C does
     checked = _check_dllama(args) if args.dllama else None
-    bench = _check_llamacpp(args) if args.llama_cpp else None
+    bench = peer_llamacpp.check(args) if args.llama_cpp else None
     code = 0
     try:
         if checked:
             require_testbed("peer")
             code = _dllama_sweep(args, *checked, say)
         if bench and code == 0:
-            code = _llamacpp_sweep(args, bench, say)
+            code = peer_llamacpp.sweep(args, bench, say)
     finally:
         prun.remove_root_cgroup()
     return code
@@ -217,30 +169,26 @@ def _spec(workers: int, share: float | None) -> Any:
         "name": "peer",
         "subnet": "10.83",
         "port": 7000,
-        "device": [{"name": f"w{i}", **dev} for i in range(1, max(1, workers) + 1)],
+        "device": [{
+            "name": f"w{i}",
+            **dev
+        } for i in range(1,
+                         max(1, workers) + 1)]
     }
     if share is not None:
         data["coordinator"] = {"cpu": share}
     return parse_spec(data)
 
 
-def _dllama_sweep(
-    args: argparse.Namespace,
-    binary: Path,
-    nodes: list[int],
-    losses: list[str],
-    modes: list[str],
-    say: Any,
-) -> int:
+def _dllama_sweep(args: argparse.Namespace, binary: Path, nodes: list[int], losses: list[str],
+                  modes: list[str], say: Any) -> int:
     from halollm.testbed import cluster
 
     spec = _spec(max(nodes) - 1, args.cpu)
     runs = rep.plan(nodes, losses, modes, args.repeats)
     cg = prun.root_cgroup(args.cpu)
-    say(
-        f"{len(runs)} runs; testbed {spec.name}: {len(spec.devices)} devices"
-        + (f", every node at {args.cpu:g} of a core" if args.cpu else "")
-    )
+    say(f"{len(runs)} runs; testbed {spec.name}: {len(spec.devices)} devices" +
+        (f", every node at {args.cpu:g} of a core" if args.cpu else ""))
     results: list[dict[str, Any]] = []
     partial, before = False, None
     logs = Path(tempfile.mkdtemp(prefix="halo-peer-"))
@@ -251,15 +199,9 @@ def _dllama_sweep(
             _set_loss(spec, r)
             res = _one(args, binary, spec, state, r, modes, cg, logs)
             results.append(res)
-            say(
-                f"[{k}/{len(runs)}] repeat {r.repeat}, {r.nodes} node(s), loss {r.loss}, "
-                f"{r.system}: "
-                + (
-                    f"{res['ms_per_token']:.1f} ms/token"
-                    if "error" not in res
-                    else f"failed: {res['error']}"
-                )
-            )
+            say(f"[{k}/{len(runs)}] repeat {r.repeat}, {r.nodes} node(s), loss {r.loss}, "
+                f"{r.system}: " + (f"{res['ms_per_token']:.1f} ms/token" if "error" not in
+                                   res else f"failed: {res['error']}"))
     except KeyboardInterrupt:
         partial = True
         say(f"interrupted: writing the {len(results)} runs measured so far")
@@ -284,16 +226,8 @@ def _set_loss(spec: Any, r: rep.Run) -> None:
         cluster.set_loss(spec, d.name, rate, rate)
 
 
-def _one(
-    args: argparse.Namespace,
-    binary: Path,
-    spec: Any,
-    state: dict[str, Any],
-    r: rep.Run,
-    modes: list[str],
-    cg: Path | None,
-    logs: Path,
-) -> dict[str, Any]:
+def _one(args: argparse.Namespace, binary: Path, spec: Any, state: dict[str, Any], r: rep.Run,
+         modes: list[str], cg: Path | None, logs: Path) -> dict[str, Any]:
     """One run of the plan as a result row (its error, if it failed: a result too)."""
     row: dict[str, Any] = {"repeat": r.repeat, "nodes": r.nodes, "loss": r.loss, "system": r.system}
     workers = r.nodes - 1
@@ -301,48 +235,30 @@ def _one(
         if r.system == "dllama":
             row.update(_dllama_once(args, binary, spec, workers, cg, logs))
         elif r.system == "halo-generate":
-            j = prun.halo_single(
-                args.model, args.halo_quant, PROMPT, args.tokens, 1, args.timeout, cg
-            )
-            row.update(_halo_row(j))
+            j = prun.halo_single(args.model, args.halo_quant, PROMPT, args.tokens, 1, args.timeout,
+                                 cg)
+            row.update(peer_llamacpp.halo_row(j))
         else:
             addrs = [f"{w['address']}:{w['port']}" for w in state["workers"][:workers]]
-            j = prun.halo_cluster(
-                args.model,
-                args.halo_quant,
-                addrs,
-                state["key"],
-                MODES[r.system],
-                PROMPT,
-                args.tokens,
-                args.timeout,
-                cg,
-            )
-            row.update(_halo_row(j))
+            j = prun.halo_cluster(args.model, args.halo_quant, addrs, state["key"], MODES[r.system],
+                                  PROMPT, args.tokens, args.timeout, cg)
+            row.update(peer_llamacpp.halo_row(j))
             sync = j.get("sync") or {}
             row.update(
-                {k: sync.get(k) for k in ("expected", "lost", "late", "fallbacks") if k in sync}
-            )
+                {k: sync.get(k)
+                 for k in ("expected", "lost", "late", "fallbacks") if k in sync})
     except HaloError as exc:
         row["error"] = str(exc)
     return row
 
 
-def _dllama_once(
-    args: argparse.Namespace, binary: Path, spec: Any, workers: int, cg: Path | None, logs: Path
-) -> dict[str, Any]:
+def _dllama_once(args: argparse.Namespace, binary: Path, spec: Any, workers: int, cg: Path | None,
+                 logs: Path) -> dict[str, Any]:
     pool = prun.DllamaWorkers(binary, spec, workers, logs) if workers else None
     try:
-        out = prun.dllama_root(
-            binary,
-            args.dllama_model,
-            args.dllama_tokenizer,
-            pool.addresses if pool else [],
-            PROMPT,
-            args.tokens,
-            args.timeout,
-            cg,
-        )
+        out = prun.dllama_root(binary, args.dllama_model, args.dllama_tokenizer,
+                               pool.addresses if pool else [], PROMPT, args.tokens, args.timeout,
+                               cg)
     finally:
         if pool:
             pool.close()
@@ -351,104 +267,47 @@ def _dllama_once(
     return parsed
 
 
-def _halo_row(j: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "ms_per_token": j["decode_ms_per_token"],
-        "median_ms_per_token": j.get("decode_ms_median_per_token"),
-        "pred_tokens": len(j.get("token_ids", [])) or None,
-    }
-
-
-def _commit(folder: Path | None) -> str | None:
-    """A peer's commit: its PEER_COMMIT file (written when it was checked out from an
-    archive, docs/peer.md), else git's HEAD."""
-    if folder is None:
-        return None
-    f = folder / "PEER_COMMIT"
-    if f.is_file():
-        return f.read_text().strip()
-    proc = subprocess.run(
-        ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-    )
-    return proc.stdout.strip() or "unknown"
-
-
-def _commits(args: argparse.Namespace) -> dict[str, Any]:
-    here = subprocess.run(
-        ["git", "rev-parse", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=Path(__file__).parent,
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=Path(__file__).parent,
-    ).stdout.strip()
-    return {
-        "halo": here + (" (with uncommitted changes)" if dirty else ""),
-        "distributed-llama": _commit(args.dllama),
-        "llama.cpp": _commit(args.llama_cpp),
-    }
-
-
-def _write_dllama(
-    args: argparse.Namespace,
-    spec: Any,
-    modes: list[str],
-    results: list[dict[str, Any]],
-    partial: bool,
-) -> None:
+def _write_dllama(args: argparse.Namespace, spec: Any, modes: list[str],
+                  results: list[dict[str, Any]], partial: bool) -> None:
     rows = rep.medians(results)
-    share = (
-        f"every node (the root/coordinator too) held to {args.cpu:g} of a core"
-        if args.cpu
-        else "no CPU quota: every process shares this machine's cores"
-    )
+    share = (f"every node (the root/coordinator too) held to {args.cpu:g} of a core"
+             if args.cpu else "no CPU quota: every process shares this machine's cores")
     lines = [
-        "# HALO vs distributed-llama on the kernel testbed",
-        "",
-        "{header}",
+        "# HALO vs distributed-llama on the kernel testbed", "", "{header}",
         f"Model `{args.model}`: HALO `--quant {args.halo_quant}` (PyTorch int4 kernels), dllama "
         f"`{args.dllama_model.name}` (q40 weights, q80 sync buffers). One thread per "
         f"node; {share}. ms per predicted token (mean over {args.tokens} tokens as "
         "each program reports it), median of "
         f"{args.repeats} interleaved repeats; 1 node: `dllama inference` alone vs "
-        f"`halo generate --quant {args.halo_quant}`. Modes: "
-        + "; ".join(f"{m} = --sync {MODES[m][0]} --placement {MODES[m][1]}" for m in modes)
-        + "."
-        + _mixed_note(rows)
-        + (" **Interrupted: partial.**" if partial else ""),
-        "",
-        *rep.dllama_table(rows, modes),
-        "",
+        f"`halo generate --quant {args.halo_quant}`. Modes: " +
+        "; ".join(f"{m} = --sync {MODES[m][0]} --placement {MODES[m][1]}"
+                  for m in modes) + "." + _mixed_note(rows) +
+        (" **Interrupted: partial.**" if partial else ""), "", *rep.dllama_table(rows, modes), ""
     ]
     errs = [
-        f"* {r['nodes']} node(s), loss {r['loss']}, {r['system']}: {r['error']}"
-        for r in rows
+        f"* {r['nodes']} node(s), loss {r['loss']}, {r['system']}: {r['error']}" for r in rows
         if "error" in r
     ]
     lines += ["Failures:", "", *errs, ""] if errs else []
     data = {
-        "commits": _commits(args),
+        "commits": peer_llamacpp.commits(args),
         "partial": partial,
         "cpu_share": args.cpu,
         "tokens": args.tokens,
         "repeats": args.repeats,
         "prompt": PROMPT,
-        "spec": {"name": spec.name, "subnet": spec.subnet, "devices": len(spec.devices)},
+        "spec": {
+            "name": spec.name,
+            "subnet": spec.subnet,
+            "devices": len(spec.devices)
+        },
         "rows": rows,
         "runs": results,
-        "command_line": command_line(),
+        "command_line": command_line()
     }
     lines.insert(
-        3,
-        f"Commits: HALO {data['commits']['halo']}, distributed-llama "
-        f"{data['commits']['distributed-llama']}.\n",
-    )
+        3, f"Commits: HALO {data['commits']['halo']}, distributed-llama "
+        f"{data['commits']['distributed-llama']}.\n")
     md = write_results(args.out, "dllama", data, "\n".join(lines))
     print("\n".join(lines[4:]))
     print(f"written: {md}", flush=True)
@@ -458,121 +317,5 @@ def _mixed_note(rows: list[dict[str, Any]]) -> str:
     sizes = sorted({r["nodes"] for r in rows if r["loss"] == "mixed"})
     if not sizes:
         return ""
-    return (
-        " 'mixed': "
-        + ", ".join(f"{rep.lossy_workers(n - 1, 'mixed')} of {n - 1}" for n in sizes)
-        + " worker links at 5% each way."
-    )
-
-
-def _check_llamacpp(args: argparse.Namespace) -> tuple[Path, Path]:
-    from halollm.model.loader import default_model_path
-
-    bench = args.llama_cpp / "build" / "bin" / "llama-bench"
-    if not bench.is_file():
-        raise HaloError(
-            f"--llama-cpp {args.llama_cpp}: no build/bin/llama-bench (build it "
-            "with cmake, docs/peer.md)"
-        )
-    gguf = args.llama_cpp_model or default_model_path()
-    if not Path(gguf).is_file():
-        raise HaloError(f"--llama-cpp-model {gguf}: no such file")
-    return bench, Path(gguf)
-
-
-def _llamacpp_sweep(args: argparse.Namespace, tools: tuple[Path, Path], say: Any) -> int:
-    bench, gguf = tools
-    cg = prun.root_cgroup(args.cpu)
-    runs = [
-        (r, t, s)
-        for r in range(1, args.repeats + 1)
-        for t in (1, 2)
-        for s in ("llama.cpp", "halo-generate")
-    ]
-    results, partial = [], False
-    try:
-        for k, (r, t, s) in enumerate(runs, start=1):
-            row: dict[str, Any] = {"repeat": r, "threads": t, "system": s}
-            try:
-                if s == "llama.cpp":
-                    out = prun.run_limited(
-                        [
-                            str(bench),
-                            "-m",
-                            str(gguf),
-                            "-p",
-                            "0",
-                            "-n",
-                            str(args.tokens),
-                            "-t",
-                            str(t),
-                            "-r",
-                            "1",
-                            "-o",
-                            "json",
-                        ],
-                        args.timeout,
-                        cg,
-                    )
-                    row.update(rep.parse_llama_bench(out)[0])
-                else:
-                    row.update(
-                        _halo_row(
-                            prun.halo_single(
-                                str(gguf), None, PROMPT, args.tokens, t, args.timeout, cg
-                            )
-                        )
-                    )
-            except HaloError as exc:
-                row["error"] = str(exc)
-            results.append(row)
-            say(
-                f"[{k}/{len(runs)}] repeat {r}, -t {t}, {s}: "
-                + (
-                    f"{row['ms_per_token']:.1f} ms/token"
-                    if "error" not in row
-                    else f"failed: {row['error']}"
-                )
-            )
-    except KeyboardInterrupt:
-        partial = True
-    _write_llamacpp(args, gguf, results, partial)
-    return 130 if partial else 0
-
-
-def _write_llamacpp(
-    args: argparse.Namespace, gguf: Path, results: list[dict[str, Any]], partial: bool
-) -> None:
-    rows = rep.medians(results, by=("threads", "system"))
-    commits = _commits(args)
-    lines = [
-        "# HALO vs llama.cpp on one device",
-        "",
-        "{header}",
-        f"Commits: HALO {commits['halo']}, llama.cpp {commits['llama.cpp']}.\n",
-        f"Model `{gguf}` in its own format on both. llama.cpp: `llama-bench -p 0 -n "
-        f"{args.tokens} -t T -r 1` (tg{args.tokens}: generation from an empty "
-        f"context, after its warm-up run; ms/token = 1000 / avg_ts). HALO: `halo "
-        f"generate --max-tokens {args.tokens} --ignore-eos` with OMP_NUM_THREADS=T "
-        "(decode_ms_per_token, the mean over the decode steps after the prompt). "
-        f"Median of {args.repeats} interleaved repeats"
-        + (f"; both held to {args.cpu:g} of a core" if args.cpu else "")
-        + "."
-        + (" **Interrupted: partial.**" if partial else ""),
-        "",
-        *rep.llamacpp_table(rows),
-        "",
-    ]
-    data = {
-        "commits": commits,
-        "partial": partial,
-        "model": str(gguf),
-        "tokens": args.tokens,
-        "repeats": args.repeats,
-        "cpu_share": args.cpu,
-        "rows": rows,
-        "runs": results,
-    }
-    md = write_results(args.out, "llamacpp", data, "\n".join(lines))
-    print("\n".join(lines[3:]))
-    print(f"written: {md}", flush=True)
+    return (" 'mixed': " + ", ".join(f"{rep.lossy_workers(n - 1, 'mixed')} of {n - 1}"
+                                     for n in sizes) + " worker links at 5% each way.")
