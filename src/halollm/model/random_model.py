@@ -76,7 +76,7 @@ def write_random_model(out: Path, shape: Shape, seed: int = 0) -> int:
         tok = open_tokenizer(open_source(None))
         tok.backend.save(str(out / "tokenizer.json"))
         (out / "config.json").write_text(json.dumps({
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
             "hidden_size": shape.hidden, "intermediate_size": shape.intermediate,
             "num_hidden_layers": shape.layers, "num_attention_heads": shape.heads,
             "num_key_value_heads": shape.kv_heads, "vocab_size": shape.vocab,
@@ -84,7 +84,8 @@ def write_random_model(out: Path, shape: Shape, seed: int = 0) -> int:
             "tie_word_embeddings": False, "torch_dtype": "float16",
             "bos_token_id": tok.bos_id, "eos_token_id": sorted(tok.eos_ids)}, indent=2))
         (out / "tokenizer_config.json").write_text(json.dumps(
-            {"chat_template": tok.chat_template, "add_bos_token": tok.add_bos}))
+            {"chat_template": tok.chat_template, "add_bos_token": tok.add_bos,
+             "tokenizer_class": "PreTrainedTokenizerFast"}))  # what converters (dllama's) read
     except OSError as exc:
         raise HaloError(f"cannot write the model to {out}: {exc.strerror or exc}") from exc
     return shape.n_params()
