@@ -141,13 +141,13 @@ def test_split_mlp_on_packed_groups_sums_to_the_whole(source):
 def test_loader_stores_and_serves_packed_groups(source):
     tok = open_tokenizer(source)
     ids = tok.encode(PROMPT)
-    full = StreamedDecoder(source, PACKED, "100%")
+    full = StreamedDecoder(source, PACKED, "100%", mlp_groups=4)  # a group: part of a layer
     try:
         full_tokens = generate(full, tok, ids, max_tokens=8, sampling=GREEDY,
                                ignore_eos=True).token_ids
     finally:
         full.close()
-    dec = StreamedDecoder(source, PACKED, "25%")
+    dec = StreamedDecoder(source, PACKED, "25%", mlp_groups=4)
     try:
         res = generate(dec, tok, ids, max_tokens=8, sampling=GREEDY, ignore_eos=True)
         stats = dec.loader_json()

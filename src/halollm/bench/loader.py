@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policies", default=",".join(POLICIES), metavar="NAME,…")
     p.add_argument("--tokens", type=int, default=16, help="decoded tokens per run (16)")
     p.add_argument("--threads", type=int, default=1, help="torch compute threads (1)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of every configuration in turn; medians over them (3)")
     p.add_argument("--out", type=Path, default=Path("docs/results"))
     p.add_argument("--name", default="loader", help="results file name (default loader)")
     p.add_argument("--json", action="store_true")
@@ -55,14 +57,24 @@ def run(args: argparse.Namespace) -> int:
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     if any(p not in POLICIES for p in policies) or not policies:
         raise HaloError(f"--policies takes some of {', '.join(POLICIES)}")
-    if any(not 0 < b <= 100 for b in budgets) or args.tokens < 2:
-        raise HaloError("--budgets are percentages in (0, 100]; --tokens at least 2")
+    if any(not 0 < b <= 100 for b in budgets) or args.tokens < 2 or args.rounds < 1:
+        raise HaloError("--budgets are percentages in (0, 100]; --tokens at least 2; "
+                        "--rounds at least 1")
     torch.set_num_threads(args.threads)
 
     say = stage_printer("loader")
+    rounds = [_round(args, budgets, policies, say, r) for r in range(args.rounds)]
+    _write(args, _merge(rounds))
+    return 0
 
+
+def _round(args: argparse.Namespace, budgets: list[float], policies: list[str],
+           say: Any, r: int) -> list[dict[str, Any]]:
+    """One round: the resident run, then every streamed configuration, one after another
+    (rounds interleave the configurations, so a change of the shared machine's load shows
+    in every configuration of a round rather than in one)."""
     rows: list[dict[str, Any]] = []
-    say("resident: the whole model in memory (fused matrices)…")
+    say(f"round {r + 1}/{args.rounds}: resident, the whole model in memory (fused matrices)…")
     model = load_model(args.model, None)
     tok = model.tokenizer
     ids = tok.encode(PROMPT)
@@ -85,8 +97,30 @@ def run(args: argparse.Namespace) -> int:
                     f"{rows[-1]['mib_read_per_token']} MiB read per token")
     finally:
         source.close()
-    _write(args, rows)
-    return 0
+    return rows
+
+
+def _merge(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per configuration: the median ms/token over the rounds, the median of each round's
+    ratio to that round's resident and streamed-100% runs, every round's ms/token; the other
+    fields from the last round (same tokens: in every round)."""
+    rows = []
+    full100 = [next((r["decode_ms_per_token"] for r in rs if r["config"] == "streamed"
+                     and r["budget"] == 100), None) for rs in rounds]
+    for i, last in enumerate(rounds[-1]):
+        ms = [rs[i]["decode_ms_per_token"] for rs in rounds]
+        row = {**last, "decode_ms_per_token": round(statistics.median(ms), 2),
+               "rounds_ms_per_token": ms,
+               "vs_resident": round(statistics.median(
+                   m / rs[0]["decode_ms_per_token"] for m, rs in zip(ms, rounds, strict=True)), 3)}
+        if all(f is not None for f in full100):
+            row["vs_streamed_100"] = round(statistics.median(
+                m / f for m, f in zip(ms, full100, strict=True)), 3)  # type: ignore[operator]
+        if "same_tokens_as_resident" in last:
+            row["same_tokens_as_resident"] = all(rs[i]["same_tokens_as_resident"]
+                                                 for rs in rounds)
+        rows.append(row)
+    return rows
 
 
 def _streamed(source: ModelSource, ids: list[int], budget: float, policy: str, tokens: int,
@@ -118,26 +152,29 @@ def _streamed(source: ModelSource, ids: list[int], budget: float, policy: str, t
 
 
 def _write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
-    full = rows[0]["decode_ms_per_token"]
-    streamed_full = next((r["decode_ms_per_token"] for r in rows
-                          if r["config"] == "streamed" and r["budget"] == 100), None)
     lines = ["# Decoding under a memory budget", "", "{header}",
              f"Model: `{args.model or 'default (SmolLM2-135M-Instruct, Q4_1 GGUF)'}`, "
              f"default weight format, {args.tokens} greedy tokens, median per-token decode time, "
              f"{args.threads} compute thread(s); the loader thread runs beside it. The budget "
              "counts group weights in that format (attention and MLP of every layer); the "
-             "embedding, output head, norms and KV caches are resident overhead.", "",
+             "embedding, output head, norms and KV caches are resident overhead. "
+             f"{args.rounds} round(s) of every configuration in turn: ms/token is the median "
+             "over the rounds, a ratio the median of the rounds' ratios (each against the "
+             "same round's run).", "",
              "| budget | policy | ms/token | vs resident | vs streamed 100% | MiB read/token | "
-             "stall ms/token | hit rate | share of loading hidden | same tokens |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-             f"| 100% | resident (fused) | {full} | 1.00x | | | | | | |"]
+             "stall ms/token | hit rate | share of loading hidden | same tokens | "
+             "ms/token per round |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+             f"| 100% | resident (fused) | {rows[0]['decode_ms_per_token']} | 1.00x | | | | | "
+             f"| | {', '.join(map(str, rows[0]['rounds_ms_per_token']))} |"]
     for r in rows[1:]:
-        vs = f"{r['decode_ms_per_token'] / streamed_full:.2f}x" if streamed_full else ""
+        vs = f"{r['vs_streamed_100']:.2f}x" if "vs_streamed_100" in r else ""
         lines.append(f"| {r['budget']:g}% | {r['policy']} | {r['decode_ms_per_token']} | "
-                     f"{r['decode_ms_per_token'] / full:.2f}x | {vs} | "
+                     f"{r['vs_resident']:.2f}x | {vs} | "
                      f"{r['mib_read_per_token']} | {r['stall_ms_per_token']} | "
                      f"{r['hit_rate']:.0%} | {r['hidden_share']:.0%} | "
-                     f"{'yes' if r['same_tokens_as_resident'] else 'no'} |")
+                     f"{'yes' if r['same_tokens_as_resident'] else 'no'} | "
+                     f"{', '.join(map(str, r['rounds_ms_per_token']))} |")
     lines.append("")
-    publish(args.out, args.name, {"model": args.model or "default", "rows": rows}, lines,
-            args.json)
+    publish(args.out, args.name, {"model": args.model or "default", "rounds": args.rounds,
+                                  "rows": rows}, lines, args.json)

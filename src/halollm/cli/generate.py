@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: wait for every group, exact)")
     p.add_argument("--mlp-groups", type=int, default=None, metavar="N",
                    help="with --memory-budget: MLP groups per layer, the loading unit "
-                        "(default 4)")
+                        "(default 1, the fewest loads and kernel calls; 4 with "
+                        "--critical-share, which leaves some of a layer's groups out)")
     p.set_defaults(func=run)
 
 
