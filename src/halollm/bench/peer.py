@@ -59,6 +59,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="HALO's copy of the same weights: the Hugging Face folder the dllama "
         "model was converted from, or a Q4_0 GGUF of it")
     p.add_argument(
+        "--dllama-net-turbo", type=int, choices=(0, 1), default=0,
+        help="dllama's --net-turbo for its root and workers (default 0: blocking sockets; 1, "
+        "dllama's own default, spins on non-blocking sockets, which on a testbed whose nodes "
+        "share a few cores takes the CPU the other nodes compute on)")
+    p.add_argument(
         "--halo-quant", default="q4", choices=("q4", "auto"),
         help="HALO's --quant: q4 (default; pack the folder's fp16 weights to "
         "int4) or auto (a Q4_0 GGUF's blocks kept as they are, as dllama's "
@@ -112,8 +117,9 @@ def _check_dllama(args: argparse.Namespace) -> tuple[Path, list[int], list[str],
     _need_file(args.dllama_model, "--dllama-model", "converter/convert-hf.py MODEL q40 NAME")
     _need_file(args.dllama_tokenizer, "--dllama-tokenizer",
                "converter/convert-tokenizer-hf.py MODEL NAME")
-    if not args.model or not Path(args.model).is_dir():
-        raise HaloError("--model must be the Hugging Face folder the dllama model came from")
+    if not args.model or not Path(args.model).exists():
+        raise HaloError("--model must be HALO's copy of the dllama model's weights: the "
+                        "Hugging Face folder it was converted from, or a Q4_0 GGUF of it")
     try:
         nodes = [int(n) for n in _split(args.nodes, "--nodes")]
     except ValueError:
@@ -254,11 +260,12 @@ def _one(args: argparse.Namespace, binary: Path, spec: Any, state: dict[str, Any
 
 def _dllama_once(args: argparse.Namespace, binary: Path, spec: Any, workers: int, cg: Path | None,
                  logs: Path) -> dict[str, Any]:
-    pool = prun.DllamaWorkers(binary, spec, workers, logs) if workers else None
+    pool = prun.DllamaWorkers(binary, spec, workers, logs, args.dllama_net_turbo) \
+        if workers else None
     try:
         out = prun.dllama_root(binary, args.dllama_model, args.dllama_tokenizer,
                                pool.addresses if pool else [], PROMPT, args.tokens, args.timeout,
-                               cg)
+                               cg, args.dllama_net_turbo)
     finally:
         if pool:
             pool.close()
@@ -275,7 +282,8 @@ def _write_dllama(args: argparse.Namespace, spec: Any, modes: list[str],
     lines = [
         "# HALO vs distributed-llama on the kernel testbed", "", "{header}",
         f"Model `{args.model}`: HALO `--quant {args.halo_quant}` (PyTorch int4 kernels), dllama "
-        f"`{args.dllama_model.name}` (q40 weights, q80 sync buffers). One thread per "
+        f"`{args.dllama_model.name}` (q40 weights, q80 sync buffers, --net-turbo "
+             f"{args.dllama_net_turbo}). One thread per "
         f"node; {share}. ms per predicted token (mean over {args.tokens} tokens as "
         "each program reports it), median of "
         f"{args.repeats} interleaved repeats; 1 node: `dllama inference` alone vs "

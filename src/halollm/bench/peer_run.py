@@ -90,7 +90,8 @@ class DllamaWorkers:
     device's cgroup (the one the testbed made for the device's `halo worker`: one node, one
     CPU share; only one of the two computes at a time)."""
 
-    def __init__(self, dllama: Path, spec: Spec, count: int, log_dir: Path) -> None:
+    def __init__(self, dllama: Path, spec: Spec, count: int, log_dir: Path,
+                 net_turbo: bool = False) -> None:
         self.procs: list[subprocess.Popen[Any]] = []
         self.addresses = []
         try:
@@ -100,7 +101,8 @@ class DllamaWorkers:
                 self.procs.append(subprocess.Popen(
                     ["ip", "netns", "exec", spec.namespace(d), *_line_buffered(), str(dllama),
                      "worker",
-                     "--port", str(DLLAMA_PORT), "--nthreads", "1"],
+                     "--port", str(DLLAMA_PORT), "--nthreads", "1",
+                     "--net-turbo", str(int(net_turbo))],
                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                     preexec_fn=_enter(cg[0] if cg else None)))
                 log.close()
@@ -154,14 +156,15 @@ def restore_forwarding(before: str) -> None:
 
 
 def dllama_root(dllama: Path, model: Path, tokenizer: Path, workers: list[str], prompt: str,
-                tokens: int, timeout: float, cgroup: Path | None) -> str:
+                tokens: int, timeout: float, cgroup: Path | None, net_turbo: bool = False
+                ) -> str:
     """One `dllama inference` run (this namespace, the root node); its stdout. --steps
     counts the prompt's tokens too: this tokenizer conversion is one token per character at
     most (see docs/peer.md), so len(prompt) - 1 + tokens predicts at least `tokens`."""
     cmd = [str(dllama), "inference", "--model", str(model), "--tokenizer", str(tokenizer),
            "--buffer-float-type", "q80", "--nthreads", "1", "--prompt", prompt,
            "--steps", str(len(prompt.encode()) - 1 + tokens), "--temperature", "0",
-           "--seed", "1"]
+           "--seed", "1", "--net-turbo", str(int(net_turbo))]
     if workers:
         cmd += ["--workers", *workers]
     return run_limited(cmd, timeout, cgroup)
