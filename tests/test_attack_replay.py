@@ -53,7 +53,7 @@ def _worker_counts(coord: Coordinator) -> tuple[int, dict]:
 def test_replayed_datagrams_are_rejected_and_change_nothing():
     with LocalWorkers(1, KEY, threads=1) as lw:
         coord = Coordinator(None, "fp32", lw.addresses, cluster_key(KEY), ClusterOptions.build(
-            mode="relaxed", predictor=None, attn_groups=None, coordinator_share=0.5,
+            mode="relaxed", predictor=None, attn_groups=3, coordinator_share=0.5,
             deadline_ms=5000))  # a long deadline: lateness under the flood is no loss
         try:
             recorder = RecordingSocket(coord.udp.sock)

@@ -237,7 +237,7 @@ def test_strict_cluster_equals_single_device_on_packed_weights(packed):
                    sampling=GREEDY).token_ids
     with LocalWorkers(2, key, threads=1) as lw:
         coord = Coordinator(None, None, lw.addresses, cluster_key(key), ClusterOptions.build(
-            mode="strict", attn_groups=None, coordinator_share=0.5, predictor=None))
+            mode="strict", attn_groups=3, coordinator_share=0.5, predictor=None))
         try:
             assert coord.format.name == "gguf"
             result = generate(coord, coord.tokenizer, ids, max_tokens=24, sampling=GREEDY,

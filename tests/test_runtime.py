@@ -40,7 +40,7 @@ def reference_tokens(model_fp32):
 def _generate(addresses, max_tokens=32, dtype="fp32", on_text=None, **opts):
     # one attention group per KV head and half the significance critical: workers hold
     # attention groups too (KV caches, repair, replay), the harder case than the defaults
-    opts = {"attn_groups": None, "coordinator_share": 0.5, "predictor": None, **opts}
+    opts = {"attn_groups": 3, "coordinator_share": 0.5, "predictor": None, **opts}
     coord = Coordinator(None, dtype, addresses, cluster_key(KEY), ClusterOptions.build(**opts))
     try:
         ids = coord.tokenizer.encode(PROMPT)
@@ -63,7 +63,7 @@ def test_strict_equals_single_device(workers, reference_tokens, n):
 
 def test_workers_hold_attention_groups_in_these_tests(workers):
     coord = Coordinator(None, "fp32", workers.addresses, cluster_key(KEY),
-                        ClusterOptions.build(attn_groups=None, coordinator_share=0.5,
+                        ClusterOptions.build(attn_groups=3, coordinator_share=0.5,
                                              predictor=None))
     try:
         on_workers = [d for i in range(coord.config.n_layers)
