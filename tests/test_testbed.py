@@ -162,17 +162,20 @@ def test_live_replan_when_a_link_starts_losing_packets(tmp_path):
         coord = Coordinator(None, None, addrs, cluster_key(state["key"]), ClusterOptions.build(
             placement="halo", memory_budget=60 << 20, predictor=None, replan_every=4))
         raised_at: list[int] = []
+        before = coord.placement.summary()["groups_per_device"]
+        # the worker the first plan gives most groups (measured speeds vary on a busy machine)
+        victim = max(range(1, len(before)), key=lambda d: before[d])
+        name = spec.devices[victim - 1].name
 
         def degrade(_piece: str) -> None:
             # after the first token, before the first re-planning check: the first plan's
             # links are all clean, so what re-planning reacts to is the loss
             if not raised_at:
-                proc = run_halo("testbed", "loss", str(f), "--device", "b", "--rate", "0.3")
+                proc = run_halo("testbed", "loss", str(f), "--device", name, "--rate", "0.3")
                 assert proc.returncode == 0, proc.stderr
                 raised_at.append(coord.position)
 
         try:
-            before = coord.placement.summary()["groups_per_device"]
             tok = coord.tokenizer
             res = generate(coord, tok, tok.encode("Once upon a time"), max_tokens=48,
                            sampling=SamplingParams(), on_text=degrade, ignore_eos=True)
@@ -180,17 +183,17 @@ def test_live_replan_when_a_link_starts_losing_packets(tmp_path):
         finally:
             coord.close()
         assert len(res.token_ids) == 48
-        assert before[2] > 0  # b carried groups at first
+        assert before[victim] > 0  # the victim carried groups at first
         replans = sync["placement"]["replans"]
         assert replans[0]["reason"] == "initial"
         moved = [r for r in replans[1:] if r["reason"] == "faster"
                  and r["position"] > raised_at[0]]
         assert moved, replans
-        assert moved[0]["groups_per_device"][2] < before[2]  # b carries less (or nothing)
-        b = sync["workers"][1]["profile"]
+        assert moved[0]["groups_per_device"][victim] < before[victim]  # it carries less
+        b = sync["workers"][victim - 1]["profile"]
         assert b["miss_rate"] > 0.05 and b["speed_neurons_per_ms"] > 0
         status = json.loads(run_halo("testbed", "status", str(f), "--json").stdout)
-        dev_b = next(d for d in status["devices"] if d["device"] == "b")
+        dev_b = next(d for d in status["devices"] if d["device"] == name)
         assert dev_b["loss_in"] == 0.3 and dev_b["dropped_arriving_at_device"] > 0
         assert dev_b["profile"]["speed_neurons_per_ms"] > 0
         bad = run_halo("testbed", "loss", str(f), "--device", "zz", "--rate", "0.1")
