@@ -186,7 +186,10 @@ def test_sigint_reports_partial_ppl(tmp_path):
          "--text", str(text),
          "--context", "64", "--stride", "64", "--dtype", "fp32", "--threads", "1",
          "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a test run started in the background (`cmd &`) ignores SIGINT, and an ignored signal
+        # stays ignored across exec: give the child Ctrl-C back, as a terminal would
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stderr is not None
         seen: list[str] = []
