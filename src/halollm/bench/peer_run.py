@@ -77,12 +77,7 @@ def root_cgroup(share: float | None) -> Path | None:
 
 def remove_root_cgroup() -> None:
     for path in system.cgroup_paths(ROOT_CGROUP):
-        for _ in range(30):
-            try:
-                system.cgroup_remove(path)
-                break
-            except HaloError:
-                time.sleep(0.1)
+        system.cgroup_remove_soon(path, 30)
 
 
 class DllamaWorkers:

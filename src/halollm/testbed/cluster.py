@@ -255,12 +255,7 @@ def down(spec: Spec, quiet: bool = False) -> list[str]:
                     os.kill(int(pid), signal.SIGKILL)
                 except (ProcessLookupError, ValueError):
                     pass
-            for _ in range(50):
-                try:
-                    system.cgroup_remove(path)
-                    break
-                except HaloError:
-                    time.sleep(0.1)
+            system.cgroup_remove_soon(path, 50)
             removed.append(f"cgroup {path}")
     for path in system.cgroup_paths(coordinator_cgroup(spec)):
         try:  # empty once the `halo run --testbed` it held has ended

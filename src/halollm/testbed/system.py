@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 from halollm.errors import HaloError
@@ -139,6 +140,18 @@ def cgroup_remove(path: Path) -> None:
         path.rmdir()
     except OSError as exc:
         raise HaloError(f"cannot remove cgroup {path}: {exc.strerror}") from exc
+
+
+def cgroup_remove_soon(path: Path, attempts: int) -> bool:
+    """Remove a cgroup whose processes are exiting: retried every 0.1 s, at most `attempts`
+    times (the kernel refuses while a dying process is still in it). True if removed."""
+    for _ in range(attempts):
+        try:
+            cgroup_remove(path)
+            return True
+        except HaloError:
+            time.sleep(0.1)
+    return False
 
 
 def cgroup_of(pid: int) -> Path:
