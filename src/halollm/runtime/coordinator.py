@@ -143,8 +143,11 @@ class Coordinator:
         try:
             pred.check(self.model_hash, where=str(path))
             attn_given = self.opts.plan.attn_groups is not None  # else the predictor's
-            if [(len(a.attn) if attn_given else 0, len(a.mlp)) for a in pred.partition.layers] \
-                    != [(len(b.attn) if attn_given else 0, len(b.mlp)) for b in partition.layers]:
+
+            def counts(p: Partition) -> list[tuple[int, int]]:
+                return [(len(lg.attn) if attn_given else 0, len(lg.mlp)) for lg in p.layers]
+
+            if counts(pred.partition) != counts(partition):
                 pred.check(self.model_hash, partition, where=str(path))
         except HaloError as exc:
             if explicit:
