@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -22,7 +23,7 @@ from halollm.runtime.tensor_codec import (
     decode_body,
     encode_body,
 )
-from halollm.runtime.transport import UdpEndpoint
+from halollm.runtime.transport import UdpEndpoint, path_mtu
 
 KEY = b"k" * 32
 TAG = RoundTag(session=7, epoch=1, request=3, pos=42, ntok=1, layer=5, phase=1)
@@ -208,3 +209,36 @@ def test_udp_endpoint_counts_and_survives_hostile_datagrams():
 def test_header_layout_is_stable():
     assert protocol.HEADER.size == 44
     assert struct.calcsize(">2sBBBBIIIIHHBBHHIQ") == 44
+
+
+def test_datagrams_follow_the_path_mtu():
+    """Loopback's path MTU (64 KiB) carries a message in one datagram; a fixed --mtu
+    fragments it; the receiver reassembles either, byte for byte."""
+    send, recv = _link()
+    rx = UdpEndpoint("127.0.0.1", 0, lambda sender, session: recv if sender == 2 else None)
+    addr = ("127.0.0.1", rx.port)
+    assert path_mtu(addr) == 65535  # loopback's 65536, capped at an IPv4 datagram's size
+    body = bytes(range(256)) * 40  # 10 KiB
+    for mtu, datagrams in ((None, 1), (1500, 8)):
+        tx = UdpEndpoint("127.0.0.1", 0, lambda sender, session: None, mtu=mtu)
+        tx.send(PARTIAL, 2, WIRE_FP16, TAG, body, [(addr, send)])
+        assert tx.counters["datagrams_sent"] == datagrams
+        assert rx.readable(1.0)
+        time.sleep(0.05)
+        msgs = rx.receive()
+        assert [m.body for m in msgs] == [body] and msgs[0].addr == tx.sock.getsockname()
+        tx.close()
+    assert not rx.readable(0.01, spin=0.005)  # nothing waits: neither spinning nor sleeping
+    rx.close()
+
+
+def test_readable_spins_then_sleeps_until_a_datagram_arrives():
+    rx = UdpEndpoint("127.0.0.1", 0, lambda sender, session: None)
+    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    timer = threading.Timer(0.05, lambda: raw.sendto(b"x", ("127.0.0.1", rx.port)))
+    timer.start()
+    assert rx.readable(5.0, spin=0.01)  # arrives after the spin, while sleeping
+    assert rx.readable(0.0, spin=0.01)  # already waiting
+    timer.join()
+    raw.close()
+    rx.close()

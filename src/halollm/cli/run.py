@@ -138,7 +138,8 @@ def open_cluster(args: argparse.Namespace, quiet: bool):  # type: ignore[no-unty
         key, _ = key_text(args.key)
         if not quiet:
             print(f"starting {args.local} local workers…", file=sys.stderr, flush=True)
-        local = LocalWorkers(args.local, key, args.model)
+        spin = ["--spin-us", str(args.spin_us)] if args.spin_us else []  # theirs as ours
+        local = LocalWorkers(args.local, key, args.model, extra_args=spin)
         addresses = local.addresses
     elif args.testbed is not None:
         from halollm.testbed.cluster import hold_coordinator, load_state

@@ -43,6 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="do not announce this worker on the local network (mDNS/DNS-SD, for "
                         "`halo run --discover`); a worker listening on a loopback address "
                         "is never announced. The announcement holds no key material")
+    p.add_argument("--spin-us", type=float, default=0.0, metavar="US",
+                   help="after each round, poll for the next activation without sleeping for "
+                        "up to this many microseconds (saves a wake-up per round on a device "
+                        "with a core to itself; on shared cores it takes CPU from the others; "
+                        "default 0)")
     p.add_argument("--status-file", metavar="PATH",
                    help="keep this device's profile and counters in PATH as JSON (what "
                         "`halo testbed status` shows)")
@@ -61,9 +66,11 @@ def run(args: argparse.Namespace) -> int:
               f"coordinator with --key {text} or {ENV}={text})", file=sys.stderr, flush=True)
     if not 0.0 <= args.drop_rate < 1.0:
         raise HaloError(f"--drop-rate must be in [0, 1) (got {args.drop_rate})")
+    if not 0.0 <= args.spin_us <= 1e6:
+        raise HaloError(f"--spin-us must be between 0 and 1000000 (got {args.spin_us})")
     budget = parse_bytes(args.memory_budget) if args.memory_budget else None
     worker = Worker(host, port, cluster_key(text), args.model, drop_rate=args.drop_rate,
-                    memory_budget=budget,
+                    memory_budget=budget, spin_s=args.spin_us / 1e6,
                     status_file=Path(args.status_file) if args.status_file else None)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     print(f"halo worker listening on {host}:{worker.port} (model {worker.source.path.name}, "

@@ -235,7 +235,12 @@ def mlp_weights(w: Weights, layer: int, neurons: Sequence[int]
 def sum_partials(partials: Sequence[torch.Tensor]) -> torch.Tensor:
     """The residual update of a layer half: the float32 sum of its shards' partial updates,
     added to the residual stream once (as the coordinator does with what arrives)."""
-    total = partials[0].float()
+    first = partials[0]
+    if len(partials) == 1:
+        return first.float()
+    if all(p.dtype == first.dtype and p.shape == first.shape for p in partials):
+        return torch.stack(partials).float().sum(0)  # rows added in order, in one op
+    total = first.float()
     for p in partials[1:]:
         total = total + p.float()
     return total

@@ -71,7 +71,7 @@ class Channel:
         """Ciphertext and tag of plaintext, authenticating aad (which holds the counter)."""
         return self._aead.encrypt(_NONCE.pack(self.direction, counter), plaintext, aad)
 
-    def open(self, counter: int, aad: bytes, sealed: bytes | memoryview) -> bytes:
+    def open(self, counter: int, aad: bytes | memoryview, sealed: bytes | memoryview) -> bytes:
         """The plaintext of what the peer sealed; ProtocolError if forged, replayed or old."""
         why = self.window.fresh(counter)
         if why is not None:

@@ -109,11 +109,13 @@ class Coordinator:
         self.criticality.set_placement(self.placement)
         strict = self.opts.sync.mode == "strict"
         transport = TcpTransport(self.links, self.stats) if strict else \
-            UdpTransport(self.udp, self.links)
+            UdpTransport(self.udp, self.links, self.opts.sync.spin_us / 1e6)
         self.rounds = Rounds(transport, self.links, self.session, self.wire,
                              self.config.hidden_size, self.deadline, self.stats,
                              self.criticality, self._fallback)
+        t0 = time.perf_counter()
         self._distribute()
+        self.planner.move_ms = 1e3 * (time.perf_counter() - t0)  # a full move's cost, at most
 
     def _attn_groups(self) -> int:
         """--attn-groups, or its default: attention split by KV heads over the devices for

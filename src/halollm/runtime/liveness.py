@@ -26,6 +26,8 @@ class ConnectionWatch:
         """Descriptors of the connections that closed since the last call."""
         out: set[int] = set()
         for _ in range(MAX_EVENTS):
+            if not self._monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                break  # the usual case, every turn of the worker's loop: no exception
             try:
                 event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.Again:

@@ -12,7 +12,6 @@ from typing import Any
 
 from halollm.errors import HaloError
 from halollm.groups import Partition
-from halollm.runtime import protocol
 from halollm.scheduler.placement import Placement
 from halollm.units import parse_bytes
 
@@ -46,6 +45,10 @@ class SyncOptions:
                                  "criticality from the static plan only", metavar="PATH")
     wire: str | None = flag(None, "activation format on the wire (default: the compute "
                             "dtype)", choices=WIRES)
+    spin_us: float = flag(0.0, "poll for partials without sleeping for up to this many "
+                          "microseconds before each wait (saves a wake-up per round on a "
+                          "device with a core to itself; on shared cores it takes what the "
+                          "others compute with; default 0)", type=float, metavar="US")
 
 
 @dataclass
@@ -93,7 +96,9 @@ class PlanOptions:
 class LinkOptions:
     """The links to the workers: datagram size, liveness, joining."""
 
-    mtu: int = flag(protocol.DEFAULT_MTU, "path MTU for datagrams (default 1500)", type=int)
+    mtu: int | None = flag(None, "largest datagram on the wire (default: each link's path "
+                           "MTU as the kernel reports it: 1500 on Ethernet and Wi-Fi, one "
+                           "datagram per message on loopback)", type=int)
     dead_after_s: float = 2.0  # silence after which a worker is declared dead
     join_timeout_s: float = 30.0
     rejoin_every_s: float = 2.0  # how often a lost worker's address is tried again
@@ -147,6 +152,10 @@ class ClusterOptions:
             raise HaloError("--replan-every must be at least 1")
         if self.plan.mlp_groups < 1 or (self.plan.attn_groups or 1) < 1:
             raise HaloError("--mlp-groups and --attn-groups must be at least 1")
+        if not 0.0 <= self.sync.spin_us <= 1e6:
+            raise HaloError("--spin-us must be between 0 and 1000000")
+        if self.links.mtu is not None and not 576 <= self.links.mtu <= 65535:
+            raise HaloError("--mtu must be between 576 and 65535 bytes")
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:

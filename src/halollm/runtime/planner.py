@@ -27,6 +27,7 @@ from halollm.scheduler.profile import DeviceProfile
 from halollm.scheduler.specs import WorkerState, device_specs, units_per_round
 
 DWELL_CHECKS = 2  # a plan adopted for speed stays for at least this many re-planning checks
+PAYBACK_TOKENS = 256  # a move for speed must pay for itself within this many tokens
 
 
 class Planner:
@@ -42,6 +43,7 @@ class Planner:
         self.force = False  # re-plan at the next token (a worker rejoined)
         self.since_check = 0
         self.since_adopt = DWELL_CHECKS * self.plan_opts.replan_every  # the first may go
+        self.move_ms: float | None = None  # what the last plan change took to apply
 
     @property
     def adaptive(self) -> bool:
@@ -83,7 +85,9 @@ class Planner:
               deadline_ms: float, position: int) -> tuple[Placement, dict[str, Any]] | None:
         """Between decode tokens: every `replan_every` tokens, plan again from the profiles as
         measured now; a new plan (and its record) if a worker came or went, or if it is
-        predicted at least `hysteresis` faster than the current one (so it does not flap)."""
+        predicted at least `hysteresis` faster than the current one (so it does not flap)
+        and the time it saves over PAYBACK_TOKENS tokens exceeds what the last change took
+        to apply (on slow devices, building new shards takes seconds)."""
         if not self.adaptive:
             return None
         self.since_check += 1
@@ -102,7 +106,8 @@ class Planner:
             self.log(f"re-planning failed, keeping the current plan: {exc}")
             return None
         was = plan.current_ms if plan.current_ms is not None else float("inf")
-        if not changed and plan.predicted_ms > (1 - self.plan_opts.hysteresis) * was:
+        if not changed and (plan.predicted_ms > (1 - self.plan_opts.hysteresis) * was
+                            or not self.pays_back(was - plan.predicted_ms)):
             return None
         return plan.placement, {
             "position": position, "predicted_ms": round(plan.predicted_ms, 3),
@@ -110,8 +115,12 @@ class Planner:
             "solve_ms": round(plan.solve_ms, 1),
             "reason": "membership" if changed else "faster"}
 
+    def pays_back(self, saved_ms_per_token: float) -> bool:
+        return self.move_ms is None or saved_ms_per_token * PAYBACK_TOKENS >= self.move_ms
+
     def adopted(self, record: dict[str, Any], placement: Placement) -> None:
         self.since_adopt = 0
+        self.move_ms = record.get("ms", self.move_ms)
         record["groups_per_device"] = placement.summary()["groups_per_device"]
         self.replans.append(record)
 

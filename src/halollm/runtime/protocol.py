@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from halollm.errors import ProtocolError
 from halollm.runtime.channel import TAG_SIZE, Channel
@@ -34,6 +34,8 @@ PHASE_NAMES = {ATTN: "attn", MLP: "mlp"}
 # magic, version, kind, sender, wire, session, epoch, request, pos, ntok, layer, phase, _,
 # fragment index, fragment count, body length, the sender's counter (the AEAD nonce)
 HEADER = struct.Struct(">2sBBBBIIIIHHBBHHIQ")
+_PREFIX = struct.Struct(">2sBBBBIIIIHHBB")  # what every fragment of a message shares
+_SUFFIX = struct.Struct(">HHIQ")  # fragment index, count, body length, counter
 DEFAULT_MTU = 1500
 IP_UDP_OVERHEAD = 28  # IPv4 (20) + UDP (8)
 MAX_BODY = 64 << 20  # refuse to reassemble anything larger (a forged length cannot eat RAM)
@@ -42,9 +44,9 @@ MAX_PENDING_BYTES = 256 << 20  # bodies being reassembled, all senders together
 ChannelFor = Callable[[int, int], Channel | None]  # (sender, session) -> its link, if any
 
 
-@dataclass(frozen=True)
-class RoundTag:
-    """What a message is about. Equal tags = the same synchronisation round."""
+class RoundTag(NamedTuple):
+    """What a message is about. Equal tags = the same synchronisation round. (A tuple:
+    compared and hashed in C, on every datagram of the hot path.)"""
 
     session: int
     epoch: int
@@ -55,8 +57,7 @@ class RoundTag:
     phase: int
 
 
-@dataclass(frozen=True)
-class Fragment:
+class Fragment(NamedTuple):
     kind: int
     sender: int
     wire: int
@@ -82,27 +83,30 @@ def encode(kind: int, sender: int, wire: int, tag: RoundTag, body: bytes | memor
         raise ValueError(f"MTU {mtu} is too small")
     if len(body) > MAX_BODY:
         raise ValueError(f"message of {len(body)} bytes exceeds {MAX_BODY}")
+    n = len(body)
+    count = max(1, -(-n // size))
+    prefix = _PREFIX.pack(MAGIC, VERSION, kind, sender, wire, *tag, 0)
+    if count == 1:  # the common case: one datagram
+        counter = channel.next_counter()
+        head = prefix + _SUFFIX.pack(0, 1, n, counter)
+        return [head + channel.seal(counter, head, body)]
     view = memoryview(body)
-    count = max(1, -(-len(body) // size))
     out = []
     for i in range(count):
         counter = channel.next_counter()
-        head = HEADER.pack(MAGIC, VERSION, kind, sender, wire, tag.session, tag.epoch,
-                           tag.request, tag.pos, tag.ntok, tag.layer, tag.phase, 0, i, count,
-                           len(body), counter)
+        head = prefix + _SUFFIX.pack(i, count, n, counter)
         out.append(head + channel.seal(counter, head, view[i * size:(i + 1) * size]))
     return out
 
 
-def decode(datagram: bytes, channel_for: ChannelFor) -> Fragment:
-    """Check, open and parse one datagram; raises ProtocolError (never anything else).
-    `channel_for(sender, session)` is the link the datagram must come from (None: nobody
-    we have a session with)."""
+def decode(datagram: bytes | memoryview, channel_for: ChannelFor) -> Fragment:
+    """Check, open and parse one datagram (bytes, or a view of a receive buffer); raises
+    ProtocolError (never anything else). `channel_for(sender, session)` is the link the
+    datagram must come from (None: nobody we have a session with)."""
     if len(datagram) < HEADER.size + MAC_SIZE:
         raise ProtocolError("malformed", f"{len(datagram)} bytes is shorter than a header")
-    head = datagram[:HEADER.size]
     (magic, version, kind, sender, wire, session, epoch, request, pos, ntok, layer, phase, _,
-     index, count, body_len, counter) = HEADER.unpack(head)
+     index, count, body_len, counter) = HEADER.unpack_from(datagram)
     if magic != MAGIC or version != VERSION:
         raise ProtocolError("malformed", "bad magic or version")
     if kind not in KINDS or phase not in PHASE_NAMES:
@@ -112,7 +116,8 @@ def decode(datagram: bytes, channel_for: ChannelFor) -> Fragment:
     channel = channel_for(sender, session)
     if channel is None:
         raise ProtocolError("unknown_sender")
-    payload = channel.open(counter, head, memoryview(datagram)[HEADER.size:])
+    view = memoryview(datagram)
+    payload = channel.open(counter, view[:HEADER.size], view[HEADER.size:])
     if len(payload) > body_len:
         raise ProtocolError("malformed", "payload longer than the body")
     return Fragment(kind, sender, wire, RoundTag(session, epoch, request, pos, ntok, layer,

@@ -9,10 +9,8 @@ still pending at each moment is round_decision.decide, a pure function.
 
 from __future__ import annotations
 
-import select
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -26,20 +24,11 @@ from halollm.runtime.protocol import ACTIVATION, ATTN, MLP, PARTIAL, ProtocolErr
 from halollm.runtime.round_decision import Act, RoundState, decide, next_retry_interval
 from halollm.runtime.stats import SyncStats
 from halollm.runtime.tensor_codec import decode_body, encode_body
-from halollm.runtime.transport import UdpEndpoint
+from halollm.runtime.transport import Message, UdpEndpoint
 
 PHASES = {"attn": ATTN, "mlp": MLP}
 CONTROL_EVERY_S = 0.005  # how often a relaxed round drains the control plane
 REMEMBERED = 512  # rounds whose send time is kept, to learn from late arrivals
-
-
-@dataclass(frozen=True)
-class Arrival:
-    kind: int
-    sender: int
-    wire: int
-    tag: RoundTag
-    body: bytes
 
 
 class WorkerLost(Exception):  # noqa: N818 (an event the coordinator handles, not an error)
@@ -56,7 +45,7 @@ class Transport(Protocol):
     def send(self, tag: RoundTag, wire: int, body: bytes, targets: Sequence[WorkerLink]
              ) -> None: ...
 
-    def wait(self, timeout: float, pending: dict[int, WorkerLink]) -> list[Arrival]: ...
+    def wait(self, timeout: float, pending: dict[int, WorkerLink]) -> list[Message]: ...
 
 
 class UdpTransport:
@@ -64,18 +53,17 @@ class UdpTransport:
 
     can_retry = True
 
-    def __init__(self, udp: UdpEndpoint, links: Links) -> None:
-        self.udp, self.links = udp, links
+    def __init__(self, udp: UdpEndpoint, links: Links, spin_s: float = 0.0) -> None:
+        self.udp, self.links, self.spin_s = udp, links, spin_s
 
     def send(self, tag: RoundTag, wire: int, body: bytes, targets: Sequence[WorkerLink]
              ) -> None:
         self.udp.send(ACTIVATION, 0, wire, tag, body, [(t.udp_addr, t.data) for t in targets])
 
-    def wait(self, timeout: float, pending: dict[int, WorkerLink]) -> list[Arrival]:
-        out: list[Arrival] = []
-        ready, _, _ = select.select([self.udp.sock], [], [], max(0.0, timeout))
-        if ready:
-            out = [Arrival(m.kind, m.sender, m.wire, m.tag, m.body) for m in self.udp.receive()]
+    def wait(self, timeout: float, pending: dict[int, WorkerLink]) -> list[Message]:
+        out: list[Message] = []
+        if self.udp.readable(timeout, self.spin_s):
+            out = self.udp.receive()
         if time.perf_counter() - self.links.last_poll > CONTROL_EVERY_S:
             self.links.poll()
         return out
@@ -95,7 +83,7 @@ class TcpTransport:
         for t in targets:  # sealed for each worker's link
             t.sock.send(protocol.encode(ACTIVATION, 0, wire, tag, body, t.data, mtu=1 << 30)[0])
 
-    def wait(self, timeout: float, pending: dict[int, WorkerLink]) -> list[Arrival]:
+    def wait(self, timeout: float, pending: dict[int, WorkerLink]) -> list[Message]:
         key = tuple((i, id(lk.sock)) for i, lk in pending.items())  # a rejoin's new socket
         poller = self._pollers.get(key)
         if poller is None:
@@ -104,19 +92,19 @@ class TcpTransport:
             poller = self._pollers[key] = zmq.Poller()
             for link in pending.values():
                 poller.register(link.sock, zmq.POLLIN)
-        out: list[Arrival] = []
+        out: list[Message] = []
         for sock, _ in poller.poll(max(1, int(timeout * 1000))):
             link = next(lk for lk in pending.values() if lk.sock is sock)
             self.links.drain(link, lambda _link, data: self._decode(data, out))
         return out
 
-    def _decode(self, data: bytes, out: list[Arrival]) -> None:
+    def _decode(self, data: bytes, out: list[Message]) -> None:
         try:
             f = protocol.decode(data, self.links.data_channel)
         except ProtocolError as exc:
             self.stats.datagrams[exc.reason] += 1
             return
-        out.append(Arrival(f.kind, f.sender, f.wire, f.tag, f.payload))
+        out.append(Message(f.kind, f.sender, f.wire, f.tag, f.payload, None))
 
 
 Criticality = Callable[[int, str, torch.Tensor, list[WorkerLink]], set[int]]
@@ -227,7 +215,7 @@ class Rounds:
             self.stats.critical_waits += 1
         return critical
 
-    def _on_partial(self, a: Arrival, tag: RoundTag, pending: dict[int, WorkerLink],
+    def _on_partial(self, a: Message, tag: RoundTag, pending: dict[int, WorkerLink],
                     got: list[torch.Tensor], sent: float) -> None:
         now = time.perf_counter()
         if a.kind != PARTIAL:

@@ -54,7 +54,7 @@ def decode_body(body: bytes, wire: int, ntok: int, dim: int) -> tuple[tuple[int,
     if len(body) != body_size(wire, ntok, dim, n):
         raise ProtocolError("malformed", f"body of {len(body)} bytes does not hold "
                                          f"{ntok}x{dim} values and {n} groups")
-    groups = tuple(_U16.unpack_from(body, 2 + 2 * i)[0] for i in range(n)) if n else ()
+    groups = struct.unpack_from(f">{n}H", body, 2) if n else ()
     off = 2 + 2 * n
     if wire == WIRE_INT8:
         scale = np.frombuffer(body, dtype=">f4", count=ntok, offset=off).astype(np.float32)
@@ -67,9 +67,10 @@ def decode_body(body: bytes, wire: int, ntok: int, dim: int) -> tuple[tuple[int,
         finite = np.isfinite(arr).all()
         x = torch.from_numpy(arr.copy()).reshape(ntok, dim)
     else:  # 16-bit: finite unless the exponent bits are all ones (checked on the raw bits)
-        bits = np.frombuffer(body, dtype=np.uint16, count=ntok * dim, offset=off)
-        finite = not ((bits & _EXPONENT[wire]) == _EXPONENT[wire]).any()
-        x = torch.from_numpy(bits.astype(np.int16)).view(_TORCH[wire]).reshape(ntok, dim)
+        bits = np.frombuffer(body, dtype=np.int16, count=ntok * dim, offset=off)
+        exponent = _EXPONENT[wire]
+        finite = (bits & exponent).max() < exponent  # (sign bit masked off: 0x7C00, 0x7F80)
+        x = torch.from_numpy(bits.copy()).view(_TORCH[wire]).view(ntok, dim)
     if not finite:
         raise ProtocolError("malformed", "non-finite values")
     return groups, x

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import errno
 import random
+import select
 import socket
+import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from halollm.errors import HaloError
 from halollm.runtime import protocol
@@ -20,25 +22,46 @@ from halollm.runtime.protocol import ChannelFor, ProtocolError, RoundTag
 
 Address = tuple[str, int]
 RECEIVE_BATCH = 256  # datagrams read per wake-up at most
+IP_MTU = 14  # Linux <netinet/in.h>: the path MTU of a connected socket
+MAX_DATAGRAM_MTU = 65535  # an IPv4 datagram's largest size
+MIN_MTU = 576  # every IPv4 host must take datagrams this large
 
 
-@dataclass(frozen=True)
-class Message:
+class Message(NamedTuple):
     kind: int
     sender: int
     wire: int
     tag: RoundTag
     body: bytes
-    addr: Address
+    addr: Address | None
+
+
+def path_mtu(addr: Address) -> int:
+    """The MTU of the route to addr as the kernel knows it (65536 on loopback, the
+    interface's on a LAN; at most 65535; the protocol's default if unknown)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.connect(addr)
+        mtu = s.getsockopt(socket.IPPROTO_IP, IP_MTU)
+    except OSError:
+        return protocol.DEFAULT_MTU
+    finally:
+        s.close()
+    return min(mtu, MAX_DATAGRAM_MTU) if mtu >= MIN_MTU else protocol.DEFAULT_MTU
 
 
 class UdpEndpoint:
     """A UDP socket speaking the data-plane protocol."""
 
     def __init__(self, host: str, port: int, channel_for: ChannelFor,
-                 mtu: int = protocol.DEFAULT_MTU, drop_rate: float = 0.0,
+                 mtu: int | None = None, drop_rate: float = 0.0,
                  seed: int | None = None) -> None:
+        """`mtu`: the datagram size limit on the wire; None: each destination's path MTU
+        (one datagram per message on loopback, 1500-byte datagrams on Ethernet/Wi-Fi)."""
         self.channel_for, self.mtu = channel_for, mtu
+        self._mtu_of: dict[Address, int] = {}
+        self._buffer = bytearray(1 << 16)
+        self._view = memoryview(self._buffer)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -62,6 +85,23 @@ class UdpEndpoint:
         self.drop_from: dict[Address, float] = {}
         self._rng = random.Random(seed)
 
+    def readable(self, timeout: float, spin: float = 0.0) -> bool:
+        """Whether a datagram waits (within `timeout` seconds). `spin`: poll without
+        sleeping for up to that long first -- a wake-up from sleep costs tens of
+        microseconds, which a device with a core to itself can save; on shared cores the
+        spinning takes the CPU its peers compute on."""
+        if spin > 0.0:
+            end = time.perf_counter() + min(spin, timeout)
+            fds = [self.sock]
+            while True:
+                if select.select(fds, (), (), 0)[0]:
+                    return True
+                now = time.perf_counter()
+                if now >= end:
+                    break
+            timeout -= min(spin, timeout)
+        return bool(select.select([self.sock], (), (), max(0.0, timeout))[0])
+
     @property
     def port(self) -> int:
         return int(self.sock.getsockname()[1])
@@ -70,40 +110,56 @@ class UdpEndpoint:
              targets: Sequence[tuple[Address, Channel]]) -> None:
         """Seal the message for each target's link and send its fragments. A full send
         buffer or an unreachable peer loses the datagram, like the network would."""
+        sendto, sent, errors = self.sock.sendto, 0, 0
         for addr, channel in targets:
-            for g in protocol.encode(kind, sender, wire, tag, body, channel, self.mtu):
+            for g in protocol.encode(kind, sender, wire, tag, body, channel, self.mtu_to(addr)):
                 try:
-                    self.sock.sendto(g, addr)
-                    self.counters["datagrams_sent"] += 1
+                    sendto(g, addr)
+                    sent += 1
                 except OSError:
-                    self.counters["send_errors"] += 1
+                    errors += 1
+        self.counters["datagrams_sent"] += sent
+        if errors:
+            self.counters["send_errors"] += errors
+
+    def mtu_to(self, addr: Address) -> int:
+        mtu = self.mtu or self._mtu_of.get(addr)
+        if mtu is None:
+            mtu = self._mtu_of[addr] = path_mtu(addr)
+        return mtu
 
     def receive(self, limit: int = RECEIVE_BATCH) -> list[Message]:
         """The complete messages among at most `limit` datagrams waiting now (non-blocking).
         Bounded, so that a flood cannot keep a caller from its other duties (heartbeats,
         the control plane): the rest waits for the next call."""
-        out = []
+        out: list[Message] = []
+        recv, view, counters = self.sock.recvfrom_into, self._view, self.counters
+        emulated = self.drop_rate or self.drop_from
+        received = 0
         for _ in range(limit):
             try:
-                data, addr = self.sock.recvfrom(65536)
+                n, addr = recv(self._buffer)
             except (BlockingIOError, InterruptedError):
-                return out
+                break
             except OSError:  # e.g. ICMP port unreachable reported on the socket
-                self.counters["receive_errors"] += 1
+                counters["receive_errors"] += 1
                 continue
-            rate = self.drop_from.get(addr, self.drop_rate)
-            if rate and self._rng.random() < rate:
-                self.counters["dropped_emulated"] += 1
-                continue
-            self.counters["datagrams_received"] += 1
+            if emulated:
+                rate = self.drop_from.get(addr, self.drop_rate)
+                if rate and self._rng.random() < rate:
+                    counters["dropped_emulated"] += 1
+                    continue
+            received += 1
             try:
-                frag = protocol.decode(data, self.channel_for)
-                body = self.reassembler.add(frag)
+                frag = protocol.decode(view[:n], self.channel_for)
+                body = frag.payload if frag.count == 1 and len(frag.payload) == frag.body_len \
+                    else self.reassembler.add(frag)
             except ProtocolError as exc:
-                self.counters[exc.reason] += 1
+                counters[exc.reason] += 1
                 continue
             if body is not None:
                 out.append(Message(frag.kind, frag.sender, frag.wire, frag.tag, body, addr))
+        counters["datagrams_received"] += received
         return out
 
     def close(self) -> None:

@@ -76,7 +76,7 @@ class Worker:
     def __init__(self, host: str, port: int, key: ClusterKey, model: str | None,
                  log: Callable[[str], None] | None = None, idle_timeout: float = 900.0,
                  drop_rate: float = 0.0, memory_budget: int | None = None,
-                 status_file: Path | None = None) -> None:
+                 status_file: Path | None = None, spin_s: float = 0.0) -> None:
         self.log = log or (lambda msg: print(f"[worker] {msg}", file=sys.stderr, flush=True))
         self.challenges = Challenges(key)  # stretches the key under this worker's salt
         self.source = open_source(model)
@@ -108,6 +108,7 @@ class Worker:
         self.speed: float | None = None  # neurons per ms, benchmarked at the first join
         self.load_speed = 0.0  # neurons per ms read from the model file, likewise
         self.status_file = status_file
+        self.spin_s = spin_s  # poll this long for the next activation before sleeping
         self._need_sent: dict[tuple[int, int], float] = {}
         self._stop = False
 
@@ -123,7 +124,8 @@ class Worker:
             self._watch_connections()
             if self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 self._drain_router()
-            ready, _, _ = select.select([udp, zmq_fd, self.watch.fd], [], [], HEARTBEAT_S)
+            ready = [udp] if self.spin_s and self.udp.readable(self.spin_s, self.spin_s) else \
+                select.select([udp, zmq_fd, self.watch.fd], [], [], HEARTBEAT_S)[0]
             if udp in ready:
                 for msg in self.udp.receive():
                     self._guarded_data(msg.kind, msg.wire, msg.tag, msg.body, True)
