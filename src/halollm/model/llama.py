@@ -238,7 +238,8 @@ def sum_partials(partials: Sequence[torch.Tensor]) -> torch.Tensor:
     first = partials[0]
     if len(partials) == 1:
         return first.float()
-    if all(p.dtype == first.dtype and p.shape == first.shape for p in partials):
+    if len(partials) > 2 and all(p.dtype == first.dtype and p.shape == first.shape
+                                 for p in partials):
         return torch.stack(partials).float().sum(0)  # rows added in order, in one op
     total = first.float()
     for p in partials[1:]:
