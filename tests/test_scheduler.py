@@ -117,6 +117,27 @@ def test_a_round_trip_that_costs_more_than_it_saves_leaves_a_device_unused():
     assert near.objective_ms == pytest.approx(5.0)
 
 
+def test_a_coordinator_that_pays_per_worker_uses_only_the_workers_that_pay_off():
+    """Quarter-core nodes (issue 16): the coordinator sends to, receives from and sums every
+    worker in a round, one after the other. With that cost the plan takes fewer workers than
+    the equal split -- and is never predicted slower than it, on the model's own terms."""
+    from halollm.scheduler.solver import makespan
+
+    groups = layers(2, 16, cost=1.0)  # 16 ms of work per round on one device
+    free = [DeviceSpec("coord", 1.0)] + [DeviceSpec(f"w{i}", 1.0) for i in range(7)]
+    assert per_device(solve(groups, free).owner, 8) == [4] * 8  # nothing to save: all 8
+    hub = [DeviceSpec("coord", 1.0, hub_ms=2.0)] + free[1:]
+    sol = solve(groups, hub)
+    used = sum(1 for n in per_device(sol.owner, 8)[1:] if n)
+    # k workers and n0 groups on the coordinator: a round takes max(n0 + 2k, (16 - n0) / k);
+    # k=2: 6.7 (n0 = 8/3), k=3: 6 (n0 = 0, workers 6/5/5), k=4: 8
+    assert used == 3 and sol.objective_ms == pytest.approx(2 * 6.0)
+    assert makespan(groups, hub, sol.owner) == pytest.approx(sol.objective_ms)
+    equal = equal_split(groups, 8)
+    assert makespan(groups, hub, equal) == pytest.approx(2 * (2 + 14))
+    assert sol.objective_ms < makespan(groups, hub, equal)
+
+
 def test_critical_groups_go_to_reliable_devices_first():
     sig = [8.0, 4.0, 2.0, 1.0]
     groups = [GroupSpec(0, 1.0, s, critical=s >= 4) for s in sig]
@@ -202,7 +223,7 @@ def test_device_specs_price_round_trips_misses_and_streaming():
     of what it misses; its latency is the round trip beyond its own compute (a LAN guess
     until one is measured) plus the expected wait for the deadline; a worker with no
     measured speed is left out; loading speed only counts when streaming."""
-    from halollm.scheduler.profile import DeviceProfile
+    from halollm.scheduler.profile import DEFAULT_HUB_MS, DeviceProfile
     from halollm.scheduler.specs import DEFAULT_RTT_MS, WorkerState, device_specs
 
     coord = DeviceProfile("coordinator", 100.0, 1000)
@@ -221,6 +242,9 @@ def test_device_specs_price_round_trips_misses_and_streaming():
     assert [s.name for s in specs] == ["coordinator", "wired", "wifi", "fast"]
     c, wired, wifi, fast = specs
     assert (c.speed, c.memory, c.loss, c.latency, c.load_speed) == (100.0, 100.0, 0, 0, 0)
+    assert c.hub_ms == DEFAULT_HUB_MS  # until rounds measured it
+    coord.hub_ms = 0.4
+    assert device_specs(coord, workers, 4.0, 10.0, streaming=True)[0][0].hub_ms == 0.4
     assert wired.speed == pytest.approx(50.0) and wired.memory == pytest.approx(50.0)
     assert wired.latency == pytest.approx(2.0 - 50.0 / 50.0) and wired.load_speed == 7.0
     assert wifi.speed == pytest.approx(1 / (1 / 20.0 + 0.1 / 100.0))  # min(bench, live)

@@ -213,6 +213,8 @@ class Coordinator:
                             self.links.send(link, msg)
                             self.stats.repairs_served += msg.n
         if decoding:
+            if self.rounds.hub_ms is not None:
+                self.profile.hub_ms = self.rounds.hub_ms
             change = self.planner.check(self.links.links, self.placement, bool(self.taken),
                                         self.deadline.deadline_ms(), self.position)
             if change is not None:
@@ -317,6 +319,8 @@ class Coordinator:
             "path": self.predictor.path, "critical_share": self.opts.sync.critical_share,
             "grouping": self.predictor.meta.get("grouping")}
         out["wire"] = next(k for k, v in WIRE_NAMES.items() if v == self.wire)
+        hub = self.rounds.hub_ms
+        out["hub_ms_per_worker"] = None if hub is None else round(hub, 4)
         return out
 
     def close(self) -> None:

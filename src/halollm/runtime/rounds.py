@@ -29,6 +29,7 @@ from halollm.runtime.transport import Message, UdpEndpoint
 PHASES = {"attn": ATTN, "mlp": MLP}
 CONTROL_EVERY_S = 0.005  # how often a relaxed round drains the control plane
 REMEMBERED = 512  # rounds whose send time is kept, to learn from late arrivals
+HUB_ALPHA = 0.05  # weight of the newest round in the coordinator's per-worker cost
 
 
 class WorkerLost(Exception):  # noqa: N818 (an event the coordinator handles, not an error)
@@ -41,6 +42,7 @@ class WorkerLost(Exception):  # noqa: N818 (an event the coordinator handles, no
 
 class Transport(Protocol):
     can_retry: bool
+    busy_s: float  # time spent receiving and opening what arrived (not waiting for it)
 
     def send(self, tag: RoundTag, wire: int, body: bytes, targets: Sequence[WorkerLink]
              ) -> None: ...
@@ -55,6 +57,7 @@ class UdpTransport:
 
     def __init__(self, udp: UdpEndpoint, links: Links, spin_s: float = 0.0) -> None:
         self.udp, self.links, self.spin_s = udp, links, spin_s
+        self.busy_s = 0.0
 
     def send(self, tag: RoundTag, wire: int, body: bytes, targets: Sequence[WorkerLink]
              ) -> None:
@@ -63,7 +66,9 @@ class UdpTransport:
     def wait(self, timeout: float, pending: dict[int, WorkerLink]) -> list[Message]:
         out: list[Message] = []
         if self.udp.readable(timeout, self.spin_s):
+            t = time.perf_counter()
             out = self.udp.receive()
+            self.busy_s += time.perf_counter() - t
         if time.perf_counter() - self.links.last_poll > CONTROL_EVERY_S:
             self.links.poll()
         return out
@@ -76,6 +81,7 @@ class TcpTransport:
 
     def __init__(self, links: Links, stats: SyncStats) -> None:
         self.links, self.stats = links, stats
+        self.busy_s = 0.0
         self._pollers: dict[tuple[tuple[int, int], ...], zmq.Poller] = {}  # per pending set
 
     def send(self, tag: RoundTag, wire: int, body: bytes, targets: Sequence[WorkerLink]
@@ -94,8 +100,10 @@ class TcpTransport:
                 poller.register(link.sock, zmq.POLLIN)
         out: list[Message] = []
         for sock, _ in poller.poll(max(1, int(timeout * 1000))):
+            t = time.perf_counter()
             link = next(lk for lk in pending.values() if lk.sock is sock)
             self.links.drain(link, lambda _link, data: self._decode(data, out))
+            self.busy_s += time.perf_counter() - t
         return out
 
     def _decode(self, data: bytes, out: list[Message]) -> None:
@@ -125,6 +133,8 @@ class Rounds:
         self.sent_at: dict[RoundTag, float] = {}
         self.retried: set[RoundTag] = set()
         self.sent_wall = 0.0  # when the current round's activation went out
+        self.hub_ms: float | None = None  # the coordinator's own ms per worker in a round
+        self._partials_s = 0.0  # time spent taking partials in
 
     def run(self, layer: int, half: str, x: torch.Tensor, start: int, shards: Sequence,
             targets: list[WorkerLink]) -> torch.Tensor:
@@ -132,6 +142,7 @@ class Rounds:
         tag = RoundTag(self.session, self.epoch, self.request, start, x.shape[0], layer,
                        PHASES[half])
         t0 = time.perf_counter()
+        busy, taking = self.transport.busy_s, self._partials_s
         body = b""
         if targets:
             body = encode_body(x, self.wire)
@@ -148,8 +159,18 @@ class Rounds:
         stage["send"] += 1e3 * (t1 - t0)
         stage["own"] += 1e3 * (t2 - t1)
         stage["gather"] += 1e3 * (t3 - t2)
-        stage["sum"] += 1e3 * (time.perf_counter() - t3)
+        t4 = time.perf_counter()
+        stage["sum"] += 1e3 * (t4 - t3)
+        if targets and tag.ntok == 1:  # decode rounds: what the plan is made for
+            hub = (t1 - t0) + (self.transport.busy_s - busy) + (self._partials_s - taking) + \
+                (t4 - t3)
+            self._observe_hub(1e3 * hub / len(targets))
         return out
+
+    def _observe_hub(self, ms: float) -> None:
+        """Sending to, receiving from and summing one worker, as it costs the coordinator
+        (wall clock: a CPU quota's stalls land in it as they land in compute)."""
+        self.hub_ms = ms if self.hub_ms is None else self.hub_ms + HUB_ALPHA * (ms - self.hub_ms)
 
     def _remember(self, tag: RoundTag, sent: float) -> None:
         self.sent_at[tag] = sent
@@ -194,8 +215,11 @@ class Rounds:
                     interval = next_retry_interval(interval)
                     next_retry = now + interval
                 else:
-                    for a in self.transport.wait(d.timeout, pending):
+                    arrivals = self.transport.wait(d.timeout, pending)
+                    t = time.perf_counter()
+                    for a in arrivals:
                         self._on_partial(a, tag, pending, got, sent)
+                    self._partials_s += time.perf_counter() - t
         finally:
             self.stats.waited_ms += 1e3 * (time.perf_counter() - sent)
             self.stats.lost += len(pending)

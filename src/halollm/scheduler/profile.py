@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 SAFE_MEMORY_SHARE = 0.8  # of the available RAM, without a declared budget
+DEFAULT_HUB_MS = 0.05  # a full-speed core's per-worker cost per round, until one is measured
 
 
 def available_memory_bytes() -> int:
@@ -88,6 +89,7 @@ class DeviceProfile:
     memory_bytes: int
     live_speed: float | None = None  # from reported compute time, if any
     load_speed: float = 0.0  # neurons per ms it can stream in beyond memory (0: it cannot)
+    hub_ms: float = DEFAULT_HUB_MS  # the coordinator's: its own ms per worker in a round
 
     @property
     def speed(self) -> float:

@@ -13,6 +13,10 @@ tie-break of at most a microsecond: fewer groups behind lossy links) subject to
 * t[h] >= n[h, d] * cost[h] / speed[d] + latency[d] * u[h, d] (latency: what taking part in
   a round costs besides compute -- the round trip and, for a lossy link, the expected wait
   for the deadline; 0 for the coordinator, device 0);
+* t[h] >= n[h, 0] * cost[h] / speed[0] + hub[0] * sum_{d > 0} u[h, d]: the coordinator
+  sends to, receives from and sums every worker taking part, one after the other (hub: its
+  measured ms per worker and round; on a slow or CPU-capped coordinator this, not compute,
+  bounds how many workers pay off);
 * memory: sum_h n[h, d] * cost[h] <= memory[d] + e[d], where e[d] = 0 unless the device
   can stream groups from its model file (load_speed > 0: issue 7's loader), in which case
   the e[d] units beyond its budget are read again every token, and the token takes
@@ -62,6 +66,7 @@ class DeviceSpec:
     loss: float = 0.0  # probability that its contribution to a round goes missing
     latency: float = 0.0  # ms a round costs when this device takes part, besides compute
     load_speed: float = 0.0  # units per ms it can stream beyond its memory (0: it cannot)
+    hub_ms: float = 0.0  # the coordinator's (device 0's) own ms per worker in a round
 
     @property
     def streams(self) -> bool:
@@ -222,9 +227,11 @@ def _round_rows(classes: Sequence[Sequence[_Half]], devices: Sequence[DeviceSpec
             upper[v.n(h, d)] = G
             c[v.n(h, d)] = 1e-3 * weight * dev.loss / G  # tie-break: fewer behind lossy links
             rows.append(({v.n(h, d): 1.0, v.u(h, d): -float(G)}, -np.inf, 0.0))
-            rows.append(({v.n(h, d): first.mean_cost / dev.speed,
-                          v.u(h, d): dev.latency if d != 0 else 0.0, v.t(h): -1.0},
-                         -np.inf, 0.0))
+            coef = {v.n(h, d): first.mean_cost / dev.speed,
+                    v.u(h, d): dev.latency if d != 0 else 0.0, v.t(h): -1.0}
+            if d == 0 and dev.hub_ms:
+                coef.update({v.u(h, k): dev.hub_ms for k in range(1, len(devices))})
+            rows.append((coef, -np.inf, 0.0))
         rows.append(({v.n(h, d): 1.0 for d in range(len(devices))}, G, G))
         critical = max(half.critical for half in members)
         if critical:
@@ -292,7 +299,8 @@ def _milp(c: np.ndarray, rows: list[Row], lower: np.ndarray, upper: np.ndarray,
 def makespan(groups: Sequence[GroupSpec], devices: Sequence[DeviceSpec],
              owner: Sequence[int]) -> float:
     """The objective of a given placement (sum over rounds of the slowest device's compute
-    plus latency, plus the longest streaming of weights beyond a memory budget): how the
+    plus latency -- the coordinator's plus its hub work per worker taking part --, plus the
+    longest streaming of weights beyond a memory budget): how the
     scheduler compares the current plan with a new one."""
     load: dict[tuple[int, int], float] = {}
     held = [0.0] * len(devices)
@@ -300,9 +308,13 @@ def makespan(groups: Sequence[GroupSpec], devices: Sequence[DeviceSpec],
         load[(g.half, d)] = load.get((g.half, d), 0.0) + g.cost / devices[d].speed
         held[d] += g.cost
     per_half: dict[int, float] = {}
+    workers: dict[int, int] = {}  # per half: the workers taking part
     for (h, d), ms in load.items():
         t = ms + (devices[d].latency if d != 0 else 0.0)
         per_half[h] = max(per_half.get(h, 0.0), t)
+        workers[h] = workers.get(h, 0) + (d != 0)
+    for h, n in workers.items():  # the coordinator's own time: compute and its hub work
+        per_half[h] = max(per_half[h], load.get((h, 0), 0.0) + devices[0].hub_ms * n)
     streaming = max((max(0.0, held[d] - dev.memory) / dev.load_speed
                      for d, dev in enumerate(devices) if dev.streams), default=0.0)
     return sum(per_half.values()) + streaming

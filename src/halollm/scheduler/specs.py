@@ -30,14 +30,14 @@ class WorkerState:
 
 def device_specs(coordinator: DeviceProfile, workers: list[WorkerState], deadline_ms: float,
                  bytes_per_unit: float, streaming: bool) -> tuple[list[DeviceSpec], list[int]]:
-    """(specs, device numbers): the coordinator first, then every worker with a measured
-    speed. Besides compute, taking part in a round costs a worker its round trip (live; a
-    LAN guess before any round) plus, for a link that misses rounds, the expected wait for
-    the deadline. A missed contribution is also computed again by the coordinator when
-    critical (counted as if it always were): a link's effective speed is
-    1 / (1/speed + miss rate/coordinator speed)."""
+    """(specs, device numbers): the coordinator first (with what each worker in a round
+    costs it), then every worker with a measured speed. Besides compute, taking part in a
+    round costs a worker its round trip (live; a LAN guess before any round) plus, for a
+    link that misses rounds, the expected wait for the deadline. A missed contribution is
+    also computed again by the coordinator when critical (counted as if it always were): a
+    link's effective speed is 1 / (1/speed + miss rate/coordinator speed)."""
     specs = [DeviceSpec("coordinator", coordinator.speed,
-                        coordinator.memory_bytes / bytes_per_unit)]
+                        coordinator.memory_bytes / bytes_per_unit, hub_ms=coordinator.hub_ms)]
     index = [0]
     for w in workers:
         if w.profile.speed <= 0:
