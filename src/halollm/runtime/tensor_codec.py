@@ -30,7 +30,7 @@ def body_size(wire: int, ntok: int, dim: int, n_groups: int) -> int:
 def encode_body(x: torch.Tensor, wire: int, groups: Sequence[int] = ()) -> bytes:
     """groups (u16 count + u16 each), then x [T, d] in the wire format. int8 is symmetric
     per row: float32 scales first, then the int8 values."""
-    head = _U16.pack(len(groups)) + b"".join(_U16.pack(g) for g in groups)
+    head = struct.pack(f">H{len(groups)}H", len(groups), *groups)
     if wire == WIRE_INT8:
         xf = x.float()
         scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127.0

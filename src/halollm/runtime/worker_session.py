@@ -57,12 +57,13 @@ class Session:
     store: GroupStore | None = None  # the plan exceeds the memory budget: weights streamed
     request: int = -1
     known: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> filled positions
+    prefix: dict[int, int] = field(default_factory=dict)  # layer -> leading positions filled
     asked: dict[int, set[int]] = field(default_factory=dict)  # layer -> positions requested
     last_heard: float = field(default_factory=time.monotonic)
 
     def start_request(self, request: int) -> None:
         """A new request: no cached position is known any more."""
-        self.request, self.known, self.asked = request, {}, {}
+        self.request, self.known, self.prefix, self.asked = request, {}, {}, {}
 
     def close(self) -> None:
         if self.store is not None:
@@ -94,6 +95,13 @@ class Session:
 
     def mark_known(self, layer: int, start: int, n: int) -> None:
         self.known_upto(layer, start + n)[start:start + n] = True
+        if start <= self.prefix.get(layer, 0):
+            self.prefix[layer] = max(self.prefix.get(layer, 0), start + n)
+
+    def forget(self, layer: int) -> None:
+        """The layer's cache starts again (its attention shard changed)."""
+        self.known.pop(layer, None)
+        self.prefix.pop(layer, None)
 
     def fill_kv(self, m: Kv, x: torch.Tensor) -> bool:
         """Fill the layer's cache at m's positions with keys/values of inputs x (a repair
@@ -113,10 +121,11 @@ class Session:
     def key_mask(self, layer: int, pos: int, ntok: int) -> tuple[torch.Tensor | None, list[int]]:
         """(None when every earlier position is in the cache, else a mask hiding the missing
         ones; the missing positions not asked for before, now marked asked: KV repair)."""
-        if pos == 0:
+        if pos <= self.prefix.get(layer, 0):  # the usual case, without a tensor op
             return None, []
         known = self.known_upto(layer, pos + ntok)
         if bool(known[:pos].all()):
+            self.prefix[layer] = pos
             return None, []
         asked = self.asked.setdefault(layer, set())
         new = [p for p in (~known[:pos]).nonzero().flatten().tolist() if p not in asked]
@@ -201,7 +210,7 @@ def build_layers(weights: Weights, rope: Rope, s: Session,
             else:
                 work.attn = attention_shard(weights, config, i, attn_units, rope)
             if not same:
-                s.known.pop(i, None)
+                s.forget(i)
         if mlp_units and stream:
             work.mlp_units = mlp_units
         elif mlp_units:
