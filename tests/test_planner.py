@@ -49,6 +49,18 @@ def test_a_faster_plan_that_cannot_pay_for_its_move_is_not_adopted() -> None:
     assert record is not None and record[1]["reason"] == "faster"
 
 
+def test_a_move_away_from_a_link_that_misses_rounds_need_not_pay_back() -> None:
+    p, links = _planner(predicted_ms=50.0, current_ms=100.0)
+    p.move_ms = 1e9
+    current = equal_plan(p.partition, 2)
+    assert p.check(links, current, False, 1.0, 16) is None
+    for _ in range(50):
+        links[0].estimate.observe(False)  # its contributions miss the deadline
+    p.since_check = p.since_adopt = 1000
+    out = p.check(links, current, False, 1.0, 17)
+    assert out is not None and out[1]["reason"] == "faster"
+
+
 def test_a_membership_change_moves_whatever_the_cost() -> None:
     p, links = _planner(predicted_ms=100.0, current_ms=100.0)
     p.move_ms = 1e9

@@ -86,8 +86,9 @@ class Planner:
         """Between decode tokens: every `replan_every` tokens, plan again from the profiles as
         measured now; a new plan (and its record) if a worker came or went, or if it is
         predicted at least `hysteresis` faster than the current one (so it does not flap)
-        and the time it saves over PAYBACK_TOKENS tokens exceeds what the last change took
-        to apply (on slow devices, building new shards takes seconds)."""
+        and, unless the current plan holds groups behind a link that misses rounds, the
+        time it saves over PAYBACK_TOKENS tokens exceeds what the last change took to apply
+        (on slow devices, building new shards takes seconds)."""
         if not self.adaptive:
             return None
         self.since_check += 1
@@ -106,8 +107,12 @@ class Planner:
             self.log(f"re-planning failed, keeping the current plan: {exc}")
             return None
         was = plan.current_ms if plan.current_ms is not None else float("inf")
-        if not changed and (plan.predicted_ms > (1 - self.plan_opts.hysteresis) * was
-                            or not self.pays_back(was - plan.predicted_ms)):
+        # a move away from a link that misses rounds protects accuracy, not only speed: the
+        # payback rule is for moves between reliable devices
+        unreliable = any(lk.alive and current.count(lk.index) and
+                         lk.estimate.miss_rate > self.plan_opts.reliable_loss for lk in links)
+        if not changed and (plan.predicted_ms > (1 - self.plan_opts.hysteresis) * was or
+                            not (unreliable or self.pays_back(was - plan.predicted_ms))):
             return None
         return plan.placement, {
             "position": position, "predicted_ms": round(plan.predicted_ms, 3),
