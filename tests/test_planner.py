@@ -6,71 +6,69 @@ import torch
 
 from halollm.groups import Partition
 from halollm.model.config import ModelConfig
-from halollm.runtime import planner as planner_mod
 from halollm.runtime.links import WorkerLink
 from halollm.runtime.options import ClusterOptions
 from halollm.runtime.planner import PAYBACK_TOKENS, Planner
-from halollm.scheduler.placement import PlanResult, equal_plan
+from halollm.scheduler.placement import Placement, PlanResult, equal_plan
 from halollm.scheduler.profile import DeviceProfile
 
 CFG = ModelConfig(vocab_size=10, hidden_size=8, intermediate_size=16, n_layers=2, n_heads=4,
                   n_kv_heads=2, head_dim=2)
 
 
-def _planner(predicted_ms: float, current_ms: float) -> tuple[Planner, list[WorkerLink]]:
+def _planner(predicted_ms: float, current_ms: float, move_ms: float | None
+             ) -> tuple[Planner, list[WorkerLink], Placement]:
+    """A halo planner whose solver predicts `predicted_ms` for a new plan and `current_ms`
+    for the current one, the last move having taken `move_ms`; its one worker's link; the
+    current placement."""
     opts = ClusterOptions()
     opts.plan.placement, opts.plan.replan_every = "halo", 1
     partition = Partition.contiguous(CFG, 2, 4)
     ranking = {g: 1.0 for g in partition.groups()}
     p = Planner(opts, partition, ranking, CFG, torch.float32,
                 DeviceProfile("coordinator", 100.0, 1 << 30), lambda _msg: None)
+    p.move_ms = move_ms
     links = [WorkerLink(1, "127.0.0.1", 1, alive=True)]
     other = equal_plan(partition, 2)
     p.solve = lambda *_a, **_k: PlanResult(other, predicted_ms, 1.0, current_ms)  # type: ignore[method-assign]
-    return p, links
+    return p, links, equal_plan(partition, 2)
+
+
+def _reason(p: Planner, links: list[WorkerLink], current: Placement) -> str | None:
+    """Why the planner moves at its next check (None: it stays), dwell and period passed."""
+    p.since_check = p.since_adopt = 1000
+    out = p.check(links, current, False, 1.0, 16)
+    return None if out is None else out[1]["reason"]
 
 
 def test_a_faster_plan_is_adopted_when_its_move_is_cheap() -> None:
-    p, links = _planner(predicted_ms=50.0, current_ms=100.0)
-    p.move_ms = 10.0
-    current = equal_plan(p.partition, 2)
-    assert p.check(links, current, False, 1.0, 16) is not None
+    assert _reason(*_planner(predicted_ms=50.0, current_ms=100.0, move_ms=10.0)) == "faster"
 
 
 def test_a_faster_plan_that_cannot_pay_for_its_move_is_not_adopted() -> None:
     saved = 20.0  # ms per token, far above the hysteresis
-    p, links = _planner(predicted_ms=80.0, current_ms=80.0 + saved)
-    current = equal_plan(p.partition, 2)
-    p.move_ms = saved * PAYBACK_TOKENS * 1.5  # seconds to rebuild shards on slow devices
-    assert p.check(links, current, False, 1.0, 16) is None
+    # seconds to rebuild shards on slow devices
+    p, links, current = _planner(80.0, 80.0 + saved, move_ms=saved * PAYBACK_TOKENS * 1.5)
+    assert _reason(p, links, current) is None
     p.move_ms = saved * PAYBACK_TOKENS * 0.5
-    p.since_check = p.since_adopt = 1000
-    record = p.check(links, current, False, 1.0, 17)
-    assert record is not None and record[1]["reason"] == "faster"
+    assert _reason(p, links, current) == "faster"
 
 
 def test_a_move_away_from_a_link_that_misses_rounds_need_not_pay_back() -> None:
-    p, links = _planner(predicted_ms=50.0, current_ms=100.0)
-    p.move_ms = 1e9
-    current = equal_plan(p.partition, 2)
-    assert p.check(links, current, False, 1.0, 16) is None
+    p, links, current = _planner(predicted_ms=50.0, current_ms=100.0, move_ms=1e9)
+    assert _reason(p, links, current) is None
     for _ in range(50):
         links[0].estimate.observe(False)  # its contributions miss the deadline
-    p.since_check = p.since_adopt = 1000
-    out = p.check(links, current, False, 1.0, 17)
-    assert out is not None and out[1]["reason"] == "faster"
+    assert _reason(p, links, current) == "faster"
 
 
 def test_a_membership_change_moves_whatever_the_cost() -> None:
-    p, links = _planner(predicted_ms=100.0, current_ms=100.0)
-    p.move_ms = 1e9
-    current = equal_plan(p.partition, 2)
+    p, links, current = _planner(predicted_ms=100.0, current_ms=100.0, move_ms=1e9)
     links[0].alive = False  # its holder is gone
-    out = p.check(links, current, False, 1.0, 16)
-    assert out is not None and out[1]["reason"] == "membership"
+    assert _reason(p, links, current) == "membership"
 
 
 def test_an_adopted_move_updates_the_cost_estimate() -> None:
-    p, _ = _planner(predicted_ms=50.0, current_ms=100.0)
-    p.adopted({"ms": 1234.0}, equal_plan(p.partition, 2))
-    assert p.move_ms == 1234.0 and planner_mod.PAYBACK_TOKENS > 0
+    p, _, current = _planner(predicted_ms=50.0, current_ms=100.0, move_ms=None)
+    p.adopted({"ms": 1234.0}, current)
+    assert p.move_ms == 1234.0

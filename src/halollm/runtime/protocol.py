@@ -86,10 +86,6 @@ def encode(kind: int, sender: int, wire: int, tag: RoundTag, body: bytes | memor
     n = len(body)
     count = max(1, -(-n // size))
     prefix = _PREFIX.pack(MAGIC, VERSION, kind, sender, wire, *tag, 0)
-    if count == 1:  # the common case: one datagram
-        counter = channel.next_counter()
-        head = prefix + _SUFFIX.pack(0, 1, n, counter)
-        return [head + channel.seal(counter, head, body)]
     view = memoryview(body)
     out = []
     for i in range(count):

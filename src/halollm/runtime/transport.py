@@ -152,8 +152,7 @@ class UdpEndpoint:
             received += 1
             try:
                 frag = protocol.decode(view[:n], self.channel_for)
-                body = frag.payload if frag.count == 1 and len(frag.payload) == frag.body_len \
-                    else self.reassembler.add(frag)
+                body = self.reassembler.add(frag)  # a one-datagram message: at once
             except ProtocolError as exc:
                 counters[exc.reason] += 1
                 continue
