@@ -8,7 +8,7 @@ from halollm.groups import Partition
 from halollm.model.config import ModelConfig
 from halollm.runtime.links import WorkerLink
 from halollm.runtime.options import ClusterOptions
-from halollm.runtime.planner import PAYBACK_TOKENS, Planner
+from halollm.runtime.planner import MAX_BACKOFF, PAYBACK_TOKENS, Planner
 from halollm.scheduler.placement import Placement, PlanResult, equal_plan
 from halollm.scheduler.profile import DeviceProfile
 
@@ -19,8 +19,9 @@ CFG = ModelConfig(vocab_size=10, hidden_size=8, intermediate_size=16, n_layers=2
 def _planner(predicted_ms: float, current_ms: float, move_ms: float | None
              ) -> tuple[Planner, list[WorkerLink], Placement]:
     """A halo planner whose solver predicts `predicted_ms` for a new plan and `current_ms`
-    for the current one, the last move having taken `move_ms`; its one worker's link; the
-    current placement."""
+    for the current one (or, for the first plan, every group on the coordinator), the
+    last move having taken `move_ms`; its one worker's link; the current placement. Its
+    solves are counted in `p.solves`."""
     opts = ClusterOptions()
     opts.plan.placement, opts.plan.replan_every = "halo", 1
     partition = Partition.contiguous(CFG, 2, 4)
@@ -30,7 +31,13 @@ def _planner(predicted_ms: float, current_ms: float, move_ms: float | None
     p.move_ms = move_ms
     links = [WorkerLink(1, "127.0.0.1", 1, alive=True)]
     other = equal_plan(partition, 2)
-    p.solve = lambda *_a, **_k: PlanResult(other, predicted_ms, 1.0, current_ms)  # type: ignore[method-assign]
+    p.solves = 0  # type: ignore[attr-defined]
+
+    def solve(*_a: object, **_k: object) -> PlanResult:
+        p.solves += 1  # type: ignore[attr-defined]
+        return PlanResult(other, predicted_ms, 1.0, current_ms)
+
+    p.solve = solve  # type: ignore[method-assign]
     return p, links, equal_plan(partition, 2)
 
 
@@ -72,3 +79,35 @@ def test_an_adopted_move_updates_the_cost_estimate() -> None:
     p, _, current = _planner(predicted_ms=50.0, current_ms=100.0, move_ms=None)
     p.adopted({"ms": 1234.0}, current)
     assert p.move_ms == 1234.0
+
+
+def test_the_first_plan_uses_workers_only_if_enough_faster_than_the_coordinator_alone(
+) -> None:
+    """The first plan is held to the same hysteresis as a move: predicted not even 15%
+    faster than every group on the coordinator, the workers are left out (predictions on
+    CPU-capped devices were seen 2-3x optimistic, and a plan that uses workers then moves
+    back costs seconds)."""
+    p, links, _ = _planner(predicted_ms=90.0, current_ms=100.0, move_ms=None)
+    first = p.initial(links)
+    assert first.count(1) == 0 and first.count(0) == len(list(first.partition.groups()))
+    assert p.replans[0]["coordinator_alone"] is True
+    assert p.replans[0]["predicted_ms"] == 100.0 and p.replans[0]["distributed_ms"] == 90.0
+    p, links, _ = _planner(predicted_ms=80.0, current_ms=100.0, move_ms=None)
+    assert p.initial(links).count(1) > 0 and "coordinator_alone" not in p.replans[0]
+
+
+def test_checks_that_keep_the_plan_back_off_until_a_link_misses_rounds() -> None:
+    """A check solves the placement program (~20 ms here, ~80 on a quarter core): checks
+    that keep the plan double the period up to MAX_BACKOFF times; a link holding groups
+    that starts missing rounds is checked at once."""
+    p, links, current = _planner(predicted_ms=100.0, current_ms=100.0, move_ms=None)
+    p.since_adopt = 1000
+    for position in range(20):
+        assert p.check(links, current, False, 1.0, position) is None
+    # replan_every = 1: checks after 1, 2, 4, 4, 4, 4 tokens
+    assert p.solves == 6  # type: ignore[attr-defined]
+    assert p.period == MAX_BACKOFF
+    for _ in range(50):
+        links[0].estimate.observe(False)
+    p.check(links, current, False, 1.0, 20)
+    assert p.solves == 7 and p.period == 2  # type: ignore[attr-defined]

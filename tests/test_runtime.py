@@ -291,6 +291,36 @@ def test_strict_is_exact_with_every_placement(workers, reference_tokens, placeme
     assert all(w["profile"]["speed_neurons_per_ms"] > 0 for w in sync["workers"])
 
 
+
+def test_halo_placement_probes_every_link_before_its_first_plan(reference_tokens):
+    """Before the first plan, empty rounds (phase PROBE) go to each worker alone and to
+    all together, over the session's own transport (UDP in relaxed mode, TCP in strict):
+    every worker answers every probe (before it holds any plan), the coordinator learns
+    each round trip and its own cost per worker and per round, and the first plan is made
+    from those, not from guesses; the tokens stay exact."""
+    from halollm.runtime.probe import ALONE_ROUNDS, TOGETHER_ROUNDS
+    from halollm.scheduler.profile import DEFAULT_HUB_MS
+
+    with LocalWorkers(2, KEY, threads=1) as lw:
+        for runs, mode in enumerate(("relaxed", "strict"), start=1):
+            result, sync = _generate(lw.addresses, mode=mode, placement="halo",
+                                     memory_budget=12 << 20)
+            if mode == "strict":
+                assert result.token_ids == reference_tokens
+            probe = sync["probe"]
+            assert probe["missed"] == 0
+            assert sorted(probe["rtt_ms"]) == ["1", "2"]
+            assert all(0 < ms < 1000 for ms in probe["rtt_ms"].values())
+            assert probe["hub_ms_per_worker"] is not None
+            assert probe["hub_ms_per_round"] is not None
+            assert probe["hub_ms_per_worker"] + probe["hub_ms_per_round"] > 0
+            assert probe["hub_ms_per_worker"] != DEFAULT_HUB_MS
+            assert [w["profile"]["probe_ms"] for w in sync["workers"]] == \
+                [probe["rtt_ms"][str(i)] for i in (1, 2)]
+            # every probe answered, counted in the workers' heartbeats
+            assert [w["reported"]["probes"] for w in sync["workers"]] == \
+                [runs * (ALONE_ROUNDS + TOGETHER_ROUNDS)] * 2
+
 def test_halo_replans_after_a_worker_dies_and_stays_exact(reference_tokens):
     """HALO placement, strict mode: a worker killed mid-generation is taken over, the next
     token re-plans over the devices left (the coordinator rebuilds its shards, attention

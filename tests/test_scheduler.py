@@ -209,6 +209,46 @@ def test_streaming_beyond_memory_when_loading_is_cheaper_than_a_lossy_link():
         solve(sig, [DeviceSpec("coord", memory=1), DeviceSpec("w", memory=1)])
 
 
+def test_a_round_with_any_worker_costs_the_coordinator_its_fixed_part():
+    """What a round with workers costs the coordinator besides each worker (encoding the
+    activation, summing): when it exceeds what a worker saves, the plan keeps every
+    group on the coordinator; the program's objective and makespan agree either way."""
+    from halollm.scheduler.solver import makespan
+
+    groups = layers(2, 4, cost=1.0)  # 4 ms per round on the coordinator alone
+    for fixed, workers_used in ((0.5, True), (3.5, False)):
+        devices = [DeviceSpec("coord", 1.0, hub_ms=0.2, hub_round_ms=fixed),
+                   DeviceSpec("w", 1.0, latency=0.1)]
+        sol = solve(groups, devices)
+        # one worker with k groups: max(4 - k + 0.2 + fixed, k + 0.1); alone: 4
+        assert (per_device(sol.owner, 2)[1] > 0) == workers_used
+        assert makespan(groups, devices, sol.owner) == pytest.approx(sol.objective_ms)
+    assert sol.objective_ms == pytest.approx(2 * 4.0)
+
+
+def test_links_not_used_yet_are_priced_at_their_probe_times_the_live_calibration():
+    """A link that has carried rounds has a live round trip; one that has only been
+    probed (at idle, before any plan) is priced at its probe times how much longer live
+    round trips turned out than probed ones on the links that have both -- else every
+    unused link looks faster than every used one and the plan hops between them."""
+    from halollm.scheduler.profile import DeviceProfile
+    from halollm.scheduler.specs import WorkerState, device_specs, probe_calibration
+
+    def worker(i: int, probe: float, live: float | None) -> WorkerState:
+        est = _estimate(0.0, live)
+        est.probe_ms = probe
+        return WorkerState(i, f"w{i}", DeviceProfile(f"w{i}", 10.0, 100), est, 0.0)
+
+    coord = DeviceProfile("coordinator", 10.0, 100)
+    used = [worker(1, 0.5, 3.0), worker(2, 0.4, 2.0)]  # live / probe: 6 and 5
+    fresh = worker(3, 0.4, None)
+    assert probe_calibration([*used, fresh]) == pytest.approx(6.0)  # the upper median
+    specs, _ = device_specs(coord, [*used, fresh], 0.0, 1.0, streaming=False)
+    assert [s.latency for s in specs[1:]] == pytest.approx([3.0, 2.0, 0.4 * 6.0])
+    specs, _ = device_specs(coord, [fresh], 0.0, 1.0, streaming=False)
+    assert specs[1].latency == pytest.approx(0.4)  # nothing to calibrate against yet
+
+
 # -- device specs and critical groups (pure) -------------------------------------------------
 def _estimate(miss_rate: float, delay_ms: float | None):  # type: ignore[no-untyped-def]
     from halollm.scheduler.profile import LinkEstimate

@@ -35,6 +35,7 @@ from halollm.runtime.messages import Bye, Ping, Plan, Ready
 from halollm.runtime.options import ClusterOptions
 from halollm.runtime.own_share import Criticality, OwnShare
 from halollm.runtime.planner import Planner
+from halollm.runtime.probe import ProbeResult, probe_links
 from halollm.runtime.protocol import RoundTag
 from halollm.runtime.rounds import Rounds, TcpTransport, UdpTransport, WorkerLost
 from halollm.runtime.stats import SyncStats
@@ -69,12 +70,13 @@ class Coordinator:
         self.session = secrets.randbits(32)
         self.epoch = self.position = 0
         self.taken: set[int] = set()  # workers whose groups the coordinator computes now
+        self.probed: ProbeResult | None = None  # what the probe before the first plan saw
         self.stats = SyncStats(mode=options.sync.mode)
         self.deadline = DeadlineEstimator(fixed_ms=options.sync.deadline_ms)
         self.udp = UdpEndpoint("0.0.0.0", 0, lambda sender, session:
                                self.links.data_channel(sender, session), options.links.mtu)
         self.links = Links(workers, key, self.session, self.model_hash, self.udp.port,
-                           options.links, self.stats, self.log)
+                           options.links, self.stats, self.log, self.format.name)
         for link, rate in zip(self.links.links, options.links.drop_rates, strict=False):
             self.udp.drop_from[link.udp_addr] = rate
         try:
@@ -98,7 +100,9 @@ class Coordinator:
         self.links.join_all()
         self.profile = DeviceProfile("coordinator", 0.0, memory_budget(plan.memory_budget))
         if plan.placement in ("memory", "halo") and self.opts.custom_plan is None:
-            self.profile.bench_speed = compute_benchmark(self.config, self.source.tensor)
+            bench = compute_benchmark(self.config, self.weights)
+            self.profile.bench_speed = bench.speed
+            self._probe(bench.cpu_share)
         self.planner = Planner(self.opts, partition, ranking, self.config, self.weights,
                                self.profile, self.log)
         self.placement = self.initial_placement = self.planner.initial(self.links.links)
@@ -113,9 +117,29 @@ class Coordinator:
         self.rounds = Rounds(transport, self.links, self.session, self.wire,
                              self.config.hidden_size, self.deadline, self.stats,
                              self.criticality, self._fallback)
+        self.rounds.hub_round_ms = self.profile.hub_round_ms
         t0 = time.perf_counter()
         self._distribute()
         self.planner.move_ms = 1e3 * (time.perf_counter() - t0)  # a full move's cost, at most
+
+    def _probe(self, cpu_share: float) -> None:
+        """Measure each link's round trip and this device's per-worker cost of a round
+        (probe.py), for the first plan."""
+        transport = TcpTransport(self.links, self.stats) if self.opts.sync.mode == "strict" \
+            else UdpTransport(self.udp, self.links)  # no spinning: CPU time is the measure
+        self.probed = probe_links(transport, self.links.links, self.session, self.wire,
+                                  self.config.hidden_size, cpu_share)
+        for link in self.links.links:
+            rtt = self.probed.rtt_ms.get(link.index)
+            if rtt is not None:
+                link.estimate.probe_ms = rtt
+        if self.probed.hub_ms is not None:
+            self.profile.hub_ms = self.probed.hub_ms
+        self.profile.hub_round_ms = self.probed.round_ms or 0.0
+        rtts = sorted(self.probed.rtt_ms.values())
+        self.log(f"probe: round trip {rtts[0]:.2f}–{rtts[-1]:.2f} ms; this device's work "
+                 f"{self.profile.hub_round_ms:.3f} ms per round + {self.profile.hub_ms:.3f} "
+                 "ms per worker" if rtts else "probe: no worker answered")
 
     def _attn_groups(self) -> int:
         """--attn-groups, or its default: attention split by KV heads over the devices for
@@ -321,6 +345,8 @@ class Coordinator:
         out["wire"] = next(k for k, v in WIRE_NAMES.items() if v == self.wire)
         hub = self.rounds.hub_ms
         out["hub_ms_per_worker"] = None if hub is None else round(hub, 4)
+        if self.probed is not None:
+            out["probe"] = self.probed.to_json()
         return out
 
     def close(self) -> None:

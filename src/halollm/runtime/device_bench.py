@@ -3,36 +3,56 @@ loads groups from its model file (the scheduler's DeviceProfile starts from thes
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from halollm.loader.weights import read_mlp
+from halollm.errors import HaloError
+from halollm.loader.weights import mlp_shard, read_mlp
 from halollm.model.config import ModelConfig
 from halollm.model.formats import WeightFormat, Weights, resolve_format
-from halollm.model.llama import MlpShard
 
 BENCH_SECONDS = 0.4  # four CFS periods of 100 ms: a CPU quota shows in the result
 LOAD_BENCH_SECONDS = 0.2
 
 
+class ComputeBench(NamedTuple):
+    speed: float  # MLP neurons per ms, marginal (what one more neuron in a shard costs)
+    cpu_share: float  # of one core this process got while busy (a CPU quota: below 1)
+
+
 @torch.inference_mode()
-def compute_benchmark(config: ModelConfig, tensor: Callable[[str], torch.Tensor],
-                      seconds: float = BENCH_SECONDS) -> float:
-    """MLP neurons of layer 0 this device computes per millisecond (fp32, one token), timed
-    by the wall clock so that a CPU quota or a busy machine lowers it."""
-    n = max(1, config.intermediate_size // 8)
-    shard = MlpShard(config, 0, range(n), tensor, torch.float32)
+def compute_benchmark(config: ModelConfig, weights: Weights,
+                      seconds: float = BENCH_SECONDS) -> ComputeBench:
+    """How fast this device computes layer-0 MLP neurons in the session's weight format
+    (packed int4 is about twice as fast per neuron as fp32 here). The speed is marginal: a
+    small and a large shard are timed in turn and the difference of their median call
+    times taken, so that the fixed cost of a call (which the round trip carries) does not
+    make small shares look slow. It is then scaled by how much longer the whole run took
+    than its calls' medians add up to: a CPU quota's stalls (a few long ones per period,
+    which medians leave out) or a busy machine lower it."""
+    sizes = (max(1, config.intermediate_size // 8), max(2, config.intermediate_size // 2))
+    shards = [mlp_shard(weights, 0, tuple(range(n))) for n in sizes]
     x = torch.randn(1, config.hidden_size)
-    shard.forward(x)  # warm-up
-    calls = 0
+    for shard in shards:
+        shard.forward(x)  # warm-up
+    times: list[list[float]] = [[], []]
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
-    while (elapsed := time.perf_counter() - t0) < seconds:
-        shard.forward(x)
-        calls += 1
-    return n * calls / (1e3 * elapsed)
+    while time.perf_counter() - t0 < seconds or not all(times):
+        for k, shard in enumerate(shards):
+            t = time.perf_counter()
+            shard.forward(x)
+            times[k].append(time.perf_counter() - t)
+    wall = time.perf_counter() - t0
+    share = min(1.0, (time.process_time() - cpu0) / wall)
+    small, big = (1e3 * statistics.median(t) for t in times)  # ms per call
+    stalls = max(1.0, 1e3 * wall / (small * len(times[0]) + big * len(times[1])))
+    speed = (sizes[1] - sizes[0]) / (big - small) if big > small else sizes[1] / big
+    return ComputeBench(speed / stalls, max(share, 1e-3))
 
 
 def load_benchmark(config: ModelConfig, source: Any, fmt: WeightFormat | None = None,
@@ -50,3 +70,32 @@ def load_benchmark(config: ModelConfig, source: Any, fmt: WeightFormat | None = 
         layer = (layer + 1) % config.n_layers
         calls += 1
     return n * calls / (1e3 * elapsed)
+
+
+class DeviceBenchmarks:
+    """A worker's measurements of itself, each taken once: compute speed per weight format
+    (at the first join in that format) and loading speed (at the first join)."""
+
+    def __init__(self, source: Any, log: Callable[[str], None]) -> None:
+        self.source, self.log = source, log
+        self.speeds: dict[str, float] = {}
+        self.load_speed = 0.0  # MLP neurons per ms read from the model file
+        self.last: float | None = None  # the speed of the last join's format (rounded)
+
+    def speed(self, name: str) -> float:
+        """MLP neurons per ms in weight format `name` ("": the model's default format); a
+        HaloError for a format that does not exist."""
+        try:
+            fmt = WeightFormat(name) if name else resolve_format(self.source)
+        except HaloError as exc:
+            raise HaloError(f"unknown weight format {name!r}") from exc
+        if fmt.name not in self.speeds:
+            config = self.source.config
+            weights = Weights(self.source, fmt, partial=True)
+            self.speeds[fmt.name] = compute_benchmark(config, weights).speed
+            if not self.load_speed:
+                self.load_speed = load_benchmark(config, self.source)
+            self.log(f"compute benchmark ({fmt.name}): {self.speeds[fmt.name]:.0f} MLP "
+                     f"neurons/ms; loading {self.load_speed:.0f} neurons/ms")
+        self.last = round(self.speeds[fmt.name], 1)
+        return self.speeds[fmt.name]

@@ -97,8 +97,9 @@ class Links:
     def __init__(self, addresses: Sequence[Address], key: ClusterKey, session: int,
                  model_hash: str,
                  udp_port: int, opts: LinkOptions, stats: SyncStats,
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], weight_format: str = "") -> None:
         self.key, self.session, self.model_hash = key, session, model_hash
+        self.weight_format = weight_format
         self.udp_port, self.opts, self.stats, self.log = udp_port, opts, stats, log
         self.ctx = zmq.Context.instance()
         self.links = [WorkerLink(i + 1, h, p) for i, (h, p) in enumerate(addresses)]
@@ -154,7 +155,8 @@ class Links:
         except ProtocolError as exc:
             raise HaloError(f"worker {link.name} sent a malformed challenge ({exc})") from exc
         udp_host = local_address_towards(link.host, link.port)
-        self.send(link, Join(self.session, self.model_hash, [udp_host, self.udp_port]))
+        self.send(link, Join(self.session, self.model_hash, [udp_host, self.udp_port],
+                             self.weight_format, link.index))
         welcome = self._answer(link, Welcome, timeout_s)
         if not isinstance(welcome, Welcome):
             return False

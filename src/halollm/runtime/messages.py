@@ -18,6 +18,7 @@ unpickled; tensors travel as raw float32 bytes.
 
 from __future__ import annotations
 
+import errno
 import json
 import struct
 import types
@@ -28,10 +29,10 @@ import numpy as np
 import torch
 import zmq
 
-from halollm.errors import ProtocolError
+from halollm.errors import HaloError, ProtocolError
 from halollm.runtime.channel import Channel
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 CLEAR, SEALED = b"HJ", b"HS"
 _COUNTER = struct.Struct(">Q")
 _LENGTH = struct.Struct(">Q")
@@ -50,6 +51,24 @@ def harden(sock: Any) -> None:
     sock.setsockopt(zmq.HANDSHAKE_IVL, 5000)
     sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+
+
+def bound_router(ctx: Any, host: str, port: int) -> Any:
+    """A worker's hardened ROUTER socket listening on TCP host:port (a new coordinator's
+    connection takes over its identity); a HaloError naming the cause if it cannot."""
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    harden(router)
+    try:
+        router.bind(f"tcp://{host}:{port}")
+    except zmq.ZMQError as exc:
+        router.close(0)
+        if exc.errno == errno.EADDRINUSE:
+            raise HaloError(f"TCP port {port} on {host} is in use; choose another port") \
+                from exc
+        raise HaloError(f"cannot listen on TCP {host}:{port}: {exc}") from exc
+    return router
 
 
 @dataclass(frozen=True)
@@ -76,6 +95,8 @@ class Join(Message):
     session: int
     model_hash: str
     udp: list[Any]  # [host, port] where the coordinator receives datagrams
+    weight_format: str = ""  # the session's (the worker benchmarks itself in it); "": default
+    device: int = -1  # the worker's number in the session (its plans say it again)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from halollm.scheduler.specs import WorkerState, device_specs, units_per_round
 
 DWELL_CHECKS = 2  # a plan adopted for speed stays for at least this many re-planning checks
 PAYBACK_TOKENS = 256  # a move for speed must pay for itself within this many tokens
+MAX_BACKOFF = 4  # checks that keep the plan double the period, up to this many times
 
 
 class Planner:
@@ -43,6 +44,7 @@ class Planner:
         self.force = False  # re-plan at the next token (a worker rejoined)
         self.since_check = 0
         self.since_adopt = DWELL_CHECKS * self.plan_opts.replan_every  # the first may go
+        self.period = self.plan_opts.replan_every  # tokens between checks, now
         self.move_ms: float | None = None  # what the last plan change took to apply
 
     @property
@@ -58,12 +60,32 @@ class Planner:
         if self.plan_opts.placement == "static":
             return static_plan(self.partition, self.ranking, len(links),
                                self.plan_opts.coordinator_share)
-        plan = self.solve(links, None, deadline_ms=0.0)
-        self.replans.append({"position": 0, "reason": "initial",
-                             "predicted_ms": round(plan.predicted_ms, 3),
-                             "solve_ms": round(plan.solve_ms, 1),
-                             "groups_per_device": plan.placement.summary()["groups_per_device"]})
-        return plan.placement
+        alone = self._alone(links)
+        plan = self.solve(links, alone, deadline_ms=0.0)
+        record = {"position": 0, "reason": "initial", "predicted_ms": round(plan.predicted_ms, 3),
+                  "solve_ms": round(plan.solve_ms, 1)}
+        if alone is not None and plan.current_ms is not None and \
+                plan.predicted_ms > (1 - self.plan_opts.hysteresis) * plan.current_ms:
+            # not enough faster than the coordinator alone to be worth the workers (the
+            # same hysteresis as a move: the prediction is not that exact)
+            record.update(coordinator_alone=True, predicted_ms=round(plan.current_ms, 3),
+                          distributed_ms=round(plan.predicted_ms, 3))
+            placement = alone
+        else:
+            placement = plan.placement
+        record["groups_per_device"] = placement.summary()["groups_per_device"]
+        self.replans.append(record)
+        return placement
+
+    def _alone(self, links: list[WorkerLink]) -> Placement | None:
+        """Every group on the coordinator, if its memory holds them all (halo placement)."""
+        if self.plan_opts.placement != "halo":
+            return None
+        units = sum(len(self.partition.units(g)) for g in self.partition.groups())
+        if self.coordinator.memory_bytes < units * self.bytes_per_unit:
+            return None
+        return Placement(self.partition, dict.fromkeys(self.partition.groups(), 0),
+                         frozenset(), len(links) + 1)
 
     def solve(self, links: list[WorkerLink], current: Placement | None, deadline_ms: float
               ) -> PlanResult:
@@ -83,12 +105,16 @@ class Planner:
 
     def check(self, links: list[WorkerLink], current: Placement, taken_over: bool,
               deadline_ms: float, position: int) -> tuple[Placement, dict[str, Any]] | None:
-        """Between decode tokens: every `replan_every` tokens, plan again from the profiles as
+        """Between decode tokens: every `period` tokens, plan again from the profiles as
         measured now; a new plan (and its record) if a worker came or went, or if it is
         predicted at least `hysteresis` faster than the current one (so it does not flap)
         and, unless the current plan holds groups behind a link that misses rounds, the
         time it saves over PAYBACK_TOKENS tokens exceeds what the last change took to apply
-        (on slow devices, building new shards takes seconds)."""
+        (on slow devices, building new shards takes seconds). The period starts at
+        `replan_every` and doubles after each check that keeps the plan, up to MAX_BACKOFF
+        times (a solve takes ~20 ms here, ~80 ms on a quarter core: checking every 8 tokens
+        cost 2.5 ms per token of a plan that never changed); it is back at `replan_every`
+        after a change and at once when a link holding groups starts missing rounds."""
         if not self.adaptive:
             return None
         self.since_check += 1
@@ -98,22 +124,27 @@ class Planner:
         holders = {d for d in range(1, len(links) + 1) if current.count(d)}
         changed = bool(holders - alive) or taken_over or self.force
         self.force = False
-        if not changed and (self.since_check < every or self.since_adopt < DWELL_CHECKS * every):
+        # a move away from a link that misses rounds protects accuracy, not only speed: the
+        # payback rule is for moves between reliable devices, and no backoff delays it
+        unreliable = any(lk.alive and current.count(lk.index) and
+                         lk.estimate.miss_rate > self.plan_opts.reliable_loss for lk in links)
+        if changed or unreliable:
+            self.period = every
+        if not changed and (self.since_check < self.period or
+                            self.since_adopt < DWELL_CHECKS * every):
             return None
         self.since_check = 0
+        self.period = min(2 * self.period, MAX_BACKOFF * every)  # until something changes
         try:
             plan = self.solve(links, current, deadline_ms)
         except HaloError as exc:
             self.log(f"re-planning failed, keeping the current plan: {exc}")
             return None
         was = plan.current_ms if plan.current_ms is not None else float("inf")
-        # a move away from a link that misses rounds protects accuracy, not only speed: the
-        # payback rule is for moves between reliable devices
-        unreliable = any(lk.alive and current.count(lk.index) and
-                         lk.estimate.miss_rate > self.plan_opts.reliable_loss for lk in links)
         if not changed and (plan.predicted_ms > (1 - self.plan_opts.hysteresis) * was or
                             not (unreliable or self.pays_back(was - plan.predicted_ms))):
             return None
+        self.period = every
         return plan.placement, {
             "position": position, "predicted_ms": round(plan.predicted_ms, 3),
             "previous_ms": round(was, 3) if was != float("inf") else None,

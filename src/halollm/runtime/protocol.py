@@ -28,8 +28,8 @@ VERSION = 2
 MAC_SIZE = TAG_SIZE
 ACTIVATION, PARTIAL = 1, 2
 KINDS = (ACTIVATION, PARTIAL)
-ATTN, MLP = 0, 1
-PHASE_NAMES = {ATTN: "attn", MLP: "mlp"}
+ATTN, MLP, PROBE = 0, 1, 2  # PROBE: answered at once with zeros (what a round costs)
+PHASE_NAMES = {ATTN: "attn", MLP: "mlp", PROBE: "probe"}
 
 # magic, version, kind, sender, wire, session, epoch, request, pos, ntok, layer, phase, _,
 # fragment index, fragment count, body length, the sender's counter (the AEAD nonce)

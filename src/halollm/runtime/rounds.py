@@ -134,6 +134,7 @@ class Rounds:
         self.retried: set[RoundTag] = set()
         self.sent_wall = 0.0  # when the current round's activation went out
         self.hub_ms: float | None = None  # the coordinator's own ms per worker in a round
+        self.hub_round_ms = 0.0  # ... and per round with any worker (probed; not learned)
         self._partials_s = 0.0  # time spent taking partials in
 
     def run(self, layer: int, half: str, x: torch.Tensor, start: int, shards: Sequence,
@@ -164,7 +165,7 @@ class Rounds:
         if targets and tag.ntok == 1:  # decode rounds: what the plan is made for
             hub = (t1 - t0) + (self.transport.busy_s - busy) + (self._partials_s - taking) + \
                 (t4 - t3)
-            self._observe_hub(1e3 * hub / len(targets))
+            self._observe_hub(max(0.0, 1e3 * hub - self.hub_round_ms) / len(targets))
         return out
 
     def _observe_hub(self, ms: float) -> None:

@@ -8,7 +8,6 @@ coordinator's join replaces the old session, so a worker never needs a restart.
 
 from __future__ import annotations
 
-import errno
 import os
 import select
 import sys
@@ -23,13 +22,13 @@ import zmq
 from halollm.errors import HaloError
 from halollm.loader.store import GroupStore
 from halollm.model.formats import Weights
-from halollm.model.llama import Rope, cached
+from halollm.model.llama import Rope
 from halollm.model.loader import content_hash, open_source
 from halollm.paths import write_json_quietly
 from halollm.runtime import protocol
 from halollm.runtime.channel import Channel
-from halollm.runtime.device_bench import compute_benchmark, load_benchmark
-from halollm.runtime.handshake import Challenges
+from halollm.runtime.device_bench import DeviceBenchmarks
+from halollm.runtime.handshake import Challenges, LinkChannels
 from halollm.runtime.keys import ClusterKey
 from halollm.runtime.liveness import ConnectionWatch
 from halollm.runtime.messages import (
@@ -49,10 +48,10 @@ from halollm.runtime.messages import (
     Refused,
     Welcome,
     blob_tensor,
+    bound_router,
     decode,
     encode,
     encode_clear,
-    harden,
     is_sealed,
 )
 from halollm.runtime.protocol import ACTIVATION, ATTN, PARTIAL, ProtocolError, RoundTag
@@ -87,26 +86,17 @@ class Worker:
         self.udp = UdpEndpoint(host, port, self._data_channel, drop_rate=drop_rate)
         self.port = self.udp.port
         self.ctx = zmq.Context.instance()
-        self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        harden(self.router)
         try:
-            self.router.bind(f"tcp://{host}:{self.port}")
-        except zmq.ZMQError as exc:
+            self.router = bound_router(self.ctx, host, self.port)
+        except HaloError:
             self.udp.close()
-            if exc.errno == errno.EADDRINUSE:
-                raise HaloError(f"TCP port {self.port} on {host} is in use; choose another "
-                                "port") from exc
-            raise HaloError(f"cannot listen on TCP {host}:{self.port}: {exc}") from exc
+            raise
         self.watch = ConnectionWatch(self.router)
         self.session: Session | None = None
-        self.stats: dict[str, Any] = {"rounds": 0, "repair_requests": 0, "repaired": 0,
-                                      "repair_ms": [], "compute_ms": 0.0, "mlp_neurons": 0,
-                                      "mlp_ms": 0.0}
+        self.stats: dict[str, Any] = dict(rounds=0, probes=0, repair_requests=0, repaired=0,
+                                          repair_ms=[], compute_ms=0.0, mlp_neurons=0, mlp_ms=0.0)
         self.memory_bytes = profile.memory_budget(memory_budget)
-        self.speed: float | None = None  # neurons per ms, benchmarked at the first join
-        self.load_speed = 0.0  # neurons per ms read from the model file, likewise
+        self.bench = DeviceBenchmarks(self.source, self.log)
         self.status_file = status_file
         self.spin_s = spin_s  # poll this long for the next activation before sleeping
         self._need_sent: dict[tuple[int, int], float] = {}
@@ -243,27 +233,29 @@ class Worker:
             return
         session, link = opened
         if j.model_hash != self.model_hash:
-            self.router.send_multipart([identity, *encode(link.control, Refused(
-                f"different model (worker has {self.model_hash[:12]}…, coordinator has "
-                f"{j.model_hash[:12]}…)", session))])
-            self.log("refused a coordinator with a different model")
+            self._refuse(identity, link, session, f"different model (worker has "
+                         f"{self.model_hash[:12]}…, coordinator has {j.model_hash[:12]}…)")
+            return
+        try:
+            speed = self.bench.speed(j.weight_format)
+        except HaloError as exc:
+            self._refuse(identity, link, session, str(exc))
             return
         udp_host, udp_port = j.udp
         self._watch_connections()  # a closed connection's number may be this one's now
         self._end_session()
         self.session = Session(session=session, identity=identity, link=link,
                                udp_addr=(str(udp_host), int(udp_port)),
-                               fd=self.watch.fd_of(first))
+                               fd=self.watch.fd_of(first), device=int(j.device))
         self._need_sent.clear()
-        if self.speed is None:
-            self.speed = compute_benchmark(self.config, cached(self.source.tensor))
-            self.load_speed = load_benchmark(self.config, self.source)
-            self.log(f"compute benchmark: {self.speed:.0f} MLP neurons/ms; loading "
-                     f"{self.load_speed:.0f} neurons/ms")
         self._send(self.session, Welcome(
-            session, self.model_hash, os.cpu_count(), torch.get_num_threads(), self.speed,
-            self.memory_bytes, self.load_speed))
+            session, self.model_hash, os.cpu_count(), torch.get_num_threads(), speed,
+            self.memory_bytes, self.bench.load_speed))
         self.log(f"joined session {session:08x}")
+
+    def _refuse(self, identity: bytes, link: LinkChannels, session: int, reason: str) -> None:
+        self.router.send_multipart([identity, *encode(link.control, Refused(reason, session))])
+        self.log(f"refused a coordinator: {reason}")
 
     def _on_plan(self, s: Session, p: Plan) -> None:
         t0 = time.perf_counter()
@@ -311,7 +303,7 @@ class Worker:
         """What `halo testbed status` shows of this worker: its profile and counters."""
         if self.status_file is not None:
             write_json_quietly(self.status_file, {
-                "speed_neurons_per_ms": None if self.speed is None else round(self.speed, 1),
+                "speed_neurons_per_ms": self.bench.last,
                 "memory_bytes": self.memory_bytes, "session": None if self.session is None
                 else f"{self.session.session:08x}", **self._public_stats()})
 
@@ -339,10 +331,12 @@ class Worker:
 
     def _on_data(self, kind: int, wire: int, tag: RoundTag, body: bytes, via_udp: bool) -> None:
         s = self.session
-        if s is None or kind != ACTIVATION or tag.session != s.session or tag.epoch != s.epoch:
+        probe = tag.phase == protocol.PROBE  # before any plan: no epoch, no layers
+        if s is None or kind != ACTIVATION or tag.session != s.session or \
+                (tag.epoch != s.epoch and not probe):
             self.udp.counters["stale"] += 1
             return
-        if tag.layer >= len(s.layers):
+        if tag.layer >= len(s.layers) and not probe:
             self.udp.counters["malformed"] += 1
             return
         s.last_heard = time.monotonic()
@@ -351,18 +345,24 @@ class Worker:
         except ProtocolError as exc:
             self.udp.counters[exc.reason] += 1
             return
+        if probe:
+            self.stats["probes"] += 1
+            self._reply(s, tag, wire, encode_body(torch.zeros_like(x), wire), via_udp)
+            return
         if tag.request != s.request:
             s.start_request(tag.request)
         out = self._compute(s, tag, x)
         if out is None:
             return
         groups, y = out
-        reply = encode_body(y, s.wire, groups)
         self.stats["rounds"] += 1
+        self._reply(s, tag, s.wire, encode_body(y, s.wire, groups), via_udp)
+
+    def _reply(self, s: Session, tag: RoundTag, wire: int, body: bytes, via_udp: bool) -> None:
         if via_udp:
-            self.udp.send(PARTIAL, s.device, s.wire, tag, reply, [(s.udp_addr, s.link.data)])
+            self.udp.send(PARTIAL, s.device, wire, tag, body, [(s.udp_addr, s.link.data)])
         else:
-            data = protocol.encode(PARTIAL, s.device, s.wire, tag, reply, s.link.data,
+            data = protocol.encode(PARTIAL, s.device, wire, tag, body, s.link.data,
                                    mtu=1 << 30)[0]
             self.router.send_multipart([s.identity, data])
 

@@ -239,7 +239,8 @@ def public_stats(stats: dict[str, Any], s: Session | None, counters: Mapping[str
     loader = None
     if s is not None and s.store is not None:
         loader = {k: v for k, v in s.store.stats.to_json().items() if k != "per_token"}
-    return {"rounds": stats["rounds"], "repair_requests": stats["repair_requests"],
+    return {"rounds": stats["rounds"], "probes": stats["probes"],
+            "repair_requests": stats["repair_requests"],
             "loader": loader, "repaired_positions": stats["repaired"],
             "repair_mean_ms": round(sum(ms) / len(ms), 3) if ms else None,
             "compute_ms": round(stats["compute_ms"], 1), "mlp_neurons": stats["mlp_neurons"],

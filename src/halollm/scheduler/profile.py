@@ -61,6 +61,7 @@ class LinkEstimate:
         self.alpha = alpha
         self.miss_rate = 0.0
         self.delay_ms: float | None = None
+        self.probe_ms: float | None = None  # round trip of an empty round, before any plan
         self.rounds = 0
         self.missed = 0
 
@@ -77,7 +78,8 @@ class LinkEstimate:
     def to_json(self) -> dict[str, Any]:
         return {"rounds": self.rounds, "missed": self.missed,
                 "miss_rate": round(self.miss_rate, 4),
-                "delay_ms": None if self.delay_ms is None else round(self.delay_ms, 3)}
+                "delay_ms": None if self.delay_ms is None else round(self.delay_ms, 3),
+                "probe_ms": None if self.probe_ms is None else round(self.probe_ms, 3)}
 
 
 @dataclass
@@ -90,6 +92,7 @@ class DeviceProfile:
     live_speed: float | None = None  # from reported compute time, if any
     load_speed: float = 0.0  # neurons per ms it can stream in beyond memory (0: it cannot)
     hub_ms: float = DEFAULT_HUB_MS  # the coordinator's: its own ms per worker in a round
+    hub_round_ms: float = 0.0  # ... and per round with any worker, besides (probed)
 
     @property
     def speed(self) -> float:

@@ -13,10 +13,11 @@ tie-break of at most a microsecond: fewer groups behind lossy links) subject to
 * t[h] >= n[h, d] * cost[h] / speed[d] + latency[d] * u[h, d] (latency: what taking part in
   a round costs besides compute -- the round trip and, for a lossy link, the expected wait
   for the deadline; 0 for the coordinator, device 0);
-* t[h] >= n[h, 0] * cost[h] / speed[0] + hub[0] * sum_{d > 0} u[h, d]: the coordinator
-  sends to, receives from and sums every worker taking part, one after the other (hub: its
-  measured ms per worker and round; on a slow or CPU-capped coordinator this, not compute,
-  bounds how many workers pay off);
+* t[h] >= n[h, 0] * cost[h] / speed[0] + hub[0] * sum_{d > 0} u[h, d] + hub_round[0] *
+  w[h]: the coordinator sends to, receives from and sums every worker taking part, one
+  after the other (hub: its measured ms per worker and round; hub_round: what a round with
+  any worker costs it besides, w[h] >= u[h, d] binary; on a slow or CPU-capped coordinator
+  these, not compute, bound how many workers pay off);
 * memory: sum_h n[h, d] * cost[h] <= memory[d] + e[d], where e[d] = 0 unless the device
   can stream groups from its model file (load_speed > 0: issue 7's loader), in which case
   the e[d] units beyond its budget are read again every token, and the token takes
@@ -67,6 +68,7 @@ class DeviceSpec:
     latency: float = 0.0  # ms a round costs when this device takes part, besides compute
     load_speed: float = 0.0  # units per ms it can stream beyond its memory (0: it cannot)
     hub_ms: float = 0.0  # the coordinator's (device 0's) own ms per worker in a round
+    hub_round_ms: float = 0.0  # ... and per round with any worker, besides
 
     @property
     def streams(self) -> bool:
@@ -159,7 +161,7 @@ Row = tuple[dict[int, float], float, float]  # (coefficients by variable, lower,
 
 @dataclass(frozen=True)
 class _Vars:
-    """The count program's variables: n[h, d], u[h, d], t[h], then (when some device
+    """The count program's variables: n[h, d], u[h, d], w[h], t[h], then (when some device
     streams) e[k] per streaming device and T."""
 
     H: int
@@ -168,7 +170,8 @@ class _Vars:
 
     @property
     def count(self) -> int:
-        return 2 * self.H * self.D + self.H + (self.n_streaming + 1 if self.n_streaming else 0)
+        return 2 * self.H * self.D + 2 * self.H + (self.n_streaming + 1 if self.n_streaming
+                                                   else 0)
 
     def n(self, h: int, d: int) -> int:
         return h * self.D + d
@@ -176,11 +179,14 @@ class _Vars:
     def u(self, h: int, d: int) -> int:
         return self.H * self.D + h * self.D + d
 
-    def t(self, h: int) -> int:
+    def w(self, h: int) -> int:
         return 2 * self.H * self.D + h
 
+    def t(self, h: int) -> int:
+        return 2 * self.H * self.D + self.H + h
+
     def e(self, k: int) -> int:
-        return 2 * self.H * self.D + self.H + k
+        return 2 * self.H * self.D + 2 * self.H + k
 
     @property
     def big_t(self) -> int:
@@ -200,11 +206,11 @@ def _solve_counts(classes: Sequence[Sequence[_Half]], devices: Sequence[DeviceSp
     rows += _memory_rows(classes, devices, streaming, v)
     if streaming:
         rows += _streaming_rows(classes, devices, streaming, v, c, upper)
-    x = _milp(c, rows, lower, upper, 2 * H * D, time_limit_s)  # t, e, T are continuous
+    x = _milp(c, rows, lower, upper, v.t(0), time_limit_s)  # t, e, T are continuous
     n = np.rint(x[: H * D]).astype(int).reshape(H, D)
     if streaming:
         return n.tolist(), float(x[v.big_t])
-    t = x[2 * H * D:]
+    t = x[v.t(0):v.t(0) + H]
     return n.tolist(), float(sum(t[h] * len(members) for h, members in enumerate(classes)))
 
 
@@ -229,8 +235,11 @@ def _round_rows(classes: Sequence[Sequence[_Half]], devices: Sequence[DeviceSpec
             rows.append(({v.n(h, d): 1.0, v.u(h, d): -float(G)}, -np.inf, 0.0))
             coef = {v.n(h, d): first.mean_cost / dev.speed,
                     v.u(h, d): dev.latency if d != 0 else 0.0, v.t(h): -1.0}
-            if d == 0 and dev.hub_ms:
+            if d == 0:
                 coef.update({v.u(h, k): dev.hub_ms for k in range(1, len(devices))})
+                coef[v.w(h)] = dev.hub_round_ms
+            else:
+                rows.append(({v.u(h, d): 1.0, v.w(h): -1.0}, -np.inf, 0.0))
             rows.append((coef, -np.inf, 0.0))
         rows.append(({v.n(h, d): 1.0 for d in range(len(devices))}, G, G))
         critical = max(half.critical for half in members)
@@ -314,7 +323,8 @@ def makespan(groups: Sequence[GroupSpec], devices: Sequence[DeviceSpec],
         per_half[h] = max(per_half.get(h, 0.0), t)
         workers[h] = workers.get(h, 0) + (d != 0)
     for h, n in workers.items():  # the coordinator's own time: compute and its hub work
-        per_half[h] = max(per_half[h], load.get((h, 0), 0.0) + devices[0].hub_ms * n)
+        hub = devices[0].hub_ms * n + (devices[0].hub_round_ms if n else 0.0)
+        per_half[h] = max(per_half[h], load.get((h, 0), 0.0) + hub)
     streaming = max((max(0.0, held[d] - dev.memory) / dev.load_speed
                      for d, dev in enumerate(devices) if dev.streams), default=0.0)
     return sum(per_half.values()) + streaming
