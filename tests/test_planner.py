@@ -111,3 +111,27 @@ def test_checks_that_keep_the_plan_back_off_until_a_link_misses_rounds() -> None
         links[0].estimate.observe(False)
     p.check(links, current, False, 1.0, 20)
     assert p.solves == 7 and p.period == 2  # type: ignore[attr-defined]
+
+
+def test_a_check_on_unchanged_measurements_does_not_solve_again(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With nothing measured anew (a plan that keeps the workers idle measures nothing),
+    the program's answer cannot change: the last result is reused, not solved again."""
+    from halollm.runtime import planner as planner_module
+
+    opts = ClusterOptions()
+    opts.plan.placement = "halo"
+    partition = Partition.contiguous(CFG, 2, 4)
+    p = Planner(opts, partition, {g: 1.0 for g in partition.groups()}, CFG, torch.float32,
+                DeviceProfile("coordinator", 100.0, 1 << 30), lambda _msg: None)
+    link = WorkerLink(1, "127.0.0.1", 1, alive=True)
+    link.profile = DeviceProfile("w", 100.0, 1 << 30)
+    calls = []
+    real = planner_module.solved_plan
+    monkeypatch.setattr(planner_module, "solved_plan",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    current = equal_plan(partition, 2)
+    first = p.solve([link], current, 1.0)
+    assert p.solve([link], current, 1.0) is first and len(calls) == 1
+    link.estimate.observe(True, 3.0)  # a round measured
+    assert p.solve([link], current, 1.0) is not first and len(calls) == 2
+    assert p.solve([link], equal_plan(partition, 2), 1.0) and len(calls) == 3  # new plan

@@ -46,6 +46,7 @@ class Planner:
         self.since_adopt = DWELL_CHECKS * self.plan_opts.replan_every  # the first may go
         self.period = self.plan_opts.replan_every  # tokens between checks, now
         self.move_ms: float | None = None  # what the last plan change took to apply
+        self._last: tuple[tuple, Placement | None, PlanResult] | None = None  # last solve
 
     @property
     def adaptive(self) -> bool:
@@ -97,11 +98,16 @@ class Planner:
                    for lk in links if lk.alive and lk.profile is not None]
         specs, index = device_specs(self.coordinator, workers, deadline_ms,
                                     self.bytes_per_unit, self.plan_opts.streaming)
-        return solved_plan(
+        key = (tuple(specs), tuple(index))
+        if self._last is not None and self._last[0] == key and self._last[1] is current:
+            return self._last[2]  # nothing measured has changed: nor would the plan
+        result = solved_plan(
             self.partition, self.ranking, self.plan_opts.coordinator_share, specs, self.config,
             self.plan_opts.placement, index, len(links) + 1,
             reliable_loss=self.plan_opts.reliable_loss,
             max_lost_share=self.plan_opts.max_lost_share, current=current)
+        self._last = (key, current, result)
+        return result
 
     def check(self, links: list[WorkerLink], current: Placement, taken_over: bool,
               deadline_ms: float, position: int) -> tuple[Placement, dict[str, Any]] | None:
