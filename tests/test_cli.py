@@ -13,9 +13,10 @@ from tests.conftest import one_clear_line, run_halo
 
 def test_generate_json_matches_library(model_fp32):
     proc = run_halo("generate", "The capital of France is", "--max-tokens", "12",
-                    "--dtype", "fp32", "--json")
+                    "--dtype", "fp32", "--threads", "1", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
+    assert out["threads"] == 1
     for key in ("text", "token_ids", "prompt_tokens", "decode_ms_per_token",
                 "prefill_tokens_per_s"):
         assert key in out
@@ -43,6 +44,7 @@ def test_generate_streams_chat_text():
     (["generate", "hi", "--max-tokens", "0"], "--max-tokens must be at least 1"),
     (["generate", "hi", "--top-p", "1.5"], "--top-p must be in"),
     (["generate", "hi", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["generate", "hi", "--threads", "0"], "--threads must be at least 1"),
 ])
 def test_bad_input_gives_one_clear_line(args, needle):
     line = one_clear_line(run_halo(*args))

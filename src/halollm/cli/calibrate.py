@@ -6,11 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from halollm.cli.options import add_model_options
+from halollm.cli.options import add_model_options, set_threads
 from halollm.cli.progress import Bars
-from halollm.errors import HaloError
 from halollm.loader.streamed import peak_rss_bytes
 from halollm.model.loader import content_hash, open_source
 from halollm.predictor import report, store
@@ -73,10 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     texts = read_texts(args.text)  # before anything slow
-    if args.threads is not None:
-        if args.threads < 1:
-            raise HaloError(f"--threads must be at least 1 (got {args.threads})")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     lean_heap()  # before the model file is parsed: peak memory
     source = open_source(args.model)
     bars = Bars(enabled=not args.json)

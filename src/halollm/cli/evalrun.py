@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from halollm.cli.options import add_model_options
+from halollm.cli.options import add_model_options, set_threads
 from halollm.cli.run import add_cluster_options, check_cluster_options, open_cluster
 from halollm.errors import HaloError
 from halollm.eval import LogitsFn
@@ -46,10 +46,7 @@ def is_cluster(args: argparse.Namespace) -> bool:
 
 def check_common(args: argparse.Namespace) -> None:
     """The shared options' checks, before anything slow."""
-    if args.threads is not None:
-        if args.threads < 1:
-            raise HaloError(f"--threads must be at least 1 (got {args.threads})")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.out is not None:
         _check_writable(args.out)
     check_cluster_options(args)

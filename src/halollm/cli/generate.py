@@ -8,7 +8,9 @@ import sys
 import time
 from typing import Any
 
-from halollm.cli.options import add_generation_options, checked_request, prompt_ids
+import torch
+
+from halollm.cli.options import add_generation_options, checked_request, prompt_ids, set_threads
 from halollm.errors import HaloError
 from halollm.generate import GenerationResult, LocalDecoder, generate
 from halollm.loader.streamed import peak_rss_bytes
@@ -41,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
     if args.memory_budget is not None:
         return run_streamed(args)
     quiet = args.json
@@ -63,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     return _report(result, quiet, {"model": str(model.path), "dtype": dtype_name(model.dtype),
                                    "weights": model.format.name,
                                    "weight_bytes": model.weight_bytes,
+                                   "threads": torch.get_num_threads(),
                                    "peak_rss_bytes": peak},
                    f" ({1e3 / max(result.decode_ms_per_token, 1e-9):.1f} tokens/s), prefill "
                    f"{result.prompt_tokens} tokens at {result.prefill_tokens_per_s:.0f} "

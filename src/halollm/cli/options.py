@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from halollm.errors import HaloError, ModelLoadError
 from halollm.model.formats import QUANT_CHOICES
 from halollm.model.loader import DEFAULT_DTYPE, DTYPE_ALIASES, DTYPES, canonical_dtype
@@ -67,6 +69,19 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                    help="stop when TEXT is generated (repeatable)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with the result and timings instead of streaming")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch compute threads on this device (default: PyTorch's choice, one "
+                        "per core; `halo run --local N`: the cores its N one-thread workers "
+                        "leave, at least 1, so that the machine is not oversubscribed)")
+
+
+def set_threads(threads: int | None) -> None:
+    """--threads N: torch's compute threads in this process (None: PyTorch's choice)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise HaloError(f"--threads must be at least 1 (got {threads})")
+    torch.set_num_threads(threads)
 
 
 def checked_request(args: argparse.Namespace) -> tuple[SamplingParams, str]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from halollm.cli.options import add_generation_options, checked_request, prompt_ids
+from halollm.cli.options import add_generation_options, checked_request, prompt_ids, set_threads
 from halollm.errors import HaloError
 from halollm.generate import generate
 from halollm.loader.streamed import peak_rss_bytes
@@ -55,10 +55,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "synchronisation statistics.")
     add_generation_options(p)
     add_cluster_options(p)
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch compute threads of the coordinator (default: PyTorch's choice; "
-                        "with --local N, the cores the N one-thread workers leave, at least 1, "
-                        "so that the machine is not oversubscribed)")
     p.set_defaults(func=run)
 
 
@@ -69,10 +65,7 @@ def set_coordinator_threads(args: argparse.Namespace) -> None:
     threads = getattr(args, "threads", None)
     if threads is None and args.local is not None and "OMP_NUM_THREADS" not in os.environ:
         threads = max(1, (os.cpu_count() or 1) - args.local)
-    if threads is not None:
-        if threads < 1:
-            raise HaloError(f"--threads must be at least 1 (got {threads})")
-        torch.set_num_threads(threads)
+    set_threads(threads)
 
 
 def cluster_options(args: argparse.Namespace) -> ClusterOptions:
