@@ -38,6 +38,14 @@ def test_generate_streams_chat_text():
     assert "tokens/s" in proc.stderr  # the summary line goes to stderr
 
 
+def test_one_token_reports_no_decode_speed():
+    """One token has no decode step: the summary says so instead of dividing by zero."""
+    proc = run_halo("generate", "Hi", "--max-tokens", "1")
+    assert proc.returncode == 0, proc.stderr
+    summary = proc.stderr.strip().splitlines()[-1]
+    assert summary.startswith("[1 tokens, no decode step timed,"), summary
+
+
 @pytest.mark.parametrize("args,needle", [
     (["generate", "hi", "--model", "/nonexistent/model.gguf"], "model not found"),
     (["generate", "", "--max-tokens", "4"], "prompt is empty"),

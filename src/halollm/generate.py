@@ -64,6 +64,14 @@ class GenerationResult:
     def decode_ms_per_token(self) -> float:
         return 1e3 * sum(self.step_s) / len(self.step_s) if self.step_s else 0.0
 
+    def speed_text(self) -> str:
+        """Decode speed for a summary line ("12.3 ms/token (81.3 tokens/s)"); a run of one
+        token has no decode step to time."""
+        if not self.step_s:
+            return "no decode step timed"
+        ms = self.decode_ms_per_token
+        return f"{ms:.1f} ms/token ({1e3 / max(ms, 1e-9):.1f} tokens/s)"
+
     @property
     def prefill_tokens_per_s(self) -> float:
         return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0

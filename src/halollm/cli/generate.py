@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
                                    "weight_bytes": model.weight_bytes,
                                    "threads": torch.get_num_threads(),
                                    "peak_rss_bytes": peak},
-                   f" ({1e3 / max(result.decode_ms_per_token, 1e-9):.1f} tokens/s), prefill "
+                   f", prefill "
                    f"{result.prompt_tokens} tokens at {result.prefill_tokens_per_s:.0f} "
                    f"tokens/s, finish: {result.finish_reason}; weights {model.format.name} "
                    f"{model.weight_bytes / 2**20:.0f} MiB, peak RSS {peak / 2**20:.0f} MiB")
@@ -83,12 +83,12 @@ def _show(piece: str) -> None:
 def _report(result: GenerationResult, as_json: bool, fields: dict[str, Any],
             summary: str) -> int:
     """The result as one JSON object (with `fields`), or a summary line on stderr after the
-    streamed text: tokens, ms/token, then `summary`."""
+    streamed text: tokens, decode speed, then `summary`."""
     if as_json:
         print(json.dumps({**result.to_json(), **fields}))
     else:
         print(file=sys.stdout)
-        print(f"[{len(result.token_ids)} tokens, {result.decode_ms_per_token:.1f} ms/token"
+        print(f"[{len(result.token_ids)} tokens, {result.speed_text()}"
               f"{summary}]", file=sys.stderr)
     return 0
 

@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(out))
     else:
         print()
-        print(f"[{len(result.token_ids)} tokens, {result.decode_ms_per_token:.1f} ms/token, "
+        print(f"[{len(result.token_ids)} tokens, {result.speed_text()}, "
               f"{args.mode}: {sync['received']}/{sync['expected']} contributions received, "
               f"{sync['lost']} lost, {sync['late']} late, waited {sync['waited_ms_per_token']:.2f}"
               f" ms/token]", file=sys.stderr)
