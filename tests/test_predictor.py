@@ -219,6 +219,8 @@ def test_cluster_with_predictor_critical_contributions_always_arrive(predictor_f
         tokens, sync = _cluster_tokens(lw.addresses, path, 0.3, critical_share=1.0)
         assert tokens == ref
         assert sync["fallbacks"] > 0 and sync["lost"] == 0, sync
+        # every fallback shard was built with the plan (memory allows), none at a deadline
+        assert sync["fallbacks_prepared"] == 2 * 30 and sync["fallback_builds"] == 0, sync
         # nothing critical: contributions are lost instead
         _, sync = _cluster_tokens(lw.addresses, path, 0.3, critical_share=0.0)
         assert sync["lost"] > 0 and sync["predictions"] == 0, sync

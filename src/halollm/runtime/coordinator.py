@@ -308,6 +308,11 @@ class Coordinator:
             self.links.send(link, Plan(self.session, self.epoch, link.index,
                                        self.format.name, self.wire, self.history.request,
                                        self.placement.device_json(link.index)))
+        if self.opts.sync.mode != "strict":  # while the workers build their shards
+            # half the memory left beside its own weights (the KV cache and the rest need room)
+            spare = (self.profile.memory_bytes - self.model.weight_bytes()) // 2
+            self.stats.fallbacks_prepared += self.own.prepare_fallbacks(self.placement, live,
+                                                                        spare)
         for link in live:
             reply = self.links.await_reply(link, (Ready,), PLAN_TIMEOUT_S)
             if reply is None:

@@ -22,6 +22,8 @@ class SyncStats:
     predictions: int = 0  # rounds where the predictor ran (something missing at the deadline)
     retries: int = 0  # activations re-sent for a critical attention contribution missing
     fallbacks: int = 0  # critical MLP contributions missing at the deadline, computed locally
+    fallback_builds: int = 0  # ... of which needed their shard built then (not prepared)
+    fallbacks_prepared: int = 0  # fallback shards built with the plan, ahead of need
     predict_ms: float = 0.0  # time spent predicting significance (relaxed mode, predictor)
     # where a round's time goes on the coordinator (issue 16), summed over rounds
     stage_ms: Counter[str] = field(default_factory=Counter)
@@ -59,6 +61,8 @@ class SyncStats:
             "predictions": self.predictions,
             "retries": self.retries,
             "fallbacks": self.fallbacks,
+            "fallback_builds": self.fallback_builds,
+            "fallbacks_prepared": self.fallbacks_prepared,
             "predict_ms": round(self.predict_ms, 2),
             "predict_ms_per_token": round(self.predict_ms / n, 3),
             "stage_ms_per_round": {k: round(v / max(1, self.rounds), 4)
