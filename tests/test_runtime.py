@@ -204,6 +204,11 @@ def test_cli_run_local_json():
     assert sync["expected"] > 0
     assert sync["received"] + sync["lost"] + sync["fallbacks"] + sync["recomputed"] == \
         sync["expected"]
+    # the coordinator's CPU for decode rounds with workers: 7 decode steps, 2 halves of 30
+    # layers at most, with 1 or 2 workers each
+    hub = sync["hub_cpu"]
+    assert 0 < hub["rounds"] <= 7 * 2 * 30 and 1 <= hub["workers_per_round"] <= 2
+    assert hub["ms_per_round"] > 0
 
 
 def test_userspace_loss_is_tolerated_and_kv_repaired():

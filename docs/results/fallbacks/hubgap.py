@@ -42,5 +42,5 @@ print(json.dumps({"placement": placement, "decode_ms": res.decode_ms_per_token,
                      "throttled": d[3] / 1e6 / n, "nr_throttled": d[4] / n},
     "groups": sync.get("placement", {}).get("groups_per_device"),
     "probe": sync.get("probe"), "hub_ms": sync.get("hub_ms"),
-    "stage_ms": sync.get("stage_ms_per_round"),
+    "stage_ms": sync.get("stage_ms_per_round"), "hub_cpu": sync.get("hub_cpu"), "hub_ms_live": sync.get("hub_ms_per_worker"),
     "rounds": sync.get("rounds"), "fallbacks": [sync.get(k) for k in ("fallbacks", "fallback_builds", "fallbacks_prepared")], "replans": coord.planner.replans, "coord_profile": sync["placement"].get("coordinator"), "workers": [(w["groups"], w["profile"]) for w in sync["workers"]]}, indent=None))

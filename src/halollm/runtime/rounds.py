@@ -142,15 +142,16 @@ class Rounds:
         """The float32 update of one layer half: own shards plus the workers' partials."""
         tag = RoundTag(self.session, self.epoch, self.request, start, x.shape[0], layer,
                        PHASES[half])
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         busy, taking = self.transport.busy_s, self._partials_s
         body = b""
         if targets:
             body = encode_body(x, self.wire)
             self.transport.send(tag, self.wire, body, targets)
         self.sent_wall = t1 = time.perf_counter()
+        c1 = time.process_time()
         partials = [s.forward(x, start) for s in shards]
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         if targets:
             partials += self.gather(tag, half, targets, x, body)
         t3 = time.perf_counter()
@@ -163,6 +164,9 @@ class Rounds:
         t4 = time.perf_counter()
         stage["sum"] += 1e3 * (t4 - t3)
         if targets and tag.ntok == 1:  # decode rounds: what the plan is made for
+            self.stats.hub_cpu_ms += 1e3 * (time.process_time() - c2 + c1 - c0)
+            self.stats.hub_rounds += 1
+            self.stats.hub_workers += len(targets)
             hub = (t1 - t0) + (self.transport.busy_s - busy) + (self._partials_s - taking) + \
                 (t4 - t3)
             self._observe_hub(max(0.0, 1e3 * hub - self.hub_round_ms) / len(targets))

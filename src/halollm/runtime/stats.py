@@ -27,6 +27,11 @@ class SyncStats:
     predict_ms: float = 0.0  # time spent predicting significance (relaxed mode, predictor)
     # where a round's time goes on the coordinator (issue 16), summed over rounds
     stage_ms: Counter[str] = field(default_factory=Counter)
+    # the coordinator's CPU for decode rounds with workers, all but its own share (sending,
+    # receiving, opening, deciding, summing; fallbacks too): what the probe predicts
+    hub_cpu_ms: float = 0.0
+    hub_rounds: int = 0
+    hub_workers: int = 0  # workers in those rounds, summed
     takeovers: list[dict[str, Any]] = field(default_factory=list)
     rejoins: list[dict[str, Any]] = field(default_factory=list)
     per_token: list[dict[str, Any]] = field(default_factory=list)
@@ -67,6 +72,9 @@ class SyncStats:
             "predict_ms_per_token": round(self.predict_ms / n, 3),
             "stage_ms_per_round": {k: round(v / max(1, self.rounds), 4)
                                    for k, v in sorted(self.stage_ms.items())},
+            "hub_cpu": {"ms_per_round": round(self.hub_cpu_ms / max(1, self.hub_rounds), 4),
+                        "workers_per_round": round(self.hub_workers / max(1, self.hub_rounds),
+                                                   2), "rounds": self.hub_rounds},
             "takeovers": self.takeovers,
             "rejoins": self.rejoins,
             "datagrams": dict(self.datagrams),
