@@ -52,7 +52,9 @@ class OwnShare:
                 if rest:
                     keep.append(self._build(i, half, rest, history))
                 setattr(layer, half, keep)
-        self._fallback.clear()
+        # fallback shards stay where the worker's units did (prepare_fallbacks builds the rest)
+        self._fallback = {(w, i): s for (w, i), s in self._fallback.items()
+                          if placement.units_of(w, i, "mlp") == s.neurons}
 
     def _build(self, layer: int, half: str, units: tuple[int, ...], history: History
                ) -> object:

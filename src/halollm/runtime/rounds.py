@@ -142,17 +142,19 @@ class Rounds:
         """The float32 update of one layer half: own shards plus the workers' partials."""
         tag = RoundTag(self.session, self.epoch, self.request, start, x.shape[0], layer,
                        PHASES[half])
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0 = time.perf_counter()
         busy, taking = self.transport.busy_s, self._partials_s
-        body = b""
+        body, send_cpu, c2 = b"", 0.0, 0.0  # CPU clocks only for rounds with workers
         if targets:
+            c0 = time.process_time()
             body = encode_body(x, self.wire)
             self.transport.send(tag, self.wire, body, targets)
+            send_cpu = time.process_time() - c0
         self.sent_wall = t1 = time.perf_counter()
-        c1 = time.process_time()
         partials = [s.forward(x, start) for s in shards]
-        t2, c2 = time.perf_counter(), time.process_time()
+        t2 = time.perf_counter()
         if targets:
+            c2 = time.process_time()
             partials += self.gather(tag, half, targets, x, body)
         t3 = time.perf_counter()
         self.stats.rounds += 1
@@ -164,7 +166,7 @@ class Rounds:
         t4 = time.perf_counter()
         stage["sum"] += 1e3 * (t4 - t3)
         if targets and tag.ntok == 1:  # decode rounds: what the plan is made for
-            self.stats.hub_cpu_ms += 1e3 * (time.process_time() - c2 + c1 - c0)
+            self.stats.hub_cpu_ms += 1e3 * (time.process_time() - c2 + send_cpu)
             self.stats.hub_rounds += 1
             self.stats.hub_workers += len(targets)
             hub = (t1 - t0) + (self.transport.busy_s - busy) + (self._partials_s - taking) + \
