@@ -1,7 +1,7 @@
 """The coordinator's messaging cost per synchronisation round, alone (a developer's probe).
 
 N echo workers (separate processes, real UdpEndpoints and link keys on loopback) answer
-each activation with a partial of the same size; the coordinator sends a bf16 activation of
+each activation with a partial of the same size; the coordinator sends an activation (`--wire`, default bf16) of
 `--dim` values to all of them and gathers the N partials, as a relaxed round does, with no
 model compute. Prints the coordinator's CPU time (user + system) and wall time per round,
 medians over `--rounds` after a warm-up. Run it at two commits, interleaved, to compare
@@ -22,7 +22,7 @@ import torch
 
 from halollm.runtime.channel import COORDINATOR, WORKER, Channel
 from halollm.runtime.protocol import ACTIVATION, PARTIAL, RoundTag
-from halollm.runtime.tensor_codec import WIRE_BF16, decode_body, encode_body
+from halollm.runtime.tensor_codec import WIRE_NAMES, decode_body, encode_body
 from halollm.runtime.transport import UdpEndpoint
 
 
@@ -48,7 +48,9 @@ def main() -> None:
     ap.add_argument("--mtu", type=int, default=None, help="default: the path MTU")
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3000)
+    ap.add_argument("--wire", choices=list(WIRE_NAMES), default="bf16")
     args = ap.parse_args()
+    wire = WIRE_NAMES[args.wire]
     torch.set_num_threads(1)
     n = args.workers
     ports, coordinator = mp.Queue(), mp.Queue()
@@ -68,7 +70,7 @@ def main() -> None:
     for r in range(args.rounds):
         t0, c0 = time.perf_counter(), time.process_time()
         tag = RoundTag(1, 0, 0, r, 1, r % 16, r % 2)
-        ep.send(ACTIVATION, 0, WIRE_BF16, tag, encode_body(x, WIRE_BF16), targets)
+        ep.send(ACTIVATION, 0, wire, tag, encode_body(x, wire), targets)
         pending, got = set(range(1, n + 1)), []
         while pending:
             if not select.select([ep.sock], [], [], 1.0)[0]:
@@ -82,7 +84,7 @@ def main() -> None:
         cpu.append(time.process_time() - c0)
     skip = min(500, args.rounds // 5)
     cpu, wall = sorted(cpu[skip:]), sorted(wall[skip:])
-    print(f"workers={n} mtu={args.mtu or 'path'} pid={os.getpid()}: coordinator CPU per round "
+    print(f"workers={n} mtu={args.mtu or 'path'} wire={args.wire} pid={os.getpid()}: coordinator CPU per round "
           f"{1e6 * cpu[len(cpu) // 2]:.0f} us (median), wall {1e6 * wall[len(wall) // 2]:.0f} "
           f"us (median), {ep.counters['datagrams_sent'] / args.rounds:.1f} datagrams sent "
           "per round")

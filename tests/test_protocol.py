@@ -176,11 +176,32 @@ def test_tensor_codec_roundtrip(wire, tol):
     for value in (float("nan"), float("inf"), -float("inf")):
         ok = torch.ones(2, 8)
         ok[1, 5] = value
-        if wire != WIRE_INT8:
-            with pytest.raises(ProtocolError, match="non-finite"):
-                decode_body(encode_body(ok, wire), wire, 2, 8)
-    big = torch.full((1, 4), 6e4) if wire == WIRE_FP16 else torch.full((1, 4), 3e38)
+        with pytest.raises(ProtocolError, match="non-finite"):
+            decode_body(encode_body(ok, wire), wire, 2, 8)
+    top = {WIRE_FP16: 6e4, WIRE_INT8: 8e6}.get(wire, 3e38)
+    big = torch.full((1, 4), top)
     assert torch.isfinite(decode_body(encode_body(big, wire), wire, 1, 4)[1]).all()
+
+
+@pytest.mark.parametrize("dim", [1024, 576, 70])
+def test_int8_wire_confines_an_outlier_to_its_block(dim):
+    """Q8_0-style blocks: each 32 values carry their own scale, so a residual-stream outlier
+    (LLM activations have a few, hundreds of times the rest) costs precision only in its
+    own block; the body is about half of bf16's, so 1024 values fit one 1500-byte datagram."""
+    x = torch.randn(2, dim)
+    x[0, 3] = 500.0
+    groups, y = decode_body(encode_body(x, WIRE_INT8, (7,)), WIRE_INT8, 2, dim)
+    assert groups == (7,) and y.shape == (2, dim) and y.dtype == torch.float32
+    for row in range(2):
+        for b in range(0, dim, 32):
+            block = x[row, b:b + 32]
+            err = (y[row, b:b + 32] - block).abs().max().item()
+            assert err <= block.abs().max().item() / 254 * 1.01 + 1e-6
+    assert (y[1] - x[1]).abs().max().item() < 0.05  # the other row: untouched by row 0
+    assert len(encode_body(torch.randn(1, 1024), WIRE_INT8)) == 2 + 32 * 34
+    assert protocol.max_payload(1500) >= 2 + 32 * 34 + 4  # one datagram, with a few groups
+    zeros = decode_body(encode_body(torch.zeros(1, dim), WIRE_INT8), WIRE_INT8, 1, dim)[1]
+    assert not zeros.any()
 
 
 def test_udp_endpoint_counts_and_survives_hostile_datagrams():

@@ -24,7 +24,7 @@ from halollm.errors import ProtocolError
 from halollm.runtime.channel import TAG_SIZE, Channel
 
 MAGIC = b"HL"
-VERSION = 2
+VERSION = 3  # 3: the int8 wire is Q8_0-style blocks (was: one scale per row)
 MAC_SIZE = TAG_SIZE
 ACTIVATION, PARTIAL = 1, 2
 KINDS = (ACTIVATION, PARTIAL)

@@ -16,26 +16,51 @@ _TORCH = {WIRE_FP32: torch.float32, WIRE_FP16: torch.float16, WIRE_BF16: torch.b
 _ITEM = {WIRE_FP32: 4, WIRE_FP16: 2, WIRE_BF16: 2, WIRE_INT8: 1}
 _U16 = struct.Struct(">H")
 _EXPONENT = {WIRE_FP16: 0x7C00, WIRE_BF16: 0x7F80}
+Q8_BLOCK = 32  # int8 wire: values per block, each block with its own float16 scale (Q8_0's)
 
 
 def wire_for_dtype(dtype: torch.dtype) -> int:
     return next(k for k, v in _TORCH.items() if v == dtype)
 
 
+def _blocks(dim: int) -> int:
+    return -(-dim // Q8_BLOCK)
+
+
 def body_size(wire: int, ntok: int, dim: int, n_groups: int) -> int:
-    scales = 4 * ntok if wire == WIRE_INT8 else 0
-    return 2 + 2 * n_groups + scales + _ITEM[wire] * ntok * dim
+    if wire == WIRE_INT8:  # float16 scales, then the int8 values (the last block padded)
+        return 2 + 2 * n_groups + ntok * _blocks(dim) * (2 + Q8_BLOCK)
+    return 2 + 2 * n_groups + _ITEM[wire] * ntok * dim
+
+
+def _q8_encode(x: torch.Tensor) -> bytes:
+    """x [T, d] as blocks of 32 values: symmetric int8 with one float16 scale per block, as
+    llama.cpp's Q8_0 and distributed-llama's q80 sync buffers hold activations. 1.06 bytes
+    a value (half of bf16) with the error of one outlier confined to its block. Values
+    beyond float16's range times 127 (8.3e6) give an infinite scale, refused on arrival."""
+    t, d = x.shape
+    a = x.detach().float().numpy()
+    nb = _blocks(d)
+    if nb * Q8_BLOCK != d:
+        a = np.pad(a, ((0, 0), (0, nb * Q8_BLOCK - d)))
+    blocks = a.reshape(t, nb, Q8_BLOCK)
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite input: refused on arrival
+        scale = (np.abs(blocks).max(axis=-1) * (1 / 127.0)).astype(np.float16)
+        s = scale.astype(np.float32)
+        inverse = np.divide(1.0, s, out=np.zeros_like(s), where=s > 0)
+        q = blocks * inverse[..., None]
+        np.rint(q, out=q)
+        np.clip(q, -127, 127, out=q)
+        values = q.astype(np.int8)
+    return scale.astype("<f2").tobytes() + values.tobytes()
 
 
 def encode_body(x: torch.Tensor, wire: int, groups: Sequence[int] = ()) -> bytes:
-    """groups (u16 count + u16 each), then x [T, d] in the wire format. int8 is symmetric
-    per row: float32 scales first, then the int8 values."""
+    """groups (u16 count + u16 each), then x [T, d] in the wire format (int8: 32-value
+    blocks, `_q8_encode`)."""
     head = struct.pack(f">H{len(groups)}H", len(groups), *groups)
     if wire == WIRE_INT8:
-        xf = x.float()
-        scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127.0
-        q = torch.round(xf / scale).clamp(-127, 127).to(torch.int8)
-        return head + scale.numpy().astype(">f4").tobytes() + q.numpy().tobytes()
+        return head + _q8_encode(x)
     t = x.to(_TORCH[wire]).contiguous()
     if wire == WIRE_BF16:
         return head + t.view(torch.int16).numpy().tobytes()
@@ -57,11 +82,15 @@ def decode_body(body: bytes, wire: int, ntok: int, dim: int) -> tuple[tuple[int,
     groups = struct.unpack_from(f">{n}H", body, 2) if n else ()
     off = 2 + 2 * n
     if wire == WIRE_INT8:
-        scale = np.frombuffer(body, dtype=">f4", count=ntok, offset=off).astype(np.float32)
-        q = np.frombuffer(body, dtype=np.int8, count=ntok * dim, offset=off + 4 * ntok)
-        arr = q.reshape(ntok, dim).astype(np.float32) * scale[:, None]
-        finite = np.isfinite(arr).all()
-        x = torch.from_numpy(arr)
+        nb = ntok * _blocks(dim)
+        bits = np.frombuffer(body, dtype="<u2", count=nb, offset=off)
+        finite = (bits & 0x7C00).max() < 0x7C00
+        if not finite:
+            raise ProtocolError("malformed", "non-finite values")
+        scale = bits.view("<f2").astype(np.float32)
+        q = np.frombuffer(body, dtype=np.int8, count=nb * Q8_BLOCK, offset=off + 2 * nb)
+        arr = (q.reshape(nb, Q8_BLOCK) * scale[:, None]).reshape(ntok, -1)
+        x = torch.from_numpy(arr if arr.shape[1] == dim else arr[:, :dim].copy())
     elif wire == WIRE_FP32:
         arr = np.frombuffer(body, dtype=np.float32, count=ntok * dim, offset=off)
         finite = np.isfinite(arr).all()
