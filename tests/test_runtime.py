@@ -298,8 +298,9 @@ def test_strict_is_exact_with_every_placement(workers, reference_tokens, placeme
 
 
 def test_halo_placement_probes_every_link_before_its_first_plan(reference_tokens):
-    """Before the first plan, empty rounds (phase PROBE) go to each worker alone and to
-    all together, over the session's own transport (UDP in relaxed mode, TCP in strict):
+    """Before the first plan, empty rounds (phase PROBE) go to each worker alone, then
+    through the real round code to one worker and to all of them, over the session's own
+    transport (UDP in relaxed mode, TCP in strict):
     every worker answers every probe (before it holds any plan), the coordinator learns
     each round trip and its own cost per worker and per round, and the first plan is made
     from those, not from guesses; the tokens stay exact."""
@@ -322,9 +323,11 @@ def test_halo_placement_probes_every_link_before_its_first_plan(reference_tokens
             assert probe["hub_ms_per_worker"] != DEFAULT_HUB_MS
             assert [w["profile"]["probe_ms"] for w in sync["workers"]] == \
                 [probe["rtt_ms"][str(i)] for i in (1, 2)]
-            # every probe answered, counted in the workers' heartbeats
+            # every probe answered, counted in the workers' heartbeats: the first worker
+            # is in the hub rounds at one worker and at all of them
             assert [w["reported"]["probes"] for w in sync["workers"]] == \
-                [runs * (ALONE_ROUNDS + TOGETHER_ROUNDS)] * 2
+                [runs * (ALONE_ROUNDS + 2 * TOGETHER_ROUNDS),
+                 runs * (ALONE_ROUNDS + TOGETHER_ROUNDS)]
 
 def test_halo_replans_after_a_worker_dies_and_stays_exact(reference_tokens):
     """HALO placement, strict mode: a worker killed mid-generation is taken over, the next

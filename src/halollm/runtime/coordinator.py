@@ -20,6 +20,7 @@ import torch
 
 from halollm.errors import HaloError
 from halollm.groups import Partition
+from halollm.loader.weights import mlp_shard
 from halollm.model.formats import Weights, resolve_format
 from halollm.model.llama import Half, Layer, Transformer
 from halollm.model.loader import content_hash, open_source, open_tokenizer
@@ -123,12 +124,14 @@ class Coordinator:
         self.planner.move_ms = 1e3 * (time.perf_counter() - t0)  # a full move's cost, at most
 
     def _probe(self, cpu_share: float) -> None:
-        """Measure each link's round trip and this device's per-worker cost of a round
-        (probe.py), for the first plan."""
+        """Measure each link's round trip and this device's cost of a round, per round and
+        per worker, with half a layer's MLP as its own share (probe.py), for the first
+        plan."""
         transport = TcpTransport(self.links, self.stats) if self.opts.sync.mode == "strict" \
             else UdpTransport(self.udp, self.links)  # no spinning: CPU time is the measure
-        self.probed = probe_links(transport, self.links.links, self.session, self.wire,
-                                  self.config.hidden_size, cpu_share)
+        own = mlp_shard(self.weights, 0, tuple(range(self.config.intermediate_size // 2)))
+        self.probed = probe_links(transport, self.links, self.session, self.wire,
+                                  self.config.hidden_size, [own], cpu_share)
         for link in self.links.links:
             rtt = self.probed.rtt_ms.get(link.index)
             if rtt is not None:

@@ -20,13 +20,21 @@ from halollm.model.llama import sum_partials
 from halollm.runtime import protocol
 from halollm.runtime.deadline import DeadlineEstimator
 from halollm.runtime.links import Links, WorkerLink
-from halollm.runtime.protocol import ACTIVATION, ATTN, MLP, PARTIAL, ProtocolError, RoundTag
+from halollm.runtime.protocol import (
+    ACTIVATION,
+    ATTN,
+    MLP,
+    PARTIAL,
+    PROBE,
+    ProtocolError,
+    RoundTag,
+)
 from halollm.runtime.round_decision import Act, RoundState, decide, next_retry_interval
 from halollm.runtime.stats import SyncStats
 from halollm.runtime.tensor_codec import decode_body, encode_body
 from halollm.runtime.transport import Message, UdpEndpoint
 
-PHASES = {"attn": ATTN, "mlp": MLP}
+PHASES = {"attn": ATTN, "mlp": MLP, "probe": PROBE}  # probe: probe.py's rounds
 CONTROL_EVERY_S = 0.005  # how often a relaxed round drains the control plane
 REMEMBERED = 512  # rounds whose send time is kept, to learn from late arrivals
 HUB_ALPHA = 0.05  # weight of the newest round in the coordinator's per-worker cost
@@ -234,7 +242,7 @@ class Rounds:
 
     def _classify(self, tag: RoundTag, half: str, x: torch.Tensor,
                   targets: list[WorkerLink], pending: dict[int, WorkerLink]) -> frozenset[int]:
-        if tag.ntok == 1:  # what the scheduler learns: these missed the deadline
+        if tag.ntok == 1 and tag.phase != PROBE:  # what the scheduler learns: these missed
             for link in pending.values():
                 link.estimate.observe(False)
         if not self.transport.can_retry or tag.ntok > 1:
@@ -270,7 +278,7 @@ class Rounds:
         link.last_seen = time.monotonic()
         got.append(part)
         self.stats.received += 1
-        if tag.ntok == 1:
+        if tag.ntok == 1 and tag.phase != PROBE:  # probes: answered at once, no compute
             self.deadline.observe(1e3 * (now - sent))
             if a.tag not in self.retried:  # in time (an answer to a retry was a miss)
                 link.estimate.observe(True, 1e3 * (now - self.sent_wall))
