@@ -77,8 +77,32 @@ def test_a_membership_change_moves_whatever_the_cost() -> None:
 
 def test_an_adopted_move_updates_the_cost_estimate() -> None:
     p, _, current = _planner(predicted_ms=50.0, current_ms=100.0, move_ms=None)
-    p.adopted({"ms": 1234.0}, current)
+    p.moved(1234.0, None, current)
     assert p.move_ms == 1234.0
+    assert p.build_ms_per_byte == 1234.0 / p.built_bytes(None, current)
+
+
+def test_a_move_is_priced_by_what_its_busiest_device_must_build() -> None:
+    """A move costs what the device with the most new groups takes to build them, at the
+    speed the last change was built at: on a quarter core, a plan moving most of a 1.1B
+    model onto one worker took 90 s where the first distribution (a fifth of it per
+    worker) had taken a few, and the old rule (the last move's time) let it through."""
+    p, _, _ = _planner(predicted_ms=80.0, current_ms=100.0, move_ms=None)
+    partition = p.partition
+    half = equal_plan(partition, 2)
+    on_worker = Placement(partition, dict.fromkeys(partition.groups(), 1), frozenset(), 2)
+    first = p.built_bytes(None, half)  # the worker's half, built at the first distribution
+    assert 0 < first < p.built_bytes(None, on_worker)
+    assert p.built_bytes(half, half) == 0
+    assert p.built_bytes(half, on_worker) == p.built_bytes(None, on_worker) - first
+    saved = 20.0  # ms per token
+    budget = saved * PAYBACK_TOKENS  # what the move may cost
+    p.moved(0.9 * budget, None, half)  # the worker built its half in 90% of the budget
+    assert p.pays_back(saved, None, half)  # the same again: pays
+    assert not p.pays_back(saved, None, on_worker)  # twice that: does not
+    assert p.pays_back(saved, half, half)  # nothing to build
+    p.moved(0.1 * budget, None, half)
+    assert p.pays_back(saved, None, on_worker)
 
 
 def test_the_first_plan_uses_workers_only_if_enough_faster_than_the_coordinator_alone(

@@ -120,8 +120,8 @@ class Coordinator:
                              self.criticality, self._fallback)
         self.rounds.hub_round_ms = self.profile.hub_round_ms
         t0 = time.perf_counter()
-        self._distribute()
-        self.planner.move_ms = 1e3 * (time.perf_counter() - t0)  # a full move's cost, at most
+        self._distribute()  # the workers build their shards (the coordinator's are built)
+        self.planner.moved(1e3 * (time.perf_counter() - t0), None, self.placement)
 
     def _probe(self, cpu_share: float) -> None:
         """Measure each link's round trip and this device's cost of a round, per round and
@@ -296,10 +296,11 @@ class Coordinator:
         self.log(f"worker {link.name} rejoined; {note} ({ms:.0f} ms)")
 
     def _adopt(self, placement: Placement, record: dict[str, Any]) -> None:
-        t0 = time.perf_counter()
+        t0, old = time.perf_counter(), self.placement
         self._change(placement)
         self.taken.clear()
         record["ms"] = round(1e3 * (time.perf_counter() - t0), 1)
+        self.planner.moved(record["ms"], old, placement)
         self.planner.adopted(record, placement)
         self.log(f"re-planned at position {self.position} ({record['reason']}): groups per "
                  f"device {record['groups_per_device']}, predicted {record['predicted_ms']} "

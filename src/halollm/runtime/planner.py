@@ -17,6 +17,7 @@ from halollm.model.formats import Weights
 from halollm.runtime.links import WorkerLink
 from halollm.runtime.options import ClusterOptions
 from halollm.scheduler.placement import (
+    COORDINATOR,
     Placement,
     PlanResult,
     equal_plan,
@@ -40,12 +41,14 @@ class Planner:
         self.partition, self.ranking, self.config = partition, ranking, config
         self.coordinator, self.log = coordinator, log
         self.bytes_per_unit = group_nbytes(config, "mlp", 1, dtype)
+        self._unit_bytes = {kind: group_nbytes(config, kind, 1, dtype) for kind in ("attn", "mlp")}
         self.replans: list[dict[str, Any]] = []
         self.force = False  # re-plan at the next token (a worker rejoined)
         self.since_check = 0
         self.since_adopt = DWELL_CHECKS * self.plan_opts.replan_every  # the first may go
         self.period = self.plan_opts.replan_every  # tokens between checks, now
         self.move_ms: float | None = None  # what the last plan change took to apply
+        self.build_ms_per_byte: float | None = None  # ... per byte its busiest device built
         self._last: tuple[tuple, Placement | None, PlanResult] | None = None  # last solve
 
     @property
@@ -148,7 +151,8 @@ class Planner:
             return None
         was = plan.current_ms if plan.current_ms is not None else float("inf")
         if not changed and (plan.predicted_ms > (1 - self.plan_opts.hysteresis) * was or
-                            not (unreliable or self.pays_back(was - plan.predicted_ms))):
+                            not (unreliable or self.pays_back(was - plan.predicted_ms,
+                                                              current, plan.placement))):
             return None
         self.period = every
         return plan.placement, {
@@ -157,12 +161,37 @@ class Planner:
             "solve_ms": round(plan.solve_ms, 1),
             "reason": "membership" if changed else "faster"}
 
-    def pays_back(self, saved_ms_per_token: float) -> bool:
-        return self.move_ms is None or saved_ms_per_token * PAYBACK_TOKENS >= self.move_ms
+    def pays_back(self, saved_ms_per_token: float, current: Placement | None = None,
+                  new: Placement | None = None) -> bool:
+        """Whether a move saves more over PAYBACK_TOKENS tokens than it costs: what the
+        busiest device must build (devices build in parallel), at the speed the last change
+        was built at; without both plans, what the last change took."""
+        cost = self.move_ms
+        if new is not None and self.build_ms_per_byte is not None:
+            cost = self.build_ms_per_byte * self.built_bytes(current, new)
+        return cost is None or saved_ms_per_token * PAYBACK_TOKENS >= cost
+
+    def built_bytes(self, old: Placement | None, new: Placement) -> int:
+        """The most weight bytes any one device (the coordinator included) must build to go
+        from `old` (None: every group on the coordinator) to `new`: the groups it holds in
+        `new` and did not in `old`."""
+        per: dict[int, int] = {}
+        for gid, dev in new.owner.items():
+            if (old.owner.get(gid) if old is not None else COORDINATOR) != dev:
+                per[dev] = per.get(dev, 0) + \
+                    len(new.partition.units(gid)) * self._unit_bytes[gid.kind]
+        return max(per.values(), default=0)
+
+    def moved(self, ms: float, old: Placement | None, new: Placement) -> None:
+        """A plan change (the first distribution too) took `ms` to apply: the move cost
+        model learns its build speed from it."""
+        self.move_ms = ms
+        built = self.built_bytes(old, new)
+        if built > 0:
+            self.build_ms_per_byte = ms / built
 
     def adopted(self, record: dict[str, Any], placement: Placement) -> None:
         self.since_adopt = 0
-        self.move_ms = record.get("ms", self.move_ms)
         record["groups_per_device"] = placement.summary()["groups_per_device"]
         self.replans.append(record)
 
