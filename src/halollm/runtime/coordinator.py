@@ -121,7 +121,10 @@ class Coordinator:
         self.rounds.hub_round_ms = self.profile.hub_round_ms
         t0 = time.perf_counter()
         self._distribute()  # the workers build their shards (the coordinator's are built)
-        self.planner.moved(1e3 * (time.perf_counter() - t0), None, self.placement)
+        ms = 1e3 * (time.perf_counter() - t0)
+        self.planner.moved(ms, None, self.placement)
+        if self.planner.replans:  # the first plan's record: what distributing it took
+            self.planner.replans[0]["ms"] = round(ms, 1)
 
     def _probe(self, cpu_share: float) -> None:
         """Measure each link's round trip and this device's cost of a round, per round and
