@@ -39,7 +39,7 @@ from halollm.runtime.tensor_codec import decode_body, encode_body
 ALONE_ROUNDS = 5  # per worker, for its round trip
 TOGETHER_ROUNDS = 16  # through the real round code, at one worker and at all of them
 TIMEOUT_S = 1.0  # an answer later than this is not waited for (the link is lossy or slow)
-PROBE_DEADLINE_MS = 5.0  # at least; else 3x the slowest round trip before a re-send
+PROBE_DEADLINE_MS = 50.0  # at least; else 3x the slowest round trip before a re-send
 
 
 @dataclass
@@ -76,7 +76,9 @@ def probe_links(transport: Transport, links_of: Links, session: int, wire: int, 
             rtts[link.index] += answered.values()
     result.rtt_ms = {i: statistics.median(v) for i, v in rtts.items() if v}
     wait_ms = max(PROBE_DEADLINE_MS, 3 * max(result.rtt_ms.values(), default=TIMEOUT_S * 1e3))
-    one, every = _hub_cpu(transport, links_of, live, session, wire, dim, own, number, wait_ms)
+    one, every, lost = _hub_cpu(transport, links_of, live, session, wire, dim, own, number,
+                                  wait_ms)
+    result.missed += lost
     # CPU per round = fixed + per_worker * n, from n = 1 and n = all; CPU milliseconds over
     # the core's share = wall-clock milliseconds
     scale = 1.0 / max(cpu_share, 1e-3)
@@ -92,25 +94,27 @@ def probe_links(transport: Transport, links_of: Links, session: int, wire: int, 
 
 def _hub_cpu(transport: Transport, links: Links, live: list[WorkerLink], session: int,
              wire: int, dim: int, own: Sequence[Any], number: int, wait_ms: float
-             ) -> tuple[float | None, float | None]:
+             ) -> tuple[float | None, float | None, int]:
     """The coordinator's CPU ms per round, own share left out, at one worker and at all of
-    `live` (None where no round completed): PROBE rounds through `Rounds.run`, the two
-    sizes interleaved, `own` computed in each as the coordinator's share. A missing answer is asked
-    for again after `wait_ms`, as a live round asks for a critical one."""
+    `live` (None where no round completed), and how many answers never came: PROBE rounds
+    through `Rounds.run`, the two sizes interleaved, `own` computed in each as the
+    coordinator's share. A missing answer is asked for again after `wait_ms`, as a live
+    round asks for a critical one."""
     runs = [(Rounds(transport, links, session, wire, dim, DeadlineEstimator(fixed_ms=wait_ms),
                     SyncStats(mode="probe"), _everyone, _no_recompute), targets)
             for targets in ([live[0]], live)]
     x = torch.zeros(1, dim)
+    silent = 0
     try:
         for _ in range(TOGETHER_ROUNDS):
             for rounds, targets in runs:
                 number += 1
                 rounds.run(0, "probe", x, number, own, targets)
-    except WorkerLost:
-        pass  # a worker silent past the death threshold: price from what completed
+    except WorkerLost as exc:  # silent past the death threshold: price from what completed
+        silent = len(exc.links)
     out = [r.stats.hub_cpu_ms / r.stats.hub_rounds if r.stats.hub_rounds else None
            for r, _ in runs]
-    return out[0], out[1]
+    return out[0], out[1], silent + sum(r.stats.lost for r, _ in runs)
 
 
 def _everyone(_layer: int, _half: str, _x: torch.Tensor, targets: list[WorkerLink]
