@@ -20,7 +20,6 @@ import torch
 
 from halollm.errors import HaloError
 from halollm.groups import Partition
-from halollm.loader.weights import mlp_shard
 from halollm.model.formats import Weights, resolve_format
 from halollm.model.llama import Half, Layer, Transformer
 from halollm.model.loader import content_hash, open_source, open_tokenizer
@@ -103,7 +102,7 @@ class Coordinator:
         if plan.placement in ("memory", "halo") and self.opts.custom_plan is None:
             bench = compute_benchmark(self.config, self.weights)
             self.profile.bench_speed = bench.speed
-            self._probe(bench.cpu_share)
+            self._probe(bench.cpu_share, bench.shard)
         self.planner = Planner(self.opts, partition, ranking, self.config, self.weights,
                                self.profile, self.log)
         self.placement = self.initial_placement = self.planner.initial(self.links.links)
@@ -126,13 +125,12 @@ class Coordinator:
         if self.planner.replans:  # the first plan's record: what distributing it took
             self.planner.replans[0]["ms"] = round(ms, 1)
 
-    def _probe(self, cpu_share: float) -> None:
+    def _probe(self, cpu_share: float, own: object) -> None:
         """Measure each link's round trip and this device's cost of a round, per round and
-        per worker, with half a layer's MLP as its own share (probe.py), for the first
-        plan."""
+        per worker, with `own` (the compute benchmark's half of a layer's MLP) as its own
+        share (probe.py), for the first plan."""
         transport = TcpTransport(self.links, self.stats) if self.opts.sync.mode == "strict" \
             else UdpTransport(self.udp, self.links)  # no spinning: CPU time is the measure
-        own = mlp_shard(self.weights, 0, tuple(range(self.config.intermediate_size // 2)))
         self.probed = probe_links(transport, self.links, self.session, self.wire,
                                   self.config.hidden_size, [own], cpu_share)
         for link in self.links.links:

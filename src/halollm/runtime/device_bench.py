@@ -22,6 +22,7 @@ LOAD_BENCH_SECONDS = 0.2
 class ComputeBench(NamedTuple):
     speed: float  # MLP neurons per ms, marginal (what one more neuron in a shard costs)
     cpu_share: float  # of one core this process got while busy (a CPU quota: below 1)
+    shard: Any = None  # the larger shard it timed (half of layer 0's MLP): a compute load
 
 
 @torch.inference_mode()
@@ -52,7 +53,7 @@ def compute_benchmark(config: ModelConfig, weights: Weights,
     small, big = (1e3 * statistics.median(t) for t in times)  # ms per call
     stalls = max(1.0, 1e3 * wall / (small * len(times[0]) + big * len(times[1])))
     speed = (sizes[1] - sizes[0]) / (big - small) if big > small else sizes[1] / big
-    return ComputeBench(speed / stalls, max(share, 1e-3))
+    return ComputeBench(speed / stalls, max(share, 1e-3), shards[1])
 
 
 def load_benchmark(config: ModelConfig, source: Any, fmt: WeightFormat | None = None,

@@ -40,8 +40,8 @@ class Planner:
         self.opts, self.plan_opts = opts, opts.plan
         self.partition, self.ranking, self.config = partition, ranking, config
         self.coordinator, self.log = coordinator, log
-        self.bytes_per_unit = group_nbytes(config, "mlp", 1, dtype)
         self._unit_bytes = {kind: group_nbytes(config, kind, 1, dtype) for kind in ("attn", "mlp")}
+        self.bytes_per_unit = self._unit_bytes["mlp"]
         self.replans: list[dict[str, Any]] = []
         self.force = False  # re-plan at the next token (a worker rejoined)
         self.since_check = 0

@@ -84,8 +84,9 @@ def decode_body(body: bytes, wire: int, ntok: int, dim: int) -> tuple[tuple[int,
     if wire == WIRE_INT8:
         nb = ntok * _blocks(dim)
         bits = np.frombuffer(body, dtype="<u2", count=nb, offset=off)
-        finite = (bits & 0x7C00).max() < 0x7C00
-        if not finite:
+        exponent = _EXPONENT[WIRE_FP16]  # the scales are float16
+        finite = (bits & exponent).max() < exponent
+        if not finite:  # before scaling with them (inf * 0 warns)
             raise ProtocolError("malformed", "non-finite values")
         scale = bits.view("<f2").astype(np.float32)
         q = np.frombuffer(body, dtype=np.int8, count=nb * Q8_BLOCK, offset=off + 2 * nb)
