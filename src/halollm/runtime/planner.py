@@ -133,10 +133,16 @@ class Planner:
         holders = {d for d in range(1, len(links) + 1) if current.count(d)}
         changed = bool(holders - alive) or taken_over or self.force
         self.force = False
-        # a move away from a link that misses rounds protects accuracy, not only speed: the
-        # payback rule is for moves between reliable devices, and no backoff delays it
+        # a link holding groups that misses rounds is checked at once (no backoff delays
+        # it); a move away from it is exempt from the payback rule only when the current
+        # plan's expected loss of significance is over the bound: then accuracy is at
+        # stake. Missed critical contributions are waited for or recomputed, and on
+        # CPU-capped devices most misses are late answers: a speed matter, which a move
+        # must pay back (a 57 s move went through on quarter-core nodes, session 11)
         unreliable = any(lk.alive and current.count(lk.index) and
                          lk.estimate.miss_rate > self.plan_opts.reliable_loss for lk in links)
+        at_stake = unreliable and self.lost_share(links, current) > \
+            self.plan_opts.max_lost_share
         if changed or unreliable:
             self.period = every
         if not changed and (self.since_check < self.period or
@@ -151,15 +157,31 @@ class Planner:
             return None
         was = plan.current_ms if plan.current_ms is not None else float("inf")
         if not changed and (plan.predicted_ms > (1 - self.plan_opts.hysteresis) * was or
-                            not (unreliable or self.pays_back(was - plan.predicted_ms,
-                                                              current, plan.placement))):
+                            not (at_stake or self.pays_back(was - plan.predicted_ms,
+                                                            current, plan.placement))):
             return None
         self.period = every
         return plan.placement, {
             "position": position, "predicted_ms": round(plan.predicted_ms, 3),
             "previous_ms": round(was, 3) if was != float("inf") else None,
             "solve_ms": round(plan.solve_ms, 1),
-            "reason": "membership" if changed else "faster"}
+            "reason": "membership" if changed else "accuracy" if at_stake else "faster"}
+
+    def lost_share(self, links: list[WorkerLink], placement: Placement) -> float:
+        """The largest expected share of a round's significance lost per round under
+        `placement` at the links' measured miss rates: the non-critical groups behind links
+        missing more than `reliable_loss` of their rounds (as the scheduler bounds it; the
+        small misses of reliable links are not counted)."""
+        miss = {lk.index: lk.estimate.miss_rate for lk in links
+                if lk.alive and lk.estimate.miss_rate > self.plan_opts.reliable_loss}
+        total: dict[tuple[int, str], float] = {}
+        lost: dict[tuple[int, str], float] = {}
+        for gid, dev in placement.owner.items():
+            half, sig = (gid.layer, gid.kind), self.ranking.get(gid, 0.0)
+            total[half] = total.get(half, 0.0) + sig
+            if dev in miss and gid not in placement.critical:
+                lost[half] = lost.get(half, 0.0) + sig * miss[dev]
+        return max((v / total[h] for h, v in lost.items() if total[h] > 0), default=0.0)
 
     def pays_back(self, saved_ms_per_token: float, current: Placement | None = None,
                   new: Placement | None = None) -> bool:
