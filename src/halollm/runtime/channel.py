@@ -59,6 +59,7 @@ class Channel:
 
     def __init__(self, key: bytes, direction: int, window: int = WINDOW) -> None:
         self._aead = ChaCha20Poly1305(key)
+        self.key = key  # the native data path (_wire.c) seals and opens with it too
         self.direction = direction
         self.sent = 0
         self.window = ReplayWindow(window)

@@ -72,20 +72,26 @@ def max_payload(mtu: int) -> int:
     return mtu - IP_UDP_OVERHEAD - HEADER.size - MAC_SIZE
 
 
-def encode(kind: int, sender: int, wire: int, tag: RoundTag, body: bytes | memoryview,
-           channel: Channel, mtu: int = DEFAULT_MTU) -> list[bytes]:
-    """A message as a list of sealed datagrams, each at most `mtu` bytes on the wire (with
-    IP/UDP); every datagram takes the next counter of `channel`."""
+def message_prefix(kind: int, sender: int, wire: int, tag: RoundTag, n: int, mtu: int
+                   ) -> tuple[bytes, int, int]:
+    """(the header bytes every fragment of a message of `n` bytes shares, the payload of a
+    fragment, the fragment count) -- after checking what the sender asked for."""
     if kind not in KINDS:
         raise ValueError(f"bad message kind {kind}")
     size = max_payload(mtu)
     if size < 64:
         raise ValueError(f"MTU {mtu} is too small")
-    if len(body) > MAX_BODY:
-        raise ValueError(f"message of {len(body)} bytes exceeds {MAX_BODY}")
+    if n > MAX_BODY:
+        raise ValueError(f"message of {n} bytes exceeds {MAX_BODY}")
+    return _PREFIX.pack(MAGIC, VERSION, kind, sender, wire, *tag, 0), size, max(1, -(-n // size))
+
+
+def encode(kind: int, sender: int, wire: int, tag: RoundTag, body: bytes | memoryview,
+           channel: Channel, mtu: int = DEFAULT_MTU) -> list[bytes]:
+    """A message as a list of sealed datagrams, each at most `mtu` bytes on the wire (with
+    IP/UDP); every datagram takes the next counter of `channel`."""
     n = len(body)
-    count = max(1, -(-n // size))
-    prefix = _PREFIX.pack(MAGIC, VERSION, kind, sender, wire, *tag, 0)
+    prefix, size, count = message_prefix(kind, sender, wire, tag, n, mtu)
     view = memoryview(body)
     out = []
     for i in range(count):
@@ -118,6 +124,10 @@ def decode(datagram: bytes | memoryview, channel_for: ChannelFor) -> Fragment:
         raise ProtocolError("malformed", "payload longer than the body")
     return Fragment(kind, sender, wire, RoundTag(session, epoch, request, pos, ntok, layer,
                                                  phase), index, count, body_len, payload)
+
+
+KIND_MASK = sum(1 << k for k in KINDS)  # for the native receive (transport.py)
+PHASE_MASK = sum(1 << p for p in PHASE_NAMES)
 
 
 class Reassembler:

@@ -7,6 +7,7 @@ counted; nothing malformed, forged or replayed ever raises out of here.
 from __future__ import annotations
 
 import errno
+import os
 import random
 import select
 import socket
@@ -25,6 +26,22 @@ RECEIVE_BATCH = 256  # datagrams read per wake-up at most
 IP_MTU = 14  # Linux <netinet/in.h>: the path MTU of a connected socket
 MAX_DATAGRAM_MTU = 65535  # an IPv4 datagram's largest size
 MIN_MTU = 576  # every IPv4 host must take datagrams this large
+
+
+def native_wire() -> object | None:
+    """The C data path (`_wire.c`, built at install where OpenSSL's headers are), unless
+    HALO_PURE_PYTHON is set or it speaks another protocol version: then None and the
+    Python path (protocol.py), which produces and accepts the same datagrams."""
+    if os.environ.get("HALO_PURE_PYTHON"):
+        return None
+    try:
+        from halollm.runtime import _wire  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _wire if getattr(_wire, "VERSION", None) == protocol.VERSION else None
+
+
+NATIVE = native_wire()
 
 
 class Message(NamedTuple):
@@ -55,11 +72,12 @@ class UdpEndpoint:
 
     def __init__(self, host: str, port: int, channel_for: ChannelFor,
                  mtu: int | None = None, drop_rate: float = 0.0,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, native: object | None = NATIVE) -> None:
         """`mtu`: the datagram size limit on the wire; None: each destination's path MTU
         (one datagram per message on loopback, 1500-byte datagrams on Ethernet/Wi-Fi)."""
-        self.channel_for, self.mtu = channel_for, mtu
+        self.channel_for, self.mtu, self.native = channel_for, mtu, native
         self._mtu_of: dict[Address, int] = {}
+        self._sockaddr_of: dict[Address, bytes | None] = {}
         self._buffer = bytearray(1 << 16)
         self._view = memoryview(self._buffer)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -111,6 +129,8 @@ class UdpEndpoint:
         """Seal the message for each target's link and send its fragments. A full send
         buffer or an unreachable peer loses the datagram, like the network would."""
         sendto, sent, errors = self.sock.sendto, 0, 0
+        if self.native is not None:
+            sent, errors, targets = self._send_native(kind, sender, wire, tag, body, targets)
         for addr, channel in targets:
             for g in protocol.encode(kind, sender, wire, tag, body, channel, self.mtu_to(addr)):
                 try:
@@ -122,6 +142,36 @@ class UdpEndpoint:
         if errors:
             self.counters["send_errors"] += errors
 
+    def _send_native(self, kind: int, sender: int, wire: int, tag: RoundTag, body: bytes,
+                     targets: Sequence[tuple[Address, Channel]]
+                     ) -> tuple[int, int, list[tuple[Address, Channel]]]:
+        """Every fragment for every target with an IPv4 address, sealed and sent in C (one
+        sendmmsg per MTU); (sent, errors, the targets left to the Python path)."""
+        by_mtu: dict[int, list[tuple[bytes, Channel]]] = {}
+        rest = []
+        for addr, channel in targets:
+            sa = self._sockaddr_of.get(addr, b"")
+            if sa == b"":
+                try:
+                    sa = self._sockaddr_of[addr] = self.native.sockaddr(*addr)  # type: ignore[attr-defined]
+                except (ValueError, TypeError):
+                    sa = self._sockaddr_of[addr] = None
+            if sa is None:
+                rest.append((addr, channel))
+            else:
+                by_mtu.setdefault(self.mtu_to(addr), []).append((sa, channel))
+        sent = errors = 0
+        for mtu, group in by_mtu.items():
+            prefix, size, count = protocol.message_prefix(kind, sender, wire, tag, len(body), mtu)
+            items = []
+            for sa, ch in group:  # each target its own counters (a nonce is never reused)
+                items.append((sa, ch.key, ch.direction, ch.sent))
+                ch.sent += count
+            ok, bad = self.native.seal_send(  # type: ignore[attr-defined]
+                self.sock.fileno(), prefix, body, size, items)
+            sent, errors = sent + ok, errors + bad
+        return sent, errors, rest
+
     def mtu_to(self, addr: Address) -> int:
         mtu = self.mtu or self._mtu_of.get(addr)
         if mtu is None:
@@ -132,9 +182,11 @@ class UdpEndpoint:
         """The complete messages among at most `limit` datagrams waiting now (non-blocking).
         Bounded, so that a flood cannot keep a caller from its other duties (heartbeats,
         the control plane): the rest waits for the next call."""
+        emulated = self.drop_rate or self.drop_from
+        if self.native is not None and not emulated:
+            return self._receive_native(limit)
         out: list[Message] = []
         recv, view, counters = self.sock.recvfrom_into, self._view, self.counters
-        emulated = self.drop_rate or self.drop_from
         received = 0
         for _ in range(limit):
             try:
@@ -158,6 +210,40 @@ class UdpEndpoint:
                 continue
             if body is not None:
                 out.append(Message(frag.kind, frag.sender, frag.wire, frag.tag, body, addr))
+        counters["datagrams_received"] += received
+        return out
+
+    def _receive_native(self, limit: int) -> list[Message]:
+        """`receive` with the datagrams read, parsed and opened in C (one recvmmsg per 64);
+        the replay windows and reassembly stay here."""
+        out: list[Message] = []
+        counters, received = self.counters, 0
+        for item in self.native.recv_open(  # type: ignore[attr-defined]
+                self.sock.fileno(), limit, self.channel_for, protocol.KIND_MASK,
+                protocol.PHASE_MASK):
+            if item.__class__ is str:
+                if item == "receive_error":  # e.g. ICMP port unreachable
+                    counters["receive_errors"] += 1
+                else:
+                    received += 1
+                    counters[item] += 1
+                continue
+            received += 1
+            channel, counter, kind, sender, wire, tag, index, count, body_len, payload, addr = item
+            why = channel.window.fresh(counter)
+            if why is not None:
+                counters[why] += 1
+                continue
+            channel.window.accept(counter)
+            frag = protocol.Fragment(kind, sender, wire, RoundTag(*tag), index, count,
+                                     body_len, payload)
+            try:
+                body = self.reassembler.add(frag)
+            except ProtocolError as exc:
+                counters[exc.reason] += 1
+                continue
+            if body is not None:
+                out.append(Message(kind, sender, wire, frag.tag, body, addr))
         counters["datagrams_received"] += received
         return out
 
