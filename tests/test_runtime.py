@@ -345,6 +345,34 @@ def test_halo_replans_after_a_worker_dies_and_stays_exact(reference_tokens):
     assert sync["placement"]["groups_per_device"][1] == 0  # nothing left on the dead worker
 
 
+def test_a_worker_killed_while_a_plan_is_loading_is_taken_over(reference_tokens):
+    """A worker dies just as a plan change goes out, before any heartbeat could be missed
+    (dead_after_s is long): its dropped connection ends the wait for its `ready` (no 120 s
+    hang, no error), the coordinator takes its groups over and strict mode stays exact."""
+    with LocalWorkers(2, KEY, threads=1) as lw:
+        coord = Coordinator(None, "fp32", lw.addresses, cluster_key(KEY), ClusterOptions.build(
+            mode="strict", placement="halo", memory_budget=12 << 20, predictor=None,
+            attn_groups=3, coordinator_share=0.5, dead_after_s=60, rejoin_every_s=600))
+        try:
+            seen = []
+
+            def on_text(_piece: str) -> None:
+                seen.append(1)
+                if len(seen) == 5:
+                    lw.kill(0)
+                    coord.planner.force = True  # a re-plan at the next token: a plan goes out
+            ids = coord.tokenizer.encode(PROMPT)
+            result = generate(coord, coord.tokenizer, ids, max_tokens=32, sampling=GREEDY,
+                              on_text=on_text, ignore_eos=True)
+            sync = coord.sync_json()
+        finally:
+            coord.close()
+    assert result.token_ids == reference_tokens
+    assert [t["reason"] for t in sync["takeovers"]] == [
+        "connection closed while loading its plan"]
+    assert sync["placement"]["groups_per_device"][1] == 0
+
+
 def test_workers_stream_a_plan_larger_than_their_memory_budget(reference_tokens):
     """Workers offering 8 MiB hold shares of ~100 MiB: they stream their weights from the
     model file (halo worker --memory-budget) and strict mode stays token-exact."""

@@ -318,8 +318,12 @@ class Coordinator:
             spare = (self.profile.memory_bytes - self.model.weight_bytes()) // 2
             self.stats.fallbacks_prepared += self.own.prepare_fallbacks(self.placement, live,
                                                                         spare)
+        gone = []
         for link in live:
             reply = self.links.await_reply(link, (Ready,), PLAN_TIMEOUT_S)
+            if reply is None and link.disconnected:  # died while it built: take it over
+                gone.append(self.links.lost(link, "connection closed while loading its plan"))
+                continue
             if reply is None:
                 raise HaloError(f"worker {link.name} did not load its groups within "
                                 f"{PLAN_TIMEOUT_S:.0f}s")
@@ -328,6 +332,8 @@ class Coordinator:
                 raise HaloError(f"worker {link.name} cannot take its groups: {reply.error} "
                                 "(give it a larger --memory-budget, or use --placement "
                                 "memory|halo)")
+        for dead in gone:
+            self._take_over(dead.link, dead.reason)
 
     def idle(self) -> None:
         """Between requests (a server): keep the sessions alive (a worker drops a coordinator

@@ -16,6 +16,7 @@ from halollm.runtime import handshake, protocol
 from halollm.runtime.channel import Channel
 from halollm.runtime.handshake import LinkChannels
 from halollm.runtime.keys import ClusterKey
+from halollm.runtime.liveness import PeerWatch
 from halollm.runtime.messages import (
     WRONG_KEY,
     Challenge,
@@ -51,6 +52,8 @@ class WorkerLink:
     profile: DeviceProfile | None = None
     estimate: LinkEstimate = field(default_factory=LinkEstimate)
     channels: LinkChannels | None = None  # this session's keys, once the worker joined
+    watch: PeerWatch | None = None  # tells when the worker's TCP connection drops
+    disconnected: bool = False  # it dropped while a reply was awaited
 
     @property
     def control(self) -> Channel | None:
@@ -139,10 +142,11 @@ class Links:
         """The challenge-response join (handshake.py). False if the worker did not answer
         in time; HaloError if it refused or could not prove it holds the key."""
         if link.sock is not None:
-            link.sock.close(0)
+            self._close(link, 0)
         link.sock = self.ctx.socket(zmq.DEALER)
         link.sock.setsockopt(zmq.LINGER, 0)
         harden(link.sock)
+        link.watch, link.disconnected = PeerWatch(link.sock), False
         link.sock.connect(f"tcp://{link.host}:{link.port}")
         link.channels = None
         hello, nonce = handshake.hello(self.session)
@@ -184,10 +188,15 @@ class Links:
 
     def await_reply(self, link: WorkerLink, kinds: tuple[type[Message], ...], timeout_s: float
                     ) -> Message | None:
-        """Block for a control message of one of `kinds` from link (others are handled)."""
+        """Block for a control message of one of `kinds` from link (others are handled);
+        None after `timeout_s`, or at once when the worker's connection drops (a worker
+        killed while it builds a plan sends no heartbeat either way: `link.disconnected`)."""
         end = time.monotonic() + timeout_s
         while (left := end - time.monotonic()) > 0:
             if not link.sock.poll(int(min(left, 0.25) * 1000) + 1):
+                if link.watch is not None and link.watch.dropped():
+                    link.disconnected = True
+                    return None
                 continue
             frames = link.sock.recv_multipart()
             if len(frames) == 1 and frames[0][:2] == protocol.MAGIC:
@@ -299,5 +308,12 @@ class Links:
                     linger = 200
                 except zmq.ZMQError:
                     pass
-            link.sock.close(linger)
-            link.sock = None
+            self._close(link, linger)
+
+    @staticmethod
+    def _close(link: WorkerLink, linger: int) -> None:
+        if link.watch is not None:
+            link.watch.close()
+            link.watch = None
+        link.sock.close(linger)
+        link.sock = None

@@ -1,4 +1,6 @@
-"""Noticing that a worker's coordinator has gone: its TCP connection closes.
+"""Noticing that the other end has gone: its TCP connection closes. (A worker watches its
+coordinator's connections; the coordinator watches each worker's, `PeerWatch`, while it
+waits for a plan to load -- a worker building shards sends no heartbeats.)
 
 A ZeroMQ socket monitor reports every connection that closes, by file descriptor: at once
 when the coordinator's process ends (the kernel closes its sockets), within ZeroMQ's
@@ -45,6 +47,29 @@ class ConnectionWatch:
             return int(frame.get(zmq.SRCFD))
         except (zmq.ZMQError, TypeError, ValueError):
             return None
+
+    def close(self) -> None:
+        self._monitor.close(0)
+
+
+class PeerWatch:
+    """A client socket's one connection (the coordinator's DEALER to a worker): whether it
+    is down now, by its latest connect or disconnect event."""
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.down = False
+
+    def dropped(self) -> bool:
+        for _ in range(MAX_EVENTS):
+            if not self._monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                break
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self.down = event["event"] == zmq.EVENT_DISCONNECTED
+        return self.down
 
     def close(self) -> None:
         self._monitor.close(0)
