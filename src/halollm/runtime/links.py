@@ -109,6 +109,7 @@ class Links:
         self._by_index = {link.index: link for link in self.links}
         self.events: list[Event] = []
         self.last_poll = 0.0
+        self._poller: tuple[tuple[Any, ...], zmq.Poller, dict[Any, WorkerLink]] | None = None
 
     def __iter__(self) -> Iterator[WorkerLink]:
         return iter(self.links)
@@ -243,9 +244,19 @@ class Links:
             self._on_message(link, msg)
 
     def poll(self) -> None:
+        """Drain the links with something waiting: one zmq poll over all of them (this runs
+        every few milliseconds during rounds; asking each socket cost a call per worker)."""
         self.last_poll = time.perf_counter()
-        for link in self.alive():
-            self.drain(link)
+        alive = self.alive()
+        key = tuple(link.sock for link in alive)
+        if self._poller is None or self._poller[0] != key:  # membership or sockets changed
+            poller = zmq.Poller()
+            for link in alive:
+                poller.register(link.sock, zmq.POLLIN)
+            self._poller = (key, poller, {link.sock: link for link in alive})
+        _, poller, link_of = self._poller
+        for sock, _ in poller.poll(0):
+            self.drain(link_of[sock])
 
     def _on_message(self, link: WorkerLink, msg: Message) -> None:
         match msg:
