@@ -265,12 +265,20 @@ static PyObject *recv_open(PyObject *self, PyObject *args) {
     unsigned long kinds, phases;
     if (!PyArg_ParseTuple(args, "iiOkk", &fd, &limit, &channel_for, &kinds, &phases))
         return NULL;
+    /* one receive at a time per process: channel_for runs Python, during which another
+     * thread could enter here and overwrite these buffers; that is refused, not shared */
     static uint8_t bufs[BATCH][MAX_DATAGRAM], plain[MAX_DATAGRAM];
     static struct mmsghdr msgs[BATCH];
     static struct iovec iov[BATCH];
     static struct sockaddr_in from[BATCH];
+    static int busy;
+    if (busy) {
+        PyErr_SetString(PyExc_RuntimeError, "recv_open is already running in another thread");
+        return NULL;
+    }
     PyObject *out = PyList_New(0);
     if (out == NULL) return NULL;
+    busy = 1;
     while (limit > 0) {
         int want = limit < BATCH ? limit : BATCH;
         for (int i = 0; i < want; i++) {
@@ -297,8 +305,10 @@ static PyObject *recv_open(PyObject *self, PyObject *args) {
         limit -= got;
         if (got < want) break;
     }
+    busy = 0;
     return out;
 fail:
+    busy = 0;
     Py_DECREF(out);
     return NULL;
 }
