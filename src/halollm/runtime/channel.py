@@ -72,11 +72,20 @@ class Channel:
         """Ciphertext and tag of plaintext, authenticating aad (which holds the counter)."""
         return self._aead.encrypt(_NONCE.pack(self.direction, counter), plaintext, aad)
 
-    def open(self, counter: int, aad: bytes | memoryview, sealed: bytes | memoryview) -> bytes:
-        """The plaintext of what the peer sealed; ProtocolError if forged, replayed or old."""
+    def _check_fresh(self, counter: int) -> None:
         why = self.window.fresh(counter)
         if why is not None:
             raise ProtocolError(why)
+
+    def admit(self, counter: int) -> None:
+        """A counter of a datagram opened elsewhere (the native path, transport.py) into the
+        window; ProtocolError if replayed or old."""
+        self._check_fresh(counter)
+        self.window.accept(counter)
+
+    def open(self, counter: int, aad: bytes | memoryview, sealed: bytes | memoryview) -> bytes:
+        """The plaintext of what the peer sealed; ProtocolError if forged, replayed or old."""
+        self._check_fresh(counter)
         try:
             plain = self._aead.decrypt(_NONCE.pack(1 - self.direction, counter), sealed, aad)
         except InvalidTag:

@@ -53,7 +53,11 @@ class WorkerLink:
     estimate: LinkEstimate = field(default_factory=LinkEstimate)
     channels: LinkChannels | None = None  # this session's keys, once the worker joined
     watch: PeerWatch | None = None  # tells when the worker's TCP connection drops
-    disconnected: bool = False  # it dropped while a reply was awaited
+
+    @property
+    def disconnected(self) -> bool:
+        """Its connection is down, as last seen (by `Links.await_reply`)."""
+        return self.watch is not None and self.watch.down
 
     @property
     def control(self) -> Channel | None:
@@ -147,7 +151,7 @@ class Links:
         link.sock = self.ctx.socket(zmq.DEALER)
         link.sock.setsockopt(zmq.LINGER, 0)
         harden(link.sock)
-        link.watch, link.disconnected = PeerWatch(link.sock), False
+        link.watch = PeerWatch(link.sock)
         link.sock.connect(f"tcp://{link.host}:{link.port}")
         link.channels = None
         hello, nonce = handshake.hello(self.session)
@@ -196,7 +200,6 @@ class Links:
         while (left := end - time.monotonic()) > 0:
             if not link.sock.poll(int(min(left, 0.25) * 1000) + 1):
                 if link.watch is not None and link.watch.dropped():
-                    link.disconnected = True
                     return None
                 continue
             frames = link.sock.recv_multipart()

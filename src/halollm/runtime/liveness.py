@@ -11,12 +11,24 @@ and closing connections never ends a session.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 MAX_EVENTS = 1024  # read per call at most: a connection flood cannot stall the loop
+
+
+def _events(monitor: zmq.Socket) -> Iterator[dict[str, Any]]:
+    """The monitor's waiting events, at most MAX_EVENTS (never blocks)."""
+    for _ in range(MAX_EVENTS):
+        if not monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            break  # the usual case, every turn of a loop: no exception
+        try:
+            yield recv_monitor_message(monitor, zmq.NOBLOCK)
+        except zmq.Again:
+            break
 
 
 class ConnectionWatch:
@@ -27,13 +39,7 @@ class ConnectionWatch:
     def closed(self) -> set[int]:
         """Descriptors of the connections that closed since the last call."""
         out: set[int] = set()
-        for _ in range(MAX_EVENTS):
-            if not self._monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                break  # the usual case, every turn of the worker's loop: no exception
-            try:
-                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        for event in _events(self._monitor):
             if event["event"] == zmq.EVENT_ACCEPTED:
                 out.discard(int(event["value"]))  # the number is in use again
             elif event["event"] == zmq.EVENT_DISCONNECTED:
@@ -61,13 +67,7 @@ class PeerWatch:
         self.down = False
 
     def dropped(self) -> bool:
-        for _ in range(MAX_EVENTS):
-            if not self._monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                break
-            try:
-                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        for event in _events(self._monitor):
             self.down = event["event"] == zmq.EVENT_DISCONNECTED
         return self.down
 

@@ -203,15 +203,18 @@ class UdpEndpoint:
                     continue
             received += 1
             try:
-                frag = protocol.decode(view[:n], self.channel_for)
-                body = self.reassembler.add(frag)  # a one-datagram message: at once
+                self._assemble(protocol.decode(view[:n], self.channel_for), addr, out)
             except ProtocolError as exc:
                 counters[exc.reason] += 1
-                continue
-            if body is not None:
-                out.append(Message(frag.kind, frag.sender, frag.wire, frag.tag, body, addr))
         counters["datagrams_received"] += received
         return out
+
+    def _assemble(self, frag: protocol.Fragment, addr: Address, out: list[Message]) -> None:
+        """An opened fragment into its message, the message into `out` once complete (a
+        one-datagram message at once); ProtocolError as the reassembler raises it."""
+        body = self.reassembler.add(frag)
+        if body is not None:
+            out.append(Message(frag.kind, frag.sender, frag.wire, frag.tag, body, addr))
 
     def _receive_native(self, limit: int) -> list[Message]:
         """`receive` with the datagrams read, parsed and opened in C (one recvmmsg per 64);
@@ -230,20 +233,12 @@ class UdpEndpoint:
                 continue
             received += 1
             channel, counter, kind, sender, wire, tag, index, count, body_len, payload, addr = item
-            why = channel.window.fresh(counter)
-            if why is not None:
-                counters[why] += 1
-                continue
-            channel.window.accept(counter)
-            frag = protocol.Fragment(kind, sender, wire, RoundTag(*tag), index, count,
-                                     body_len, payload)
             try:
-                body = self.reassembler.add(frag)
+                channel.admit(counter)
+                self._assemble(protocol.Fragment(kind, sender, wire, RoundTag(*tag), index,
+                                                 count, body_len, payload), addr, out)
             except ProtocolError as exc:
                 counters[exc.reason] += 1
-                continue
-            if body is not None:
-                out.append(Message(kind, sender, wire, frag.tag, body, addr))
         counters["datagrams_received"] += received
         return out
 
