@@ -371,6 +371,11 @@ def test_a_worker_killed_while_a_plan_is_loading_is_taken_over(reference_tokens)
     assert [t["reason"] for t in sync["takeovers"]] == [
         "connection closed while loading its plan"]
     assert sync["placement"]["groups_per_device"][1] == 0
+    # the takeover inside the plan change is not forgotten: the next token re-plans over the
+    # workers left, and the planner's last record is the plan actually in force
+    replans = sync["placement"]["replans"]
+    assert [r["reason"] for r in replans[-2:]] == ["membership", "membership"]
+    assert replans[-1]["groups_per_device"] == sync["placement"]["groups_per_device"]
 
 
 def test_workers_stream_a_plan_larger_than_their_memory_budget(reference_tokens):

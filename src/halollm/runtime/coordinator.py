@@ -298,8 +298,11 @@ class Coordinator:
 
     def _adopt(self, placement: Placement, record: dict[str, Any]) -> None:
         t0, old = time.perf_counter(), self.placement
-        self._change(placement)
+        # the new plan is made over the live workers: what was taken over is settled. A
+        # worker found dead while it loads this plan is taken over inside _change, and stays
+        # in `taken`, so the next token re-plans for the membership change
         self.taken.clear()
+        self._change(placement)
         record["ms"] = round(1e3 * (time.perf_counter() - t0), 1)
         self.planner.moved(record["ms"], old, placement)
         self.planner.adopted(record, placement)

@@ -151,7 +151,6 @@ class Links:
         link.sock = self.ctx.socket(zmq.DEALER)
         link.sock.setsockopt(zmq.LINGER, 0)
         harden(link.sock)
-        link.watch = PeerWatch(link.sock)
         link.sock.connect(f"tcp://{link.host}:{link.port}")
         link.channels = None
         hello, nonce = handshake.hello(self.session)
@@ -169,6 +168,9 @@ class Links:
         welcome = self._answer(link, Welcome, timeout_s)
         if not isinstance(welcome, Welcome):
             return False
+        # watched from here on: a drop while joining is ZeroMQ's to retry (a busy worker's
+        # missed ZMTP heartbeats, say), not a reason to give the join up
+        link.watch = PeerWatch(link.sock)
         self._welcomed(link, welcome)
         return True
 
