@@ -5,15 +5,25 @@ counted alike. Where OpenSSL's headers are (as in CI) it must have been built.""
 from __future__ import annotations
 
 import importlib.util
+import random
 import socket
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from halollm.runtime import protocol
-from halollm.runtime.channel import channel_pair
+from halollm.runtime.channel import ReplayWindow, channel_pair
 from halollm.runtime.protocol import ACTIVATION, PARTIAL, RoundTag
+from halollm.runtime.tensor_codec import (
+    WIRE_BF16,
+    WIRE_FP16,
+    WIRE_FP32,
+    WIRE_INT8,
+    decode_body,
+    encode_body,
+)
 from halollm.runtime.transport import NATIVE, UdpEndpoint
 
 KEY = b"n" * 32
@@ -119,3 +129,74 @@ def test_hostile_datagrams_are_rejected_and_counted_alike(path: str) -> None:
     assert c["datagrams_received"] == 8
     raw.close()
     rx.close()
+
+
+@pytest.mark.parametrize("wire", [WIRE_FP32, WIRE_FP16, WIRE_BF16, WIRE_INT8])
+def test_a_decode_rounds_partials_summed_in_c_equal_the_python_paths(wire: int) -> None:
+    """`_wire.Gather` takes a decode round's partials in whole (replay window, reassembly,
+    checks, the float32 sum): the sum is the bodies' own sum in arrival order, and what it
+    refuses or leaves (a replay, a forgery, a non-finite body, another round's partial) is
+    refused and counted as the Python path does, or handed back to it."""
+    native = _path("native")
+    dim = 700
+    links = {s: channel_pair(bytes([s]) * 32) for s in (1, 2, 3)}
+    rx = UdpEndpoint("127.0.0.1", 0,
+                     lambda s, n: links[s][0] if s in links and n == TAG.session else None,
+                     mtu=600, native=native)
+    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    addr = ("127.0.0.1", rx.port)
+    torch.manual_seed(0)
+    bodies = {s: encode_body(torch.randn(1, dim) * 2, wire, (s, 7)) for s in links}
+    nan = encode_body(torch.full((1, dim), float("nan")), wire, (2,))
+    other = TAG._replace(pos=TAG.pos - 1)  # an earlier round's late partial
+
+    def datagrams(s: int, body: bytes, tag: RoundTag = TAG) -> list[bytes]:
+        return protocol.encode(PARTIAL, s, wire, tag, body, links[s][1], mtu=600)
+
+    first = datagrams(1, bodies[1])
+    forged = bytearray(datagrams(3, bodies[3])[0])
+    forged[-1] ^= 1
+    sends = [*first, first[0],  # the last one a replay
+             *datagrams(2, nan),  # refused: worker 2 stays pending
+             bytes(forged), *datagrams(3, bodies[3], other), *datagrams(2, bodies[2]),
+             *datagrams(3, bodies[3])]
+    gather = rx.gather(TAG, [1, 2, 3], [links[s][0] for s in (1, 2, 3)], wire, dim)
+    assert gather is not None and len(first) > 1  # several fragments each
+    for data in sends:
+        raw.sendto(data, addr)
+    time.sleep(0.2)
+    late = rx.receive(gather=gather)
+    arrived = [s for s, _ in gather.arrived()]
+    assert arrived == [1, 2, 3]
+    expected = torch.zeros(1, dim)
+    for s in arrived:
+        expected = expected + decode_body(bodies[s], wire, 1, dim)[1].float()
+    total = torch.frombuffer(gather.total(), dtype=torch.float32).view(1, dim)
+    assert torch.equal(total, expected)
+    assert [(m.sender, m.tag, m.body) for m in late] == [(3, other, bodies[3])]
+    c = rx.counters
+    assert (c["replayed"], c["malformed"], c["unauthenticated"]) == (1, 1, 1), c
+    assert c["datagrams_received"] == len(sends)
+    gather.drop(3)  # no longer waited for: its answer now is late, the Python path's
+    raw.sendto(datagrams(3, bodies[3])[0], addr)
+    time.sleep(0.1)
+    assert rx.receive(gather=gather) == [] and gather.arrived() == []
+    raw.close()
+    rx.close()
+
+
+def test_the_native_replay_window_keeps_the_python_windows_rules() -> None:
+    _path("native")
+    rng = random.Random(5)
+    for size in (1, 63, 64, 65, 1000, 1024):
+        ref, win = ReplayWindow(size), NATIVE.Window(size)  # type: ignore[attr-defined]
+        high = 0
+        for _ in range(2000):
+            c = rng.choice([rng.randint(0, high + 3), high + rng.randint(1, 2 * size + 3),
+                            max(0, high - rng.randint(0, size + 2))])
+            assert win.fresh(c) == ref.fresh(c), (size, c)
+            if ref.fresh(c) is None and c > 0 and rng.random() < 0.8:
+                ref.accept(c)
+                win.accept(c)
+                high = max(high, c)
+            assert win.highest == ref.highest

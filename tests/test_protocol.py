@@ -20,8 +20,10 @@ from halollm.runtime.tensor_codec import (
     WIRE_FP16,
     WIRE_FP32,
     WIRE_INT8,
+    check_body,
     decode_body,
     encode_body,
+    sum_bodies,
 )
 from halollm.runtime.transport import UdpEndpoint, path_mtu
 
@@ -181,6 +183,26 @@ def test_tensor_codec_roundtrip(wire, tol):
     top = {WIRE_FP16: 6e4, WIRE_INT8: 8e6}.get(wire, 3e38)
     big = torch.full((1, 4), top)
     assert torch.isfinite(decode_body(encode_body(big, wire), wire, 1, 4)[1]).all()
+
+
+@pytest.mark.parametrize("wire", [WIRE_FP32, WIRE_FP16, WIRE_BF16, WIRE_INT8])
+@pytest.mark.parametrize("ntok", [1, 3])
+def test_a_rounds_partials_summed_together_equal_the_sum_of_each_decoded(wire, ntok):
+    """Rounds.gather checks each body on arrival and decodes them together at the end
+    (sum_bodies): exactly the float32 sum of the bodies decoded one by one, whatever group
+    lists they carry."""
+    xs = [torch.randn(ntok, 70) * 3 for _ in range(4)]
+    bodies = [encode_body(x, wire, g) for x, g in zip(xs, [(), (1, 2), (), (5,)], strict=True)]
+    for chosen in (bodies, bodies[::2], bodies[:1]):
+        ref = torch.zeros(ntok, 70)
+        for b in chosen:
+            ref = ref + decode_body(b, wire, ntok, 70)[1].float()
+        checked = [(b, check_body(b, wire, ntok, 70)) for b in chosen]
+        got = sum_bodies(checked, wire, ntok, 70)
+        assert got.dtype == torch.float32 and got.shape == (ntok, 70)
+        assert torch.allclose(got, ref, rtol=0, atol=1e-5)
+    with pytest.raises(ProtocolError, match="non-finite"):
+        check_body(encode_body(torch.full((ntok, 70), float("nan")), wire), wire, ntok, 70)
 
 
 @pytest.mark.parametrize("dim", [1024, 576, 70])

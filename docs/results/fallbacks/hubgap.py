@@ -22,7 +22,8 @@ coord = Coordinator(model, None, addrs, cluster_key(state["key"]), ClusterOption
 def snap():
     on, wait, n = map(int, open("/proc/self/schedstat").read().split())
     st = dict(l.split() for l in open(cg / "cpu.stat"))
-    return time.perf_counter(), on, wait, int(st["throttled_time"]), int(st["nr_throttled"])
+    t = os.times()
+    return time.perf_counter(), on, wait, int(st["throttled_time"]), int(st["nr_throttled"]), t.user, t.system
 
 tok = coord.tokenizer
 ids = tok.encode("Once upon a time")
@@ -40,7 +41,7 @@ n = len(res.token_ids)
 d = [y - x for x, y in zip(a, b)]
 print(json.dumps({"placement": placement, "wire": os.environ.get("WIRE"), "decode_ms": res.decode_ms_per_token,
     "per_token_ms": {"wall": 1e3 * d[0] / n, "on_cpu": d[1] / 1e6 / n, "runqueue_wait": d[2] / 1e6 / n,
-                     "throttled": d[3] / 1e6 / n, "nr_throttled": d[4] / n},
+                     "throttled": d[3] / 1e6 / n, "nr_throttled": d[4] / n, "user": 1e3 * d[5] / n, "system": 1e3 * d[6] / n},
     "groups": sync.get("placement", {}).get("groups_per_device"),
     "probe": sync.get("probe"), "hub_ms": sync.get("hub_ms"),
     "stage_ms": sync.get("stage_ms_per_round"), "hub_cpu": sync.get("hub_cpu"), "hub_ms_live": sync.get("hub_ms_per_worker"),

@@ -2,8 +2,9 @@
  * to every target in one sendmmsg, and receiving, parsing and opening a batch of datagrams
  * in one recvmmsg. The same wire format as protocol.py (which stays the reference: the
  * tests check that both produce and accept the same bytes); the AEAD is OpenSSL's
- * ChaCha20-Poly1305, the same cipher as the `cryptography` package's. Replay windows and
- * reassembly stay in Python (transport.py).
+ * ChaCha20-Poly1305, the same cipher as the `cryptography` package's. recv_open leaves
+ * replay windows and reassembly to Python (transport.py); a decode round's own partials are
+ * taken in whole here (Gather, below: window, reassembly, checks, the float32 sum).
  *
  * Why: on a quarter-core coordinator a round's cost is per-datagram Python (building the
  * header, sealing, one sendto each; receiving, parsing, opening), not compute
@@ -19,6 +20,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #define PREFIX_SIZE 28 /* magic .. phase, pad: every fragment of a message shares it */
 #define HEADER_SIZE 44 /* prefix + fragment index, count, body length, counter */
@@ -185,7 +187,8 @@ PyDoc_STRVAR(recv_open_doc,
 "and open each. Each item is either a str (why it was rejected: 'malformed',\n"
 "'unknown_sender', 'unauthenticated', 'receive_error') or a tuple (channel, counter, kind,\n"
 "sender, wire, (session, epoch, request, pos, ntok, layer, phase), index, count, body_len,\n"
-"payload, (host, port)). `channel_for(sender, session)` names the link (an object with\n"
+"payload, (host, port)); consecutive fragments of a round share one tag tuple object (and of\n"
+"a sender one address tuple). `channel_for(sender, session)` names the link (an object with\n"
 "`key` and `direction`) or None. The caller checks each counter against its link's replay\n"
 "window, then reassembles. `kinds`, `phases`: bit masks of the message kinds and round\n"
 "phases a datagram may carry.");
@@ -196,6 +199,47 @@ static PyObject *reject(PyObject *out, const char *why) {
     int r = PyList_Append(out, s);
     Py_DECREF(s);
     return r == 0 ? out : NULL;
+}
+
+/* The tag and address tuples of the last datagram opened, handed out again while the next
+ * ones carry the same values (a round's datagrams all share its tag, a worker's fragments its
+ * address): fewer objects built per datagram. Held under the GIL, like everything here. */
+static uint32_t last_tag[7];
+static PyObject *last_tag_obj;
+static struct sockaddr_in last_from;
+static PyObject *last_from_obj;
+
+static PyObject *tag_tuple(const uint32_t v[7]) {
+    if (last_tag_obj == NULL || memcmp(v, last_tag, sizeof last_tag) != 0) {
+        PyObject *t = PyTuple_New(7);
+        if (t == NULL) return NULL;
+        for (int i = 0; i < 7; i++) {
+            PyObject *x = PyLong_FromUnsignedLong(v[i]);
+            if (x == NULL) {
+                Py_DECREF(t);
+                return NULL;
+            }
+            PyTuple_SET_ITEM(t, i, x);
+        }
+        Py_XSETREF(last_tag_obj, t);
+        memcpy(last_tag, v, sizeof last_tag);
+    }
+    Py_INCREF(last_tag_obj);
+    return last_tag_obj;
+}
+
+static PyObject *addr_tuple(const struct sockaddr_in *from) {
+    if (last_from_obj == NULL || from->sin_addr.s_addr != last_from.sin_addr.s_addr ||
+        from->sin_port != last_from.sin_port) {
+        char host[INET_ADDRSTRLEN];
+        inet_ntop(AF_INET, &from->sin_addr, host, sizeof host);
+        PyObject *a = Py_BuildValue("(si)", host, (int)ntohs(from->sin_port));
+        if (a == NULL) return NULL;
+        Py_XSETREF(last_from_obj, a);
+        last_from = *from;
+    }
+    Py_INCREF(last_from_obj);
+    return last_from_obj;
 }
 
 /* One received datagram: appended to `out` as a reason or a fragment; NULL on a Python error. */
@@ -244,16 +288,31 @@ static PyObject *open_one(PyObject *out, const uint8_t *d, Py_ssize_t n,
         Py_DECREF(channel);
         return reject(out, "malformed");
     }
-    char host[INET_ADDRSTRLEN];
-    inet_ntop(AF_INET, &from->sin_addr, host, sizeof host);
-    PyObject *item = Py_BuildValue(
-        "(NKkkk(kkkkkkk)kkky#(si))", channel, (unsigned long long)counter,
-        (unsigned long)kind, (unsigned long)sender, (unsigned long)wire,
-        (unsigned long)session, (unsigned long)epoch, (unsigned long)request, (unsigned long)pos,
-        (unsigned long)ntok, (unsigned long)layer, (unsigned long)phase, (unsigned long)index,
-        (unsigned long)count, (unsigned long)body_len, (const char *)plain, m, host,
-        (int)ntohs(from->sin_port));
-    if (item == NULL) return NULL;
+    uint32_t tagv[7] = {session, epoch, request, pos, ntok, layer, phase};
+    PyObject *tag = tag_tuple(tagv), *addr = tag == NULL ? NULL : addr_tuple(from);
+    PyObject *item = addr == NULL ? NULL : PyTuple_New(11);
+    if (item == NULL) {
+        Py_XDECREF(tag);
+        Py_XDECREF(addr);
+        Py_DECREF(channel);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(item, 0, channel);
+    PyTuple_SET_ITEM(item, 1, PyLong_FromUnsignedLongLong(counter));
+    PyTuple_SET_ITEM(item, 2, PyLong_FromUnsignedLong(kind));
+    PyTuple_SET_ITEM(item, 3, PyLong_FromUnsignedLong(sender));
+    PyTuple_SET_ITEM(item, 4, PyLong_FromUnsignedLong(wire));
+    PyTuple_SET_ITEM(item, 5, tag);
+    PyTuple_SET_ITEM(item, 6, PyLong_FromUnsignedLong(index));
+    PyTuple_SET_ITEM(item, 7, PyLong_FromUnsignedLong(count));
+    PyTuple_SET_ITEM(item, 8, PyLong_FromUnsignedLong(body_len));
+    PyTuple_SET_ITEM(item, 9, PyBytes_FromStringAndSize((const char *)plain, m));
+    PyTuple_SET_ITEM(item, 10, addr);
+    for (int i = 1; i < 10; i++)
+        if (PyTuple_GET_ITEM(item, i) == NULL) {
+            Py_DECREF(item);
+            return NULL;
+        }
     int r = PyList_Append(out, item);
     Py_DECREF(item);
     return r == 0 ? out : NULL;
@@ -313,6 +372,528 @@ fail:
     return NULL;
 }
 
+
+/* ---------------------------------------------------------------------------------------
+ * Window: a link's replay window (channel.py's ReplayWindow, the same rules) that this file
+ * can check and advance without calling Python: Channel uses it where this module is built.
+ * Bit i of the bitmap: counter `highest - i` was accepted. */
+
+typedef struct {
+    PyObject_HEAD
+    uint64_t highest;
+    Py_ssize_t size, words;
+    uint64_t *bits;
+} Window;
+
+static int window_init(Window *w, PyObject *args, PyObject *kw) {
+    Py_ssize_t size = 1024;
+    static char *names[] = {"size", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|n", names, &size)) return -1;
+    if (size < 1 || size > (1 << 20)) {
+        PyErr_SetString(PyExc_ValueError, "window size must be 1..1048576");
+        return -1;
+    }
+    PyMem_Free(w->bits);
+    w->size = size;
+    w->words = (size + 63) / 64;
+    w->bits = PyMem_Calloc((size_t)w->words, sizeof(uint64_t));
+    w->highest = 0;
+    if (w->bits == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static void window_dealloc(Window *w) {
+    PyMem_Free(w->bits);
+    Py_TYPE(w)->tp_free((PyObject *)w);
+}
+
+/* NULL if counter may be accepted, else why not */
+static const char *window_check(const Window *w, uint64_t counter) {
+    if (counter == 0) return "too_old";
+    if (counter > w->highest) return NULL;
+    uint64_t behind = w->highest - counter;
+    if (behind >= (uint64_t)w->size) return "too_old";
+    return (w->bits[behind / 64] >> (behind % 64) & 1) ? "replayed" : NULL;
+}
+
+static void window_take(Window *w, uint64_t counter) {
+    if (counter > w->highest) {
+        uint64_t shift = counter - w->highest;
+        if (shift >= (uint64_t)w->size) {
+            memset(w->bits, 0, (size_t)w->words * sizeof(uint64_t));
+        } else {
+            Py_ssize_t ws = (Py_ssize_t)(shift / 64);
+            unsigned bs = (unsigned)(shift % 64);
+            for (Py_ssize_t i = w->words - 1; i >= 0; i--) {
+                uint64_t hi = i - ws >= 0 ? w->bits[i - ws] : 0;
+                uint64_t lo = i - ws - 1 >= 0 ? w->bits[i - ws - 1] : 0;
+                w->bits[i] = bs ? (hi << bs | lo >> (64 - bs)) : hi;
+            }
+            Py_ssize_t extra = w->words * 64 - w->size; /* bits beyond the window: cleared */
+            if (extra) w->bits[w->words - 1] &= ~(uint64_t)0 >> extra;
+        }
+        w->bits[0] |= 1;
+        w->highest = counter;
+    } else {
+        uint64_t behind = w->highest - counter;
+        w->bits[behind / 64] |= (uint64_t)1 << (behind % 64);
+    }
+}
+
+static int counter_arg(PyObject *arg, uint64_t *counter) {
+    long long v = PyLong_AsLongLong(arg);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    *counter = v < 0 ? 0 : (uint64_t)v;
+    return 0;
+}
+
+static PyObject *window_fresh(Window *w, PyObject *arg) {
+    uint64_t counter;
+    if (counter_arg(arg, &counter) != 0) return NULL;
+    const char *why = window_check(w, counter);
+    if (why == NULL) Py_RETURN_NONE;
+    return PyUnicode_InternFromString(why);
+}
+
+static PyObject *window_accept(Window *w, PyObject *arg) {
+    uint64_t counter;
+    if (counter_arg(arg, &counter) != 0) return NULL;
+    if (counter > 0) window_take(w, counter);
+    Py_RETURN_NONE;
+}
+
+static PyObject *window_highest(Window *w, void *closure) {
+    return PyLong_FromUnsignedLongLong(w->highest);
+}
+
+static PyMethodDef window_methods[] = {
+    {"fresh", (PyCFunction)window_fresh, METH_O,
+     "fresh(counter) -> None if counter may be accepted, else 'replayed' or 'too_old'"},
+    {"accept", (PyCFunction)window_accept, METH_O, "accept(counter): record it (after opening)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef window_getset[] = {
+    {"highest", (getter)window_highest, NULL, "the highest counter accepted", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject WindowType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "halollm.runtime._wire.Window",
+    .tp_basicsize = sizeof(Window),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Window(size=1024): a replay window (channel.ReplayWindow's rules) in C",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)window_init,
+    .tp_dealloc = (destructor)window_dealloc,
+    .tp_methods = window_methods,
+    .tp_getset = window_getset,
+};
+
+/* ---------------------------------------------------------------------------------------
+ * Gather: a decode round's partials, taken in here. The datagrams of this round from its
+ * workers are opened, checked against their link's replay window, reassembled, checked (the
+ * body's size, finite values) and added into one float32 sum; everything else (other
+ * rounds' late partials, strangers, what is rejected) is handed back as recv_open would,
+ * for the Python path. transport.py and rounds.py use it; protocol.py and tensor_codec.py
+ * are the reference it must agree with (tests/test_native_wire.py). */
+
+#define MAX_SLOTS 255
+#define MAX_FRAGS 32
+#define PARTIAL_KIND 2
+#define WIRE_FP32 0
+#define WIRE_FP16 1
+#define WIRE_BF16 2
+#define WIRE_INT8 3
+#define Q8_BLOCK 32
+
+typedef struct {
+    int sender, done;
+    PyObject *channel;   /* its link's data channel */
+    const uint8_t *key;  /* the channel's key bytes (held by `channel`) */
+    int direction;
+    Window *window;
+    uint32_t count, body_len, have, held;
+    uint8_t *frag[MAX_FRAGS];
+    uint32_t flen[MAX_FRAGS];
+    double arrived_at;
+} Slot;
+
+typedef struct {
+    PyObject_HEAD
+    uint32_t tag[7];
+    int wire, dim, nslots, narrived, nreported;
+    Slot *slots;
+    float *sum;
+    int order[MAX_SLOTS];  /* slots in the order their partials completed */
+} Gather;
+
+static void slot_reset(Slot *s) {
+    for (uint32_t i = 0; i < MAX_FRAGS; i++) {
+        PyMem_Free(s->frag[i]);
+        s->frag[i] = NULL;
+        s->flen[i] = 0;
+    }
+    s->count = s->body_len = s->have = s->held = 0;
+}
+
+static void gather_dealloc(Gather *g) {
+    for (int i = 0; g->slots != NULL && i < g->nslots; i++) {
+        slot_reset(&g->slots[i]);
+        Py_XDECREF(g->slots[i].channel);
+        Py_XDECREF((PyObject *)g->slots[i].window);
+    }
+    PyMem_Free(g->slots);
+    PyMem_Free(g->sum);
+    Py_TYPE(g)->tp_free((PyObject *)g);
+}
+
+static int gather_init(Gather *g, PyObject *args, PyObject *kw) {
+    PyObject *tag, *senders, *channels;
+    if (!PyArg_ParseTuple(args, "OOOii", &tag, &senders, &channels, &g->wire, &g->dim))
+        return -1;
+    if (!PyTuple_Check(tag) || PyTuple_GET_SIZE(tag) != 7 || !PyList_Check(senders) ||
+        !PyList_Check(channels) || PyList_GET_SIZE(senders) != PyList_GET_SIZE(channels) ||
+        PyList_GET_SIZE(senders) > MAX_SLOTS || g->wire < 0 || g->wire > 3 || g->dim < 1 ||
+        g->slots != NULL) {
+        PyErr_SetString(PyExc_ValueError, "Gather(tag 7-tuple, senders, channels, wire, dim)");
+        return -1;
+    }
+    for (int i = 0; i < 7; i++) {
+        unsigned long v = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(tag, i));
+        if (v == (unsigned long)-1 && PyErr_Occurred()) return -1;
+        g->tag[i] = (uint32_t)v;
+    }
+    if (g->tag[4] != 1) {
+        PyErr_SetString(PyExc_ValueError, "Gather takes decode rounds (one token)");
+        return -1;
+    }
+    g->nslots = (int)PyList_GET_SIZE(senders);
+    g->slots = PyMem_Calloc((size_t)g->nslots + 1, sizeof(Slot));
+    g->sum = PyMem_Calloc((size_t)g->dim, sizeof(float));
+    if (g->slots == NULL || g->sum == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (int i = 0; i < g->nslots; i++) {
+        Slot *s = &g->slots[i];
+        PyObject *ch = PyList_GET_ITEM(channels, i);
+        long sender = PyLong_AsLong(PyList_GET_ITEM(senders, i));
+        if (sender == -1 && PyErr_Occurred()) return -1;
+        PyObject *key = PyObject_GetAttrString(ch, "key");
+        PyObject *dir = key == NULL ? NULL : PyObject_GetAttrString(ch, "direction");
+        PyObject *win = dir == NULL ? NULL : PyObject_GetAttrString(ch, "window");
+        int ok = win != NULL && PyBytes_Check(key) && PyBytes_GET_SIZE(key) == KEY_SIZE &&
+                 Py_TYPE(win) == &WindowType;
+        long direction = ok ? PyLong_AsLong(dir) : 0;
+        Py_XDECREF(key); /* the channel holds its key: the pointer stays valid */
+        Py_XDECREF(dir);
+        if (!ok) {
+            Py_XDECREF(win);
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError,
+                                "a channel needs a 32-byte key and a _wire.Window");
+            return -1;
+        }
+        Py_INCREF(ch);
+        s->channel = ch;
+        s->key = (const uint8_t *)PyBytes_AS_STRING(key);
+        s->direction = (int)direction;
+        s->window = (Window *)win;
+        s->sender = (int)sender;
+    }
+    return 0;
+}
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = h >> 10 & 0x1f, man = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) {
+                man <<= 1;
+                exp--;
+            }
+            bits = sign | exp << 23 | (man & 0x3ff) << 13;
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000 | man << 13;
+    } else {
+        bits = sign | (exp + 127 - 15) << 23 | man << 13;
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static int blocks(int dim) { return (dim + Q8_BLOCK - 1) / Q8_BLOCK; }
+
+/* A complete body: checked as tensor_codec.check_body does and added into the sum; 0 if
+ * added, else the reason it was refused (nothing is added then) */
+static const char *take_body(Gather *g, const uint8_t *b, uint32_t n) {
+    if (n < 2) return "malformed";
+    uint32_t groups = get16(b), off = 2 + 2 * groups, dim = (uint32_t)g->dim;
+    uint64_t need = g->wire == WIRE_INT8 ? (uint64_t)blocks(g->dim) * (2 + Q8_BLOCK)
+                                         : (uint64_t)dim * (g->wire == WIRE_FP32 ? 4 : 2);
+    if ((uint64_t)n != off + need) return "malformed";
+    const uint8_t *v = b + off;
+    float *sum = g->sum;
+    if (g->wire == WIRE_BF16 || g->wire == WIRE_FP16) {
+        uint16_t mask = g->wire == WIRE_BF16 ? 0x7F80 : 0x7C00;
+        for (uint32_t i = 0; i < dim; i++) {
+            uint16_t h = (uint16_t)(v[2 * i] | v[2 * i + 1] << 8);
+            if ((h & mask) == mask) return "malformed";
+        }
+        for (uint32_t i = 0; i < dim; i++) {
+            uint16_t h = (uint16_t)(v[2 * i] | v[2 * i + 1] << 8);
+            float f;
+            if (g->wire == WIRE_BF16) {
+                uint32_t bits = (uint32_t)h << 16;
+                memcpy(&f, &bits, sizeof f);
+            } else {
+                f = half_to_float(h);
+            }
+            sum[i] += f;
+        }
+    } else if (g->wire == WIRE_FP32) {
+        for (uint32_t i = 0; i < dim; i++) {
+            uint32_t bits = (uint32_t)v[4 * i] | (uint32_t)v[4 * i + 1] << 8 |
+                            (uint32_t)v[4 * i + 2] << 16 | (uint32_t)v[4 * i + 3] << 24;
+            if ((bits & 0x7f800000) == 0x7f800000) return "malformed";
+        }
+        for (uint32_t i = 0; i < dim; i++) {
+            uint32_t bits = (uint32_t)v[4 * i] | (uint32_t)v[4 * i + 1] << 8 |
+                            (uint32_t)v[4 * i + 2] << 16 | (uint32_t)v[4 * i + 3] << 24;
+            float f;
+            memcpy(&f, &bits, sizeof f);
+            sum[i] += f;
+        }
+    } else { /* int8: the float16 scales, then 32 int8 values per block */
+        int nb = blocks(g->dim);
+        for (int k = 0; k < nb; k++) {
+            uint16_t h = (uint16_t)(v[2 * k] | v[2 * k + 1] << 8);
+            if ((h & 0x7C00) == 0x7C00) return "malformed";
+        }
+        const int8_t *q = (const int8_t *)(v + 2 * nb);
+        for (uint32_t i = 0; i < dim; i++) {
+            uint32_t k = i / Q8_BLOCK;
+            float scale = half_to_float((uint16_t)(v[2 * k] | v[2 * k + 1] << 8));
+            sum[i] += (float)q[i] * scale;
+        }
+    }
+    return NULL;
+}
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+/* A datagram of this round from one of its workers, opened: into its slot. NULL, or the
+ * reason it was refused. */
+static const char *take_fragment(Gather *g, Slot *s, uint32_t index, uint32_t count,
+                                 uint32_t body_len, const uint8_t *p, uint32_t m) {
+    if (count == 1) {
+        if (m != body_len) return "malformed";
+        const char *why = take_body(g, p, m);
+        if (why != NULL) return why;
+    } else {
+        if (s->count == 0) {
+            s->count = count;
+            s->body_len = body_len;
+        }
+        if (count != s->count || body_len != s->body_len) return "malformed";
+        if (s->have >> index & 1) return "duplicate";
+        if (s->held + m > body_len) {
+            slot_reset(s);
+            return "malformed";
+        }
+        s->frag[index] = PyMem_Malloc(m ? m : 1);
+        if (s->frag[index] == NULL) return "malformed";
+        memcpy(s->frag[index], p, m);
+        s->flen[index] = m;
+        s->have |= (uint32_t)1 << index;
+        s->held += m;
+        if (s->have != (count == 32 ? 0xffffffffu : ((uint32_t)1 << count) - 1)) return NULL;
+        uint8_t *body = PyMem_Malloc(body_len ? body_len : 1);
+        const char *why = NULL;
+        if (body == NULL || s->held != body_len) {
+            why = "malformed";
+        } else {
+            uint32_t at = 0;
+            for (uint32_t i = 0; i < count; i++) {
+                memcpy(body + at, s->frag[i], s->flen[i]);
+                at += s->flen[i];
+            }
+            why = take_body(g, body, body_len);
+        }
+        PyMem_Free(body);
+        slot_reset(s);
+        if (why != NULL) return why;
+    }
+    s->done = 1;
+    s->arrived_at = now_s();
+    g->order[g->narrived++] = (int)(s - g->slots);
+    return NULL;
+}
+
+/* One received datagram: taken if it is this round's partial from one of its workers and
+ * opens with that link's key and window; otherwise handed to open_one (the Python path's
+ * items). *taken is set when it was taken (or refused) here. */
+static PyObject *gather_one(Gather *g, PyObject *out, const uint8_t *d, Py_ssize_t n,
+                            const struct sockaddr_in *from, PyObject *channel_for,
+                            unsigned long kinds, unsigned long phases, uint8_t *plain,
+                            Py_ssize_t *taken) {
+    if (n >= HEADER_SIZE + TAG_SIZE && d[0] == 'H' && d[1] == 'L' && d[2] == WIRE_VERSION &&
+        d[3] == PARTIAL_KIND && d[5] == g->wire) {
+        uint32_t t[7] = {get32(d + 6), get32(d + 10), get32(d + 14), get32(d + 18),
+                         get16(d + 22), get16(d + 24), d[26]};
+        uint32_t index = get16(d + 28), count = get16(d + 30), body_len = get32(d + 32);
+        Slot *s = NULL;
+        for (int i = 0; i < g->nslots; i++)
+            if (g->slots[i].sender == d[4]) s = &g->slots[i];
+        if (s != NULL && !s->done && memcmp(t, g->tag, sizeof t) == 0 && count >= 1 &&
+            count <= MAX_FRAGS && index < count && body_len <= MAX_BODY) {
+            uint64_t counter = get64(d + 36);
+            const char *why = window_check(s->window, counter);
+            if (why == NULL) {
+                uint8_t iv[12];
+                nonce(iv, (uint32_t)(1 - s->direction), counter);
+                if (open_sealed(s->key, iv, d, HEADER_SIZE, d + HEADER_SIZE,
+                                (int)(n - HEADER_SIZE), plain) != 0) {
+                    why = "unauthenticated";
+                } else {
+                    window_take(s->window, counter);
+                    uint32_t m = (uint32_t)(n - HEADER_SIZE - TAG_SIZE);
+                    why = m > body_len ? "malformed"
+                                       : take_fragment(g, s, index, count, body_len, plain, m);
+                }
+            }
+            if (why != NULL) return reject(out, why);
+            ++*taken;
+            return out;
+        }
+    }
+    return open_one(out, d, n, from, channel_for, kinds, phases, plain);
+}
+
+static PyObject *gather_pump(Gather *g, PyObject *args) {
+    int fd, limit;
+    PyObject *channel_for;
+    unsigned long kinds, phases;
+    if (!PyArg_ParseTuple(args, "iiOkk", &fd, &limit, &channel_for, &kinds, &phases))
+        return NULL;
+    static uint8_t bufs[BATCH][MAX_DATAGRAM], plain[MAX_DATAGRAM];
+    static struct mmsghdr msgs[BATCH];
+    static struct iovec iov[BATCH];
+    static struct sockaddr_in from[BATCH];
+    static int busy;
+    if (busy) {
+        PyErr_SetString(PyExc_RuntimeError, "pump is already running in another thread");
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL) return NULL;
+    busy = 1;
+    Py_ssize_t taken = 0;
+    while (limit > 0) {
+        int want = limit < BATCH ? limit : BATCH;
+        for (int i = 0; i < want; i++) {
+            iov[i].iov_base = bufs[i];
+            iov[i].iov_len = MAX_DATAGRAM;
+            memset(&msgs[i].msg_hdr, 0, sizeof msgs[i].msg_hdr);
+            msgs[i].msg_hdr.msg_name = &from[i];
+            msgs[i].msg_hdr.msg_namelen = sizeof from[i];
+            msgs[i].msg_hdr.msg_iov = &iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        int got = recvmmsg(fd, msgs, want, MSG_DONTWAIT, NULL);
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+            if (reject(out, "receive_error") == NULL) goto fail;
+            limit--;
+            continue;
+        }
+        for (int i = 0; i < got; i++)
+            if (gather_one(g, out, bufs[i], (Py_ssize_t)msgs[i].msg_len, &from[i], channel_for,
+                           kinds, phases, plain, &taken) == NULL)
+                goto fail;
+        limit -= got;
+        if (got < want) break;
+    }
+    busy = 0;
+    PyObject *result = Py_BuildValue("(Nn)", out, taken);
+    return result;
+fail:
+    busy = 0;
+    Py_DECREF(out);
+    return NULL;
+}
+
+static PyObject *gather_arrived(Gather *g, PyObject *unused) {
+    PyObject *out = PyList_New(0);
+    if (out == NULL) return NULL;
+    for (; g->nreported < g->narrived; g->nreported++) {
+        Slot *s = &g->slots[g->order[g->nreported]];
+        PyObject *item = Py_BuildValue("(id)", s->sender, s->arrived_at);
+        if (item == NULL || PyList_Append(out, item) != 0) {
+            Py_XDECREF(item);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return out;
+}
+
+static PyObject *gather_drop(Gather *g, PyObject *arg) {
+    long sender = PyLong_AsLong(arg);
+    if (sender == -1 && PyErr_Occurred()) return NULL;
+    for (int i = 0; i < g->nslots; i++)
+        if (g->slots[i].sender == sender && !g->slots[i].done) {
+            slot_reset(&g->slots[i]);
+            g->slots[i].done = 1; /* what comes from it now is late: the Python path's */
+        }
+    Py_RETURN_NONE;
+}
+
+static PyObject *gather_total(Gather *g, PyObject *unused) {
+    return PyByteArray_FromStringAndSize((const char *)g->sum, (Py_ssize_t)g->dim * 4);
+}
+
+static PyMethodDef gather_methods[] = {
+    {"pump", (PyCFunction)gather_pump, METH_VARARGS,
+     "pump(fd, limit, channel_for, kinds, phases) -> (items, taken): read what waits (at most "
+     "`limit` datagrams); this round's partials are taken in, the rest returned as recv_open's "
+     "items; `taken`: how many datagrams were taken or refused here"},
+    {"arrived", (PyCFunction)gather_arrived, METH_NOARGS,
+     "arrived() -> [(sender, time.monotonic() when complete)] since the last call"},
+    {"drop", (PyCFunction)gather_drop, METH_O,
+     "drop(sender): no longer waited for (recomputed, lost); what it sends now is late"},
+    {"total", (PyCFunction)gather_total, METH_NOARGS,
+     "total() -> bytearray: the float32 sum of the partials taken in (dim values)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject GatherType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "halollm.runtime._wire.Gather",
+    .tp_basicsize = sizeof(Gather),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Gather(tag, senders, channels, wire, dim): a decode round's partials, taken in",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)gather_init,
+    .tp_dealloc = (destructor)gather_dealloc,
+    .tp_methods = gather_methods,
+};
+
 PyDoc_STRVAR(sockaddr_doc, "sockaddr(host, port) -> bytes: a packed IPv4 sockaddr_in for seal_send.");
 
 static PyObject *sockaddr(PyObject *self, PyObject *args) {
@@ -350,8 +931,14 @@ PyMODINIT_FUNC PyInit__wire(void) {
         PyErr_SetString(PyExc_ImportError, "OpenSSL has no ChaCha20-Poly1305");
         return NULL;
     }
+    if (PyType_Ready(&WindowType) < 0 || PyType_Ready(&GatherType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddIntConstant(m, "VERSION", WIRE_VERSION) != 0) {
+    if (m == NULL) return NULL;
+    Py_INCREF(&WindowType);
+    Py_INCREF(&GatherType);
+    if (PyModule_AddIntConstant(m, "VERSION", WIRE_VERSION) != 0 ||
+        PyModule_AddObject(m, "Window", (PyObject *)&WindowType) != 0 ||
+        PyModule_AddObject(m, "Gather", (PyObject *)&GatherType) != 0) {
         Py_DECREF(m);
         return NULL;
     }

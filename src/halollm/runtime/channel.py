@@ -54,6 +54,14 @@ class ReplayWindow:
             self.bits |= 1 << (self.highest - counter)
 
 
+def _window(size: int) -> ReplayWindow:
+    """A replay window: the native data path's (_wire.Window, the same rules, which it checks
+    without calling Python) where it is built, else ReplayWindow."""
+    from halollm.runtime.transport import NATIVE  # (transport imports this module)
+
+    return ReplayWindow(size) if NATIVE is None else NATIVE.Window(size)  # type: ignore[attr-defined]
+
+
 class Channel:
     """Seals what this end sends (its own counter) and opens what the peer sent."""
 
@@ -62,7 +70,7 @@ class Channel:
         self.key = key  # the native data path (_wire.c) seals and opens with it too
         self.direction = direction
         self.sent = 0
-        self.window = ReplayWindow(window)
+        self.window = _window(window)
 
     def next_counter(self) -> int:
         self.sent += 1

@@ -31,7 +31,7 @@ from halollm.runtime.protocol import (
 )
 from halollm.runtime.round_decision import Act, RoundState, decide, next_retry_interval
 from halollm.runtime.stats import SyncStats
-from halollm.runtime.tensor_codec import decode_body, encode_body
+from halollm.runtime.tensor_codec import check_body, decode_body, encode_body, sum_bodies
 from halollm.runtime.transport import Message, UdpEndpoint
 
 PHASES = {"attn": ATTN, "mlp": MLP, "probe": PROBE}  # probe: probe.py's rounds
@@ -55,7 +55,11 @@ class Transport(Protocol):
     def send(self, tag: RoundTag, wire: int, body: bytes, targets: Sequence[WorkerLink]
              ) -> None: ...
 
-    def wait(self, timeout: float, pending: dict[int, WorkerLink]) -> list[Message]: ...
+    def gather(self, tag: RoundTag, targets: list[WorkerLink], wire: int, dim: int
+               ) -> object | None: ...
+
+    def wait(self, timeout: float, pending: dict[int, WorkerLink], gather: object | None = None
+             ) -> list[Message]: ...
 
 
 class UdpTransport:
@@ -71,11 +75,18 @@ class UdpTransport:
              ) -> None:
         self.udp.send(ACTIVATION, 0, wire, tag, body, [(t.udp_addr, t.data) for t in targets])
 
-    def wait(self, timeout: float, pending: dict[int, WorkerLink]) -> list[Message]:
+    def gather(self, tag: RoundTag, targets: list[WorkerLink], wire: int, dim: int
+               ) -> object | None:
+        """The native path's taker of this round's partials, if it runs here."""
+        return self.udp.gather(tag, [t.index for t in targets], [t.data for t in targets],
+                               wire, dim)
+
+    def wait(self, timeout: float, pending: dict[int, WorkerLink], gather: object | None = None
+             ) -> list[Message]:
         out: list[Message] = []
         if self.udp.readable(timeout, self.spin_s):
             t = time.perf_counter()
-            out = self.udp.receive()
+            out = self.udp.receive(gather=gather)
             self.busy_s += time.perf_counter() - t
         if time.perf_counter() - self.links.last_poll > CONTROL_EVERY_S:
             self.links.poll()
@@ -97,7 +108,12 @@ class TcpTransport:
         for t in targets:  # sealed for each worker's link
             t.sock.send(protocol.encode(ACTIVATION, 0, wire, tag, body, t.data, mtu=1 << 30)[0])
 
-    def wait(self, timeout: float, pending: dict[int, WorkerLink]) -> list[Message]:
+    def gather(self, tag: RoundTag, targets: list[WorkerLink], wire: int, dim: int
+               ) -> object | None:
+        return None  # every partial through _on_partial
+
+    def wait(self, timeout: float, pending: dict[int, WorkerLink], gather: object | None = None
+             ) -> list[Message]:
         key = tuple((i, id(lk.sock)) for i, lk in pending.items())  # a rejoin's new socket
         poller = self._pollers.get(key)
         if poller is None:
@@ -196,11 +212,16 @@ class Rounds:
 
     def gather(self, tag: RoundTag, half: str, targets: list[WorkerLink], x: torch.Tensor,
                body: bytes) -> list[torch.Tensor]:
-        """Collect the workers' partials. The deadline counts from the end of the
-        coordinator's own share (what matters is how long the coordinator idles)."""
+        """Collect the workers' partials: recomputed ones, and the sum of those that
+        arrived (decoded together at the end, or summed in C as they came: `native`). The
+        deadline counts from the end of the coordinator's own share (what matters is how
+        long the coordinator idles)."""
         sent = time.perf_counter()
         pending = {t.index: t for t in targets}
         got: list[torch.Tensor] = []
+        bodies: list[tuple[bytes, int]] = []  # checked partials in this round's wire
+        native = self.transport.gather(tag, targets, self.wire, self.dim)
+        took = 0  # partials the native taker summed
         self.stats.expected += len(pending)
         self._remember(tag, sent)
         deadline = sent + self.deadline.deadline_ms(tag.ntok) / 1e3
@@ -219,6 +240,7 @@ class Rounds:
                 if d.act is Act.CLASSIFY:
                     critical = self._classify(tag, half, x, targets, pending)
                 elif d.act is Act.RECOMPUTE:
+                    self._drop(native, d.devices)
                     got += [self.recompute(pending.pop(i), tag, x) for i in sorted(d.devices)]
                 elif d.act is Act.WORKER_LOST:  # run again after the takeover
                     self.stats.recomputed += len(d.devices)
@@ -230,15 +252,33 @@ class Rounds:
                     interval = next_retry_interval(interval)
                     next_retry = now + interval
                 else:
-                    arrivals = self.transport.wait(d.timeout, pending)
+                    arrivals = self.transport.wait(d.timeout, pending, native)
                     t = time.perf_counter()
+                    if native is not None:
+                        for sender, at in native.arrived():  # type: ignore[attr-defined]
+                            self._arrived(pending.pop(sender), tag, at, sent)
+                            took += 1
                     for a in arrivals:
-                        self._on_partial(a, tag, pending, got, sent)
+                        self._on_partial(a, tag, pending, got, bodies, sent)
                     self._partials_s += time.perf_counter() - t
         finally:
             self.stats.waited_ms += 1e3 * (time.perf_counter() - sent)
             self.stats.lost += len(pending)
+        t = time.perf_counter()
+        if bodies:
+            got.append(sum_bodies(bodies, self.wire, tag.ntok, self.dim))
+        if took:
+            total = torch.frombuffer(native.total(), dtype=torch.float32)  # type: ignore[attr-defined]
+            got.append(total.view(1, self.dim))
+        self._partials_s += time.perf_counter() - t
         return got
+
+    @staticmethod
+    def _drop(native: object | None, devices: frozenset[int]) -> None:
+        """The native taker no longer waits for these: what they send now is late."""
+        if native is not None:
+            for i in devices:
+                native.drop(i)  # type: ignore[attr-defined]
 
     def _classify(self, tag: RoundTag, half: str, x: torch.Tensor,
                   targets: list[WorkerLink], pending: dict[int, WorkerLink]) -> frozenset[int]:
@@ -255,7 +295,8 @@ class Rounds:
         return critical
 
     def _on_partial(self, a: Message, tag: RoundTag, pending: dict[int, WorkerLink],
-                    got: list[torch.Tensor], sent: float) -> None:
+                    got: list[torch.Tensor], bodies: list[tuple[bytes, int]], sent: float
+                    ) -> None:
         now = time.perf_counter()
         if a.kind != PARTIAL:
             self.stats.datagrams["unexpected_kind"] += 1
@@ -269,16 +310,21 @@ class Rounds:
             else:
                 self.stats.datagrams["stale"] += 1
             return
-        try:
-            _, part = decode_body(a.body, a.wire, tag.ntok, self.dim)
+        try:  # checked now (a bad body leaves its sender pending), decoded with the rest
+            if a.wire == self.wire:
+                bodies.append((a.body, check_body(a.body, a.wire, tag.ntok, self.dim)))
+            else:
+                got.append(decode_body(a.body, a.wire, tag.ntok, self.dim)[1])
         except ProtocolError as exc:
             self.stats.datagrams[exc.reason] += 1
             return
-        link = pending.pop(a.sender)
+        self._arrived(pending.pop(a.sender), tag, now, sent)
+
+    def _arrived(self, link: WorkerLink, tag: RoundTag, now: float, sent: float) -> None:
+        """A worker's partial of this round is in (at `now`, on the perf_counter clock)."""
         link.last_seen = time.monotonic()
-        got.append(part)
         self.stats.received += 1
         if tag.ntok == 1 and tag.phase != PROBE:  # probes: answered at once, no compute
             self.deadline.observe(1e3 * (now - sent))
-            if a.tag not in self.retried:  # in time (an answer to a retry was a miss)
+            if tag not in self.retried:  # in time (an answer to a retry was a miss)
                 link.estimate.observe(True, 1e3 * (now - self.sent_wall))

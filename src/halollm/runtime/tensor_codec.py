@@ -67,10 +67,9 @@ def encode_body(x: torch.Tensor, wire: int, groups: Sequence[int] = ()) -> bytes
     return head + t.numpy().tobytes()
 
 
-def decode_body(body: bytes, wire: int, ntok: int, dim: int) -> tuple[tuple[int, ...],
-                                                                       torch.Tensor]:
-    """(groups, tensor [ntok, dim]) in the wire's own dtype (float32 for int8), with no
-    copy where possible; ProtocolError if the body does not fit or holds non-finite values."""
+def check_body(body: bytes, wire: int, ntok: int, dim: int) -> int:
+    """Where body's values start, once it is known to hold groups and ntok x dim finite
+    values in `wire`; ProtocolError if it does not fit or holds non-finite values."""
     if wire not in _ITEM:
         raise ProtocolError("malformed", f"unknown wire format {wire}")
     if len(body) < 2:
@@ -79,28 +78,57 @@ def decode_body(body: bytes, wire: int, ntok: int, dim: int) -> tuple[tuple[int,
     if len(body) != body_size(wire, ntok, dim, n):
         raise ProtocolError("malformed", f"body of {len(body)} bytes does not hold "
                                          f"{ntok}x{dim} values and {n} groups")
-    groups = struct.unpack_from(f">{n}H", body, 2) if n else ()
     off = 2 + 2 * n
-    if wire == WIRE_INT8:
-        nb = ntok * _blocks(dim)
-        bits = np.frombuffer(body, dtype="<u2", count=nb, offset=off)
-        exponent = _EXPONENT[WIRE_FP16]  # the scales are float16
-        finite = (bits & exponent).max() < exponent
-        if not finite:  # before scaling with them (inf * 0 warns)
-            raise ProtocolError("malformed", "non-finite values")
-        scale = bits.view("<f2").astype(np.float32)
-        q = np.frombuffer(body, dtype=np.int8, count=nb * Q8_BLOCK, offset=off + 2 * nb)
-        arr = (q.reshape(nb, Q8_BLOCK) * scale[:, None]).reshape(ntok, -1)
-        x = torch.from_numpy(arr if arr.shape[1] == dim else arr[:, :dim].copy())
+    if wire == WIRE_INT8:  # the float16 scales: nothing is finite after a non-finite one
+        bits = np.frombuffer(body, dtype="<u2", count=ntok * _blocks(dim), offset=off)
+        finite = (bits & _EXPONENT[WIRE_FP16]).max() < _EXPONENT[WIRE_FP16]
     elif wire == WIRE_FP32:
-        arr = np.frombuffer(body, dtype=np.float32, count=ntok * dim, offset=off)
-        finite = np.isfinite(arr).all()
-        x = torch.from_numpy(arr.copy()).reshape(ntok, dim)
-    else:  # 16-bit: finite unless the exponent bits are all ones (checked on the raw bits)
+        finite = np.isfinite(np.frombuffer(body, dtype=np.float32, count=ntok * dim,
+                                           offset=off)).all()
+    else:  # 16-bit: finite unless the exponent bits are all ones (checked on the raw bits;
+        # the sign bit is outside the mask: 0x7C00, 0x7F80)
         bits = np.frombuffer(body, dtype=np.int16, count=ntok * dim, offset=off)
-        exponent = _EXPONENT[wire]
-        finite = (bits & exponent).max() < exponent  # (sign bit masked off: 0x7C00, 0x7F80)
-        x = torch.from_numpy(bits.copy()).view(_TORCH[wire]).view(ntok, dim)
+        finite = (bits & _EXPONENT[wire]).max() < _EXPONENT[wire]
     if not finite:
         raise ProtocolError("malformed", "non-finite values")
-    return groups, x
+    return off
+
+
+def _values(body: bytes, wire: int, ntok: int, dim: int, off: int) -> torch.Tensor:
+    """The [ntok, dim] values of a checked body (float32 for int8, else the wire's dtype)."""
+    if wire == WIRE_INT8:
+        nb = ntok * _blocks(dim)
+        scale = np.frombuffer(body, dtype="<f2", count=nb, offset=off).astype(np.float32)
+        q = np.frombuffer(body, dtype=np.int8, count=nb * Q8_BLOCK, offset=off + 2 * nb)
+        arr = (q.reshape(nb, Q8_BLOCK) * scale[:, None]).reshape(ntok, -1)
+        return torch.from_numpy(arr if arr.shape[1] == dim else arr[:, :dim].copy())
+    dtype = np.float32 if wire == WIRE_FP32 else np.int16
+    arr = np.frombuffer(body, dtype=dtype, count=ntok * dim, offset=off).copy()
+    x = torch.from_numpy(arr)
+    return (x if wire == WIRE_FP32 else x.view(_TORCH[wire])).view(ntok, dim)
+
+
+def decode_body(body: bytes, wire: int, ntok: int, dim: int) -> tuple[tuple[int, ...],
+                                                                       torch.Tensor]:
+    """(groups, tensor [ntok, dim]) in the wire's own dtype (float32 for int8);
+    ProtocolError if the body does not fit or holds non-finite values."""
+    off = check_body(body, wire, ntok, dim)
+    n = (off - 2) // 2
+    groups = struct.unpack_from(f">{n}H", body, 2) if n else ()
+    return groups, _values(body, wire, ntok, dim, off)
+
+
+def sum_bodies(bodies: Sequence[tuple[bytes, int]], wire: int, ntok: int, dim: int
+               ) -> torch.Tensor:
+    """The float32 sum [ntok, dim] of checked bodies in one wire, each with its values'
+    offset (`check_body`): a round's partials decoded together. 16-bit bodies alike in
+    layout become one [k, ntok * dim] tensor (a tensor per partial cost more than the sum)."""
+    offsets = {off for _, off in bodies}
+    if wire in (WIRE_FP16, WIRE_BF16) and len(offsets) == 1:
+        (off,) = offsets
+        arr = np.frombuffer(b"".join(b for b, _ in bodies), dtype=np.int16)
+        rows = arr.reshape(len(bodies), -1)[:, off // 2:]
+        values = torch.from_numpy(rows.copy()).view(_TORCH[wire])
+    else:
+        values = torch.stack([_values(b, wire, ntok, dim, off) for b, off in bodies])
+    return values.float().sum(0).view(ntok, dim)

@@ -178,13 +178,25 @@ class UdpEndpoint:
             mtu = self._mtu_of[addr] = path_mtu(addr)
         return mtu
 
-    def receive(self, limit: int = RECEIVE_BATCH) -> list[Message]:
+    def gather(self, tag: RoundTag, senders: list[int], channels: list[Channel], wire: int,
+               dim: int) -> object | None:
+        """A decode round's partials taken in by the native path (`_wire.Gather`: replay
+        windows, reassembly, checks and the float32 sum in C; hand it to `receive`), or None
+        where the Python path takes them (no native module, user-space loss emulation,
+        prompt rounds)."""
+        if self.native is None or self.drop_rate or self.drop_from or tag.ntok != 1:
+            return None
+        return self.native.Gather(tuple(tag), senders, channels, wire, dim)  # type: ignore[attr-defined]
+
+    def receive(self, limit: int = RECEIVE_BATCH, gather: object | None = None
+                ) -> list[Message]:
         """The complete messages among at most `limit` datagrams waiting now (non-blocking).
         Bounded, so that a flood cannot keep a caller from its other duties (heartbeats,
-        the control plane): the rest waits for the next call."""
+        the control plane): the rest waits for the next call. With a `gather` (from
+        `gather()`), its round's partials are taken in there and not returned."""
         emulated = self.drop_rate or self.drop_from
         if self.native is not None and not emulated:
-            return self._receive_native(limit)
+            return self._receive_native(limit, gather)
         out: list[Message] = []
         recv, view, counters = self.sock.recvfrom_into, self._view, self.counters
         received = 0
@@ -216,14 +228,20 @@ class UdpEndpoint:
         if body is not None:
             out.append(Message(frag.kind, frag.sender, frag.wire, frag.tag, body, addr))
 
-    def _receive_native(self, limit: int) -> list[Message]:
+    def _receive_native(self, limit: int, gather: object | None = None) -> list[Message]:
         """`receive` with the datagrams read, parsed and opened in C (one recvmmsg per 64);
-        the replay windows and reassembly stay here."""
+        the replay windows and reassembly of what a `gather` did not take in are here."""
         out: list[Message] = []
         counters, received = self.counters, 0
-        for item in self.native.recv_open(  # type: ignore[attr-defined]
-                self.sock.fileno(), limit, self.channel_for, protocol.KIND_MASK,
-                protocol.PHASE_MASK):
+        raw_tag: tuple | None = None
+        round_tag = None
+        args = (self.sock.fileno(), limit, self.channel_for, protocol.KIND_MASK,
+                protocol.PHASE_MASK)
+        if gather is None:
+            items = self.native.recv_open(*args)  # type: ignore[attr-defined]
+        else:
+            items, received = gather.pump(*args)  # type: ignore[attr-defined]
+        for item in items:
             if item.__class__ is str:
                 if item == "receive_error":  # e.g. ICMP port unreachable
                     counters["receive_errors"] += 1
@@ -233,9 +251,11 @@ class UdpEndpoint:
                 continue
             received += 1
             channel, counter, kind, sender, wire, tag, index, count, body_len, payload, addr = item
+            if tag is not raw_tag:  # a round's fragments share one tag object (_wire.c)
+                raw_tag, round_tag = tag, RoundTag(*tag)
             try:
                 channel.admit(counter)
-                self._assemble(protocol.Fragment(kind, sender, wire, RoundTag(*tag), index,
+                self._assemble(protocol.Fragment(kind, sender, wire, round_tag, index,
                                                  count, body_len, payload), addr, out)
             except ProtocolError as exc:
                 counters[exc.reason] += 1
