@@ -139,6 +139,40 @@ class TcpTransport:
         out.append(Message(f.kind, f.sender, f.wire, f.tag, f.payload, None))
 
 
+class Taken:
+    """What a round has taken in: recomputed partials, bodies checked on arrival (decoded
+    together at the end), and what the native taker (`_wire.Gather`, or None) summed."""
+
+    def __init__(self, native: object | None) -> None:
+        self.native = native
+        self.tensors: list[torch.Tensor] = []
+        self.bodies: list[tuple[bytes, int]] = []  # (body, where its values start)
+        self.summed = 0  # partials the native taker added
+
+    def arrived(self) -> list[tuple[int, float]]:
+        """(sender, perf_counter time) of the partials the native taker completed since."""
+        if self.native is None:
+            return []
+        out: list[tuple[int, float]] = self.native.arrived()  # type: ignore[attr-defined]
+        self.summed += len(out)
+        return out
+
+    def drop(self, devices: frozenset[int]) -> None:
+        """No longer waited for (recomputed): what these send now is late."""
+        if self.native is not None:
+            for i in devices:
+                self.native.drop(i)  # type: ignore[attr-defined]
+
+    def partials(self, wire: int, ntok: int, dim: int) -> list[torch.Tensor]:
+        out = list(self.tensors)
+        if self.bodies:
+            out.append(sum_bodies(self.bodies, wire, ntok, dim))
+        if self.summed:
+            total = self.native.total()  # type: ignore[attr-defined]
+            out.append(torch.frombuffer(total, dtype=torch.float32).view(ntok, dim))
+        return out
+
+
 Criticality = Callable[[int, str, torch.Tensor, list[WorkerLink]], set[int]]
 Recompute = Callable[[WorkerLink, RoundTag, torch.Tensor], torch.Tensor]
 
@@ -218,10 +252,7 @@ class Rounds:
         long the coordinator idles)."""
         sent = time.perf_counter()
         pending = {t.index: t for t in targets}
-        got: list[torch.Tensor] = []
-        bodies: list[tuple[bytes, int]] = []  # checked partials in this round's wire
-        native = self.transport.gather(tag, targets, self.wire, self.dim)
-        took = 0  # partials the native taker summed
+        got = Taken(self.transport.gather(tag, targets, self.wire, self.dim))
         self.stats.expected += len(pending)
         self._remember(tag, sent)
         deadline = sent + self.deadline.deadline_ms(tag.ntok) / 1e3
@@ -240,8 +271,9 @@ class Rounds:
                 if d.act is Act.CLASSIFY:
                     critical = self._classify(tag, half, x, targets, pending)
                 elif d.act is Act.RECOMPUTE:
-                    self._drop(native, d.devices)
-                    got += [self.recompute(pending.pop(i), tag, x) for i in sorted(d.devices)]
+                    got.drop(d.devices)
+                    got.tensors += [self.recompute(pending.pop(i), tag, x)
+                                    for i in sorted(d.devices)]
                 elif d.act is Act.WORKER_LOST:  # run again after the takeover
                     self.stats.recomputed += len(d.devices)
                     raise WorkerLost([pending.pop(i) for i in sorted(d.devices)])
@@ -252,33 +284,20 @@ class Rounds:
                     interval = next_retry_interval(interval)
                     next_retry = now + interval
                 else:
-                    arrivals = self.transport.wait(d.timeout, pending, native)
+                    arrivals = self.transport.wait(d.timeout, pending, got.native)
                     t = time.perf_counter()
-                    if native is not None:
-                        for sender, at in native.arrived():  # type: ignore[attr-defined]
-                            self._arrived(pending.pop(sender), tag, at, sent)
-                            took += 1
+                    for sender, at in got.arrived():
+                        self._arrived(pending.pop(sender), tag, at, sent)
                     for a in arrivals:
-                        self._on_partial(a, tag, pending, got, bodies, sent)
+                        self._on_partial(a, tag, pending, got, sent)
                     self._partials_s += time.perf_counter() - t
         finally:
             self.stats.waited_ms += 1e3 * (time.perf_counter() - sent)
             self.stats.lost += len(pending)
         t = time.perf_counter()
-        if bodies:
-            got.append(sum_bodies(bodies, self.wire, tag.ntok, self.dim))
-        if took:
-            total = torch.frombuffer(native.total(), dtype=torch.float32)  # type: ignore[attr-defined]
-            got.append(total.view(1, self.dim))
+        partials = got.partials(self.wire, tag.ntok, self.dim)
         self._partials_s += time.perf_counter() - t
-        return got
-
-    @staticmethod
-    def _drop(native: object | None, devices: frozenset[int]) -> None:
-        """The native taker no longer waits for these: what they send now is late."""
-        if native is not None:
-            for i in devices:
-                native.drop(i)  # type: ignore[attr-defined]
+        return partials
 
     def _classify(self, tag: RoundTag, half: str, x: torch.Tensor,
                   targets: list[WorkerLink], pending: dict[int, WorkerLink]) -> frozenset[int]:
@@ -295,8 +314,7 @@ class Rounds:
         return critical
 
     def _on_partial(self, a: Message, tag: RoundTag, pending: dict[int, WorkerLink],
-                    got: list[torch.Tensor], bodies: list[tuple[bytes, int]], sent: float
-                    ) -> None:
+                    got: Taken, sent: float) -> None:
         now = time.perf_counter()
         if a.kind != PARTIAL:
             self.stats.datagrams["unexpected_kind"] += 1
@@ -312,9 +330,9 @@ class Rounds:
             return
         try:  # checked now (a bad body leaves its sender pending), decoded with the rest
             if a.wire == self.wire:
-                bodies.append((a.body, check_body(a.body, a.wire, tag.ntok, self.dim)))
+                got.bodies.append((a.body, check_body(a.body, a.wire, tag.ntok, self.dim)))
             else:
-                got.append(decode_body(a.body, a.wire, tag.ntok, self.dim)[1])
+                got.tensors.append(decode_body(a.body, a.wire, tag.ntok, self.dim)[1])
         except ProtocolError as exc:
             self.stats.datagrams[exc.reason] += 1
             return
