@@ -318,7 +318,22 @@ static PyObject *open_one(PyObject *out, const uint8_t *d, Py_ssize_t n,
     return r == 0 ? out : NULL;
 }
 
-static PyObject *recv_open(PyObject *self, PyObject *args) {
+/* What becomes of one received datagram: appended to `out` (as open_one does), or taken in by
+ * `ctx` (a Gather); NULL on a Python error. */
+typedef PyObject *(*datagram_fn)(void *ctx, PyObject *out, const uint8_t *d, Py_ssize_t n,
+                                 const struct sockaddr_in *from, PyObject *channel_for,
+                                 unsigned long kinds, unsigned long phases, uint8_t *plain);
+
+static PyObject *open_into(void *ctx, PyObject *out, const uint8_t *d, Py_ssize_t n,
+                           const struct sockaddr_in *from, PyObject *channel_for,
+                           unsigned long kinds, unsigned long phases, uint8_t *plain) {
+    (void)ctx;
+    return open_one(out, d, n, from, channel_for, kinds, phases, plain);
+}
+
+/* recv_open's and Gather.pump's loop: up to `limit` datagrams waiting on `fd`, read with
+ * recvmmsg, each to `fn`. Returns the list of items. */
+static PyObject *receive_batch(PyObject *args, datagram_fn fn, void *ctx) {
     int fd, limit;
     PyObject *channel_for;
     unsigned long kinds, phases;
@@ -332,7 +347,7 @@ static PyObject *recv_open(PyObject *self, PyObject *args) {
     static struct sockaddr_in from[BATCH];
     static int busy;
     if (busy) {
-        PyErr_SetString(PyExc_RuntimeError, "recv_open is already running in another thread");
+        PyErr_SetString(PyExc_RuntimeError, "a receive is already running in another thread");
         return NULL;
     }
     PyObject *out = PyList_New(0);
@@ -358,8 +373,8 @@ static PyObject *recv_open(PyObject *self, PyObject *args) {
             continue;
         }
         for (int i = 0; i < got; i++)
-            if (open_one(out, bufs[i], (Py_ssize_t)msgs[i].msg_len, &from[i], channel_for,
-                         kinds, phases, plain) == NULL)
+            if (fn(ctx, out, bufs[i], (Py_ssize_t)msgs[i].msg_len, &from[i], channel_for,
+                   kinds, phases, plain) == NULL)
                 goto fail;
         limit -= got;
         if (got < want) break;
@@ -370,6 +385,11 @@ fail:
     busy = 0;
     Py_DECREF(out);
     return NULL;
+}
+
+static PyObject *recv_open(PyObject *self, PyObject *args) {
+    (void)self;
+    return receive_batch(args, open_into, NULL);
 }
 
 
@@ -526,6 +546,7 @@ typedef struct {
     PyObject_HEAD
     uint32_t tag[7];
     int wire, dim, nslots, narrived, nreported;
+    Py_ssize_t taken; /* datagrams taken in by the current pump */
     Slot *slots;
     float *sum;
     int order[MAX_SLOTS];  /* slots in the order their partials completed */
@@ -747,10 +768,10 @@ static const char *take_fragment(Gather *g, Slot *s, uint32_t index, uint32_t co
 /* One received datagram: taken if it is this round's partial from one of its workers and
  * opens with that link's key and window; otherwise handed to open_one (the Python path's
  * items). *taken is set when it was taken (or refused) here. */
-static PyObject *gather_one(Gather *g, PyObject *out, const uint8_t *d, Py_ssize_t n,
+static PyObject *gather_one(void *ctx, PyObject *out, const uint8_t *d, Py_ssize_t n,
                             const struct sockaddr_in *from, PyObject *channel_for,
-                            unsigned long kinds, unsigned long phases, uint8_t *plain,
-                            Py_ssize_t *taken) {
+                            unsigned long kinds, unsigned long phases, uint8_t *plain) {
+    Gather *g = ctx;
     if (n >= HEADER_SIZE + TAG_SIZE && d[0] == 'H' && d[1] == 'L' && d[2] == WIRE_VERSION &&
         d[3] == PARTIAL_KIND && d[5] == g->wire) {
         uint32_t t[7] = {get32(d + 6), get32(d + 10), get32(d + 14), get32(d + 18),
@@ -777,7 +798,7 @@ static PyObject *gather_one(Gather *g, PyObject *out, const uint8_t *d, Py_ssize
                 }
             }
             if (why != NULL) return reject(out, why);
-            ++*taken;
+            g->taken++;
             return out;
         }
     }
@@ -785,57 +806,9 @@ static PyObject *gather_one(Gather *g, PyObject *out, const uint8_t *d, Py_ssize
 }
 
 static PyObject *gather_pump(Gather *g, PyObject *args) {
-    int fd, limit;
-    PyObject *channel_for;
-    unsigned long kinds, phases;
-    if (!PyArg_ParseTuple(args, "iiOkk", &fd, &limit, &channel_for, &kinds, &phases))
-        return NULL;
-    static uint8_t bufs[BATCH][MAX_DATAGRAM], plain[MAX_DATAGRAM];
-    static struct mmsghdr msgs[BATCH];
-    static struct iovec iov[BATCH];
-    static struct sockaddr_in from[BATCH];
-    static int busy;
-    if (busy) {
-        PyErr_SetString(PyExc_RuntimeError, "pump is already running in another thread");
-        return NULL;
-    }
-    PyObject *out = PyList_New(0);
-    if (out == NULL) return NULL;
-    busy = 1;
-    Py_ssize_t taken = 0;
-    while (limit > 0) {
-        int want = limit < BATCH ? limit : BATCH;
-        for (int i = 0; i < want; i++) {
-            iov[i].iov_base = bufs[i];
-            iov[i].iov_len = MAX_DATAGRAM;
-            memset(&msgs[i].msg_hdr, 0, sizeof msgs[i].msg_hdr);
-            msgs[i].msg_hdr.msg_name = &from[i];
-            msgs[i].msg_hdr.msg_namelen = sizeof from[i];
-            msgs[i].msg_hdr.msg_iov = &iov[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
-        }
-        int got = recvmmsg(fd, msgs, want, MSG_DONTWAIT, NULL);
-        if (got < 0) {
-            if (errno == EINTR) continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-            if (reject(out, "receive_error") == NULL) goto fail;
-            limit--;
-            continue;
-        }
-        for (int i = 0; i < got; i++)
-            if (gather_one(g, out, bufs[i], (Py_ssize_t)msgs[i].msg_len, &from[i], channel_for,
-                           kinds, phases, plain, &taken) == NULL)
-                goto fail;
-        limit -= got;
-        if (got < want) break;
-    }
-    busy = 0;
-    PyObject *result = Py_BuildValue("(Nn)", out, taken);
-    return result;
-fail:
-    busy = 0;
-    Py_DECREF(out);
-    return NULL;
+    g->taken = 0;
+    PyObject *out = receive_batch(args, gather_one, g);
+    return out == NULL ? NULL : Py_BuildValue("(Nn)", out, g->taken);
 }
 
 static PyObject *gather_arrived(Gather *g, PyObject *unused) {
