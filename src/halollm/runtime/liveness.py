@@ -31,8 +31,21 @@ def _events(monitor: zmq.Socket) -> Iterator[dict[str, Any]]:
             break
 
 
+def _stop(sock: zmq.Socket, monitor: zmq.Socket) -> None:
+    """Stop a socket's monitor, then close our end of it -- in that order: a monitor left
+    running past its reader's close stalled the ZeroMQ context, so that later sockets in the
+    process (a new coordinator's links) never got their messages through."""
+    if not sock.closed:
+        try:
+            sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+    monitor.close(0)
+
+
 class ConnectionWatch:
     def __init__(self, sock: zmq.Socket) -> None:
+        self._sock = sock
         self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self.fd = self._monitor.getsockopt(zmq.FD)
 
@@ -55,7 +68,7 @@ class ConnectionWatch:
             return None
 
     def close(self) -> None:
-        self._monitor.close(0)
+        _stop(self._sock, self._monitor)
 
 
 class PeerWatch:
@@ -63,6 +76,7 @@ class PeerWatch:
     is down now, by its latest connect or disconnect event."""
 
     def __init__(self, sock: zmq.Socket) -> None:
+        self._sock = sock
         self._monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.down = False
 
@@ -72,4 +86,4 @@ class PeerWatch:
         return self.down
 
     def close(self) -> None:
-        self._monitor.close(0)
+        _stop(self._sock, self._monitor)
