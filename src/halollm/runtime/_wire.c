@@ -243,19 +243,49 @@ static PyObject *addr_tuple(const struct sockaddr_in *from) {
 }
 
 /* One received datagram: appended to `out` as a reason or a fragment; NULL on a Python error. */
-static PyObject *open_one(PyObject *out, const uint8_t *d, Py_ssize_t n,
+/* A datagram's clear header, parsed. */
+typedef struct {
+    uint32_t kind, sender, wire, tag[7], index, count, body_len; /* tag: RoundTag's order */
+    uint64_t counter;
+} Header;
+
+/* Parse and check a datagram's header as protocol.decode does before opening it: NULL, or
+ * why it is refused. `kinds`, `phases`: bit masks of the message kinds and round phases a
+ * datagram may carry. */
+static const char *parse_header(const uint8_t *d, Py_ssize_t n, unsigned long kinds,
+                                unsigned long phases, Header *h) {
+    if (n < HEADER_SIZE + TAG_SIZE) return "malformed";
+    if (d[0] != 'H' || d[1] != 'L' || d[2] != WIRE_VERSION) return "malformed";
+    h->kind = d[3];
+    h->sender = d[4];
+    h->wire = d[5];
+    h->tag[0] = get32(d + 6);  /* session */
+    h->tag[1] = get32(d + 10); /* epoch */
+    h->tag[2] = get32(d + 14); /* request */
+    h->tag[3] = get32(d + 18); /* pos */
+    h->tag[4] = get16(d + 22); /* ntok */
+    h->tag[5] = get16(d + 24); /* layer */
+    h->tag[6] = d[26];         /* phase */
+    h->index = get16(d + 28);
+    h->count = get16(d + 30);
+    h->body_len = get32(d + 32);
+    h->counter = get64(d + 36);
+    if (h->kind >= 32 || h->tag[6] >= 32 || !(kinds >> h->kind & 1) ||
+        !(phases >> h->tag[6] & 1))
+        return "malformed";
+    if (h->count == 0 || h->index >= h->count || h->body_len > MAX_BODY) return "malformed";
+    return NULL;
+}
+
+/* One received datagram with a sound header: opened with the channel `channel_for` names
+ * and appended to `out` as a fragment, or as the reason it was refused; NULL on a Python
+ * error. */
+static PyObject *open_one(PyObject *out, const uint8_t *d, Py_ssize_t n, const Header *h,
                           const struct sockaddr_in *from, PyObject *channel_for,
-                          unsigned long kinds, unsigned long phases, uint8_t *plain) {
-    if (n < HEADER_SIZE + TAG_SIZE) return reject(out, "malformed");
-    if (d[0] != 'H' || d[1] != 'L' || d[2] != WIRE_VERSION) return reject(out, "malformed");
-    uint32_t kind = d[3], sender = d[4], wire = d[5], session = get32(d + 6);
-    uint32_t epoch = get32(d + 10), request = get32(d + 14), pos = get32(d + 18);
-    uint32_t ntok = get16(d + 22), layer = get16(d + 24), phase = d[26];
-    uint32_t index = get16(d + 28), count = get16(d + 30), body_len = get32(d + 32);
-    uint64_t counter = get64(d + 36);
-    if (kind >= 32 || phase >= 32 || !(kinds >> kind & 1) || !(phases >> phase & 1))
-        return reject(out, "malformed");
-    if (count == 0 || index >= count || body_len > MAX_BODY) return reject(out, "malformed");
+                          uint8_t *plain) {
+    uint32_t kind = h->kind, sender = h->sender, wire = h->wire, session = h->tag[0];
+    uint32_t index = h->index, count = h->count, body_len = h->body_len;
+    uint64_t counter = h->counter;
     PyObject *channel = PyObject_CallFunction(channel_for, "kk", (unsigned long)sender,
                                               (unsigned long)session);
     if (channel == NULL) return NULL;
@@ -288,8 +318,7 @@ static PyObject *open_one(PyObject *out, const uint8_t *d, Py_ssize_t n,
         Py_DECREF(channel);
         return reject(out, "malformed");
     }
-    uint32_t tagv[7] = {session, epoch, request, pos, ntok, layer, phase};
-    PyObject *tag = tag_tuple(tagv), *addr = tag == NULL ? NULL : addr_tuple(from);
+    PyObject *tag = tag_tuple(h->tag), *addr = tag == NULL ? NULL : addr_tuple(from);
     PyObject *item = addr == NULL ? NULL : PyTuple_New(11);
     if (item == NULL) {
         Py_XDECREF(tag);
@@ -318,17 +347,17 @@ static PyObject *open_one(PyObject *out, const uint8_t *d, Py_ssize_t n,
     return r == 0 ? out : NULL;
 }
 
-/* What becomes of one received datagram: appended to `out` (as open_one does), or taken in by
- * `ctx` (a Gather); NULL on a Python error. */
+/* What becomes of one received datagram with a sound header: appended to `out` (as
+ * open_one does), or taken in by `ctx` (a Gather); NULL on a Python error. */
 typedef PyObject *(*datagram_fn)(void *ctx, PyObject *out, const uint8_t *d, Py_ssize_t n,
-                                 const struct sockaddr_in *from, PyObject *channel_for,
-                                 unsigned long kinds, unsigned long phases, uint8_t *plain);
+                                 const Header *h, const struct sockaddr_in *from,
+                                 PyObject *channel_for, uint8_t *plain);
 
 static PyObject *open_into(void *ctx, PyObject *out, const uint8_t *d, Py_ssize_t n,
-                           const struct sockaddr_in *from, PyObject *channel_for,
-                           unsigned long kinds, unsigned long phases, uint8_t *plain) {
+                           const Header *h, const struct sockaddr_in *from,
+                           PyObject *channel_for, uint8_t *plain) {
     (void)ctx;
-    return open_one(out, d, n, from, channel_for, kinds, phases, plain);
+    return open_one(out, d, n, h, from, channel_for, plain);
 }
 
 /* recv_open's and Gather.pump's loop: up to `limit` datagrams waiting on `fd`, read with
@@ -372,10 +401,15 @@ static PyObject *receive_batch(PyObject *args, datagram_fn fn, void *ctx) {
             limit--;
             continue;
         }
-        for (int i = 0; i < got; i++)
-            if (fn(ctx, out, bufs[i], (Py_ssize_t)msgs[i].msg_len, &from[i], channel_for,
-                   kinds, phases, plain) == NULL)
+        for (int i = 0; i < got; i++) {
+            Header h;
+            const char *why = parse_header(bufs[i], (Py_ssize_t)msgs[i].msg_len, kinds,
+                                           phases, &h);
+            if ((why != NULL ? reject(out, why)
+                             : fn(ctx, out, bufs[i], (Py_ssize_t)msgs[i].msg_len, &h,
+                                  &from[i], channel_for, plain)) == NULL)
                 goto fail;
+        }
         limit -= got;
         if (got < want) break;
     }
@@ -769,40 +803,34 @@ static const char *take_fragment(Gather *g, Slot *s, uint32_t index, uint32_t co
  * opens with that link's key and window; otherwise handed to open_one (the Python path's
  * items). *taken is set when it was taken (or refused) here. */
 static PyObject *gather_one(void *ctx, PyObject *out, const uint8_t *d, Py_ssize_t n,
-                            const struct sockaddr_in *from, PyObject *channel_for,
-                            unsigned long kinds, unsigned long phases, uint8_t *plain) {
+                            const Header *h, const struct sockaddr_in *from,
+                            PyObject *channel_for, uint8_t *plain) {
     Gather *g = ctx;
-    if (n >= HEADER_SIZE + TAG_SIZE && d[0] == 'H' && d[1] == 'L' && d[2] == WIRE_VERSION &&
-        d[3] == PARTIAL_KIND && d[5] == g->wire) {
-        uint32_t t[7] = {get32(d + 6), get32(d + 10), get32(d + 14), get32(d + 18),
-                         get16(d + 22), get16(d + 24), d[26]};
-        uint32_t index = get16(d + 28), count = get16(d + 30), body_len = get32(d + 32);
-        Slot *s = NULL;
+    Slot *s = NULL;
+    if (h->kind == PARTIAL_KIND && h->wire == (uint32_t)g->wire)
         for (int i = 0; i < g->nslots; i++)
-            if (g->slots[i].sender == d[4]) s = &g->slots[i];
-        if (s != NULL && !s->done && memcmp(t, g->tag, sizeof t) == 0 && count >= 1 &&
-            count <= MAX_FRAGS && index < count && body_len <= MAX_BODY) {
-            uint64_t counter = get64(d + 36);
-            const char *why = window_check(s->window, counter);
-            if (why == NULL) {
-                uint8_t iv[12];
-                nonce(iv, (uint32_t)(1 - s->direction), counter);
-                if (open_sealed(s->key, iv, d, HEADER_SIZE, d + HEADER_SIZE,
-                                (int)(n - HEADER_SIZE), plain) != 0) {
-                    why = "unauthenticated";
-                } else {
-                    window_take(s->window, counter);
-                    uint32_t m = (uint32_t)(n - HEADER_SIZE - TAG_SIZE);
-                    why = m > body_len ? "malformed"
-                                       : take_fragment(g, s, index, count, body_len, plain, m);
-                }
-            }
-            if (why != NULL) return reject(out, why);
-            g->taken++;
-            return out;
+            if (g->slots[i].sender == (int)h->sender) s = &g->slots[i];
+    if (s == NULL || s->done || memcmp(h->tag, g->tag, sizeof g->tag) != 0 ||
+        h->count > MAX_FRAGS)
+        return open_one(out, d, n, h, from, channel_for, plain);
+    const char *why = window_check(s->window, h->counter);
+    if (why == NULL) {
+        uint8_t iv[12];
+        nonce(iv, (uint32_t)(1 - s->direction), h->counter);
+        if (open_sealed(s->key, iv, d, HEADER_SIZE, d + HEADER_SIZE, (int)(n - HEADER_SIZE),
+                        plain) != 0) {
+            why = "unauthenticated";
+        } else {
+            window_take(s->window, h->counter);
+            uint32_t m = (uint32_t)(n - HEADER_SIZE - TAG_SIZE);
+            why = m > h->body_len
+                      ? "malformed"
+                      : take_fragment(g, s, h->index, h->count, h->body_len, plain, m);
         }
     }
-    return open_one(out, d, n, from, channel_for, kinds, phases, plain);
+    if (why != NULL) return reject(out, why);
+    g->taken++;
+    return out;
 }
 
 static PyObject *gather_pump(Gather *g, PyObject *args) {

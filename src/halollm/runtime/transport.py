@@ -184,9 +184,15 @@ class UdpEndpoint:
         windows, reassembly, checks and the float32 sum in C; hand it to `receive`), or None
         where the Python path takes them (no native module, user-space loss emulation,
         prompt rounds)."""
-        if self.native is None or self.drop_rate or self.drop_from or tag.ntok != 1:
+        if not self._native_receive or tag.ntok != 1:
             return None
         return self.native.Gather(tuple(tag), senders, channels, wire, dim)  # type: ignore[attr-defined]
+
+    @property
+    def _native_receive(self) -> bool:
+        """Whether datagrams are received in C: where it is built, unless loss is emulated
+        here (the Python path drops them before anything else sees them)."""
+        return self.native is not None and not (self.drop_rate or self.drop_from)
 
     def receive(self, limit: int = RECEIVE_BATCH, gather: object | None = None
                 ) -> list[Message]:
@@ -194,9 +200,9 @@ class UdpEndpoint:
         Bounded, so that a flood cannot keep a caller from its other duties (heartbeats,
         the control plane): the rest waits for the next call. With a `gather` (from
         `gather()`), its round's partials are taken in there and not returned."""
-        emulated = self.drop_rate or self.drop_from
-        if self.native is not None and not emulated:
+        if self._native_receive:
             return self._receive_native(limit, gather)
+        emulated = self.drop_rate or self.drop_from
         out: list[Message] = []
         recv, view, counters = self.sock.recvfrom_into, self._view, self.counters
         received = 0
