@@ -284,6 +284,27 @@ def test_equal_placement_strict_equals_single_device(workers, reference_tokens):
         coord.close()
 
 
+def test_workers_placement_strict_equals_single_device(workers, reference_tokens):
+    """The same split over the workers only: the coordinator computes no group (it embeds,
+    norms, sums and samples), every worker takes as many, and strict mode stays exact."""
+    coord = Coordinator(None, "fp32", workers.addresses, cluster_key(KEY),
+                        ClusterOptions.build(mode="strict", predictor=None, placement="workers"))
+    try:
+        p, n = coord.placement, len(workers.addresses)
+        assert p.count(0) == 0
+        assert len(p.partition.layers[0].mlp) % n == 0  # a multiple of the workers, >= 16
+        assert len(p.partition.layers[0].mlp) >= 16
+        assert len(p.partition.layers[0].attn) == min(n, coord.config.n_kv_heads)
+        counts = p.summary()["groups_per_device"][1:]
+        assert len(set(counts)) == 1 and counts[0] > 0
+        ids = coord.tokenizer.encode(PROMPT)
+        result = generate(coord, coord.tokenizer, ids, max_tokens=32, sampling=GREEDY)
+        assert result.token_ids == reference_tokens
+        assert coord.sync_json()["stage_ms_per_round"]["own"] < 0.05  # nothing of its own
+    finally:
+        coord.close()
+
+
 @pytest.mark.parametrize("placement", ["memory", "halo"])
 def test_strict_is_exact_with_every_placement(workers, reference_tokens, placement):
     """Placement decides speed, never the result: strict mode stays token-exact. The

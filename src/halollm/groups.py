@@ -27,6 +27,9 @@ Kind = Literal["attn", "mlp"]
 KINDS: tuple[Kind, Kind] = ("attn", "mlp")
 
 
+MLP_GROUPS = 16  # MLP groups per layer unless asked otherwise
+
+
 @dataclass(frozen=True, order=True)
 class GroupId:
     layer: int
@@ -66,7 +69,7 @@ class Partition:
 
     @classmethod
     def contiguous(cls, config: ModelConfig, attn_groups: int | None = None,
-                   mlp_groups: int = 16) -> Partition:
+                   mlp_groups: int = MLP_GROUPS) -> Partition:
         """Split each layer into near-equal contiguous blocks (default: one group per KV head)."""
         attn_groups = config.n_kv_heads if attn_groups is None else attn_groups
         if not 1 <= attn_groups <= config.n_kv_heads:

@@ -37,6 +37,7 @@ from halollm.errors import HaloError
 MODES = {
     "strict": ("strict", "equal"),
     "relaxed": ("relaxed", "equal"),
+    "workers": ("relaxed", "workers"),
     "halo": ("relaxed", "halo")
 }
 PROMPT = peer_llamacpp.PROMPT

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from halollm.errors import HaloError
-from halollm.groups import Partition
+from halollm.groups import MLP_GROUPS, Partition
 from halollm.model.formats import Weights, resolve_format
 from halollm.model.llama import Half, Layer, Transformer
 from halollm.model.loader import content_hash, open_source, open_tokenizer
@@ -87,7 +87,7 @@ class Coordinator:
 
     def _start(self) -> None:
         plan = self.opts.plan
-        partition = Partition.contiguous(self.config, self._attn_groups(), plan.mlp_groups)
+        partition = Partition.contiguous(self.config, self._attn_groups(), self._mlp_groups())
         self.predictor = self._load_predictor(partition)
         shares = None
         if self.predictor is not None:
@@ -151,9 +151,19 @@ class Coordinator:
         plan = self.opts.plan
         if plan.attn_groups is not None:
             return plan.attn_groups
-        if plan.placement == "equal":
-            return min(self.config.n_kv_heads, len(self.links.links) + 1)
+        if plan.placement in ("equal", "workers"):
+            devices = len(self.links.links) + (plan.placement == "equal")
+            return max(1, min(self.config.n_kv_heads, devices))
         return 1
+
+    def _mlp_groups(self) -> int:
+        """--mlp-groups, or its default: 16, a multiple of the workers for `workers`."""
+        plan, workers = self.opts.plan, len(self.links.links)
+        if plan.mlp_groups is not None:
+            return plan.mlp_groups
+        if plan.placement == "workers" and workers:
+            return -(-MLP_GROUPS // workers) * workers
+        return MLP_GROUPS
 
     def _load_predictor(self, partition: Partition) -> predictor_store.Predictor | None:
         """The predictor to use, checked against this model and the asked group counts (its

@@ -16,7 +16,7 @@ from halollm.scheduler.placement import Placement
 from halollm.units import parse_bytes
 
 MODES = ("strict", "relaxed")
-PLACEMENTS = ("static", "equal", "memory", "halo")
+PLACEMENTS = ("static", "equal", "workers", "memory", "halo")
 WIRES = ("fp32", "fp16", "bf16", "int8")
 
 
@@ -58,7 +58,10 @@ class PlanOptions:
     placement: str = flag("static", "static (default): critical groups on the coordinator, the "
                           "rest spread over the workers; equal: every layer's groups dealt out "
                           "equally over all devices, the coordinator included "
-                          "(distributed-llama's split); memory: in proportion to each "
+                          "(distributed-llama's split); workers: the same over the workers "
+                          "only, the coordinator computing none (for a coordinator whose "
+                          "cost of a round, not its compute, bounds a token: a CPU-capped "
+                          "one); memory: in proportion to each "
                           "device's memory budget (exo, llama.cpp); halo: the load-balancing "
                           "scheduler, from measured compute speed, memory and link loss/round "
                           "trip, re-planned as they drift (docs/scheduler.md)",
@@ -72,7 +75,10 @@ class PlanOptions:
                                    "the KV heads, as distributed-llama splits attention by "
                                    "heads; a predictor's own count when one is used)",
                                    type=int, metavar="N")
-    mlp_groups: int = flag(16, "MLP groups per layer (default 16)", type=int, metavar="N")
+    mlp_groups: int | None = flag(None, "MLP groups per layer (default 16; with --placement "
+                                  "workers, the first multiple of the worker count from 16, "
+                                  "so that every worker takes as many)", type=int,
+                                  metavar="N")
     memory_budget: int | None = flag(None, "memory the coordinator offers for weights, e.g. 2G "
                                      "(default: 80%% of the available RAM); used by "
                                      "--placement memory|halo", type=parse_bytes,
@@ -150,7 +156,7 @@ class ClusterOptions:
                 raise HaloError(f"--{name.replace('_', '-')} must be between 0 and 1")
         if self.plan.replan_every < 1:
             raise HaloError("--replan-every must be at least 1")
-        if self.plan.mlp_groups < 1 or (self.plan.attn_groups or 1) < 1:
+        if (self.plan.mlp_groups or 1) < 1 or (self.plan.attn_groups or 1) < 1:
             raise HaloError("--mlp-groups and --attn-groups must be at least 1")
         if not 0.0 <= self.sync.spin_us <= 1e6:
             raise HaloError("--spin-us must be between 0 and 1000000")

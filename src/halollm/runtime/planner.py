@@ -59,8 +59,8 @@ class Planner:
         n = len(links) + 1
         if self.opts.custom_plan is not None:
             return self.opts.custom_plan(self.partition, dict(self.ranking))
-        if self.plan_opts.placement == "equal":
-            return equal_plan(self.partition, n)
+        if self.plan_opts.placement in ("equal", "workers"):
+            return equal_plan(self.partition, n, self.plan_opts.placement == "equal")
         if self.plan_opts.placement == "static":
             return static_plan(self.partition, self.ranking, len(links),
                                self.plan_opts.coordinator_share)

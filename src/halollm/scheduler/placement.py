@@ -150,17 +150,22 @@ def solved_plan(partition: Partition, significance: Mapping[GroupId, float],
     return PlanResult(placement, makespan(specs, devices, owner), solve_ms, current_ms)
 
 
-def equal_plan(partition: Partition, n_devices: int) -> Placement:
+def equal_plan(partition: Partition, n_devices: int, coordinator_computes: bool = True
+               ) -> Placement:
     """distributed-llama's split: each layer half's groups dealt out in turn over all devices,
-    the coordinator first, whatever their speed or link; nothing is critical."""
+    the coordinator first, whatever their speed or link; nothing is critical. Without
+    `coordinator_computes`, dealt out over the workers only: the coordinator embeds, norms,
+    sums and samples (the `workers` placement, for a coordinator whose cost of a round,
+    not its compute, bounds the token)."""
     from halollm.scheduler.solver import GroupSpec, equal_split
 
+    first = 0 if coordinator_computes or n_devices == 1 else 1
     gids = list(partition.groups())
     halves = {key: i for i, key in enumerate(dict.fromkeys((g.layer, g.kind) for g in gids))}
     specs = [GroupSpec(half=halves[(g.layer, g.kind)], cost=len(partition.units(g)))
              for g in gids]
-    owner = dict(zip(gids, equal_split(specs, n_devices), strict=True))
-    return Placement(partition, owner, frozenset(), n_devices)
+    owners = [first + d for d in equal_split(specs, n_devices - first)]
+    return Placement(partition, dict(zip(gids, owners, strict=True)), frozenset(), n_devices)
 
 
 def static_plan(partition: Partition, significance: Mapping[GroupId, float], n_workers: int,
