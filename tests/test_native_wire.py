@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import random
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -181,6 +182,56 @@ def test_a_decode_rounds_partials_summed_in_c_equal_the_python_paths(wire: int) 
     raw.sendto(datagrams(3, bodies[3])[0], addr)
     time.sleep(0.1)
     assert rx.receive(gather=gather) == [] and gather.arrived() == []
+    raw.close()
+    rx.close()
+
+
+def test_a_gather_waits_in_c_until_its_partials_are_in_or_something_else_comes() -> None:
+    """`receive(gather=, timeout=)` waits in C: it returns when every worker's partial is
+    in (sent from another thread while it waits, so the wait lets that thread run), at once
+    when another round's message comes for the Python path, and after the timeout when
+    nothing comes; the time it slept is counted."""
+    native = _path("native")
+    dim, wire = 64, WIRE_FP32
+    links = {s: channel_pair(bytes([s]) * 32) for s in (1, 2)}
+    rx = UdpEndpoint("127.0.0.1", 0,
+                     lambda s, n: links[s][0] if s in links and n == TAG.session else None,
+                     native=native)
+    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    addr = ("127.0.0.1", rx.port)
+
+    def send(s: int, tag: RoundTag, delay: float) -> threading.Thread:
+        body = encode_body(torch.full((1, dim), float(s)), wire)
+
+        def run() -> None:
+            time.sleep(delay)
+            for data in protocol.encode(PARTIAL, s, wire, tag, body, links[s][1], mtu=1500):
+                raw.sendto(data, addr)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    gather = rx.gather(TAG, [1, 2], [links[s][0] for s in (1, 2)], wire, dim)
+    threads = [send(1, TAG, 0.05), send(2, TAG, 0.15)]
+    t0 = time.monotonic()
+    assert rx.receive(gather=gather, timeout=5.0) == []
+    waited = time.monotonic() - t0
+    assert [s for s, _ in gather.arrived()] == [1, 2] and waited < 4.0
+    assert 0.1 <= rx.slept_s <= waited
+    total = torch.frombuffer(gather.total(), dtype=torch.float32)
+    assert torch.equal(total, torch.full((dim,), 3.0))
+    other = TAG._replace(pos=TAG.pos + 1)
+    gather = rx.gather(other, [1, 2], [links[s][0] for s in (1, 2)], wire, dim)
+    threads.append(send(1, TAG, 0.05))  # the earlier round's: a late partial, handed back
+    t0 = time.monotonic()
+    late = rx.receive(gather=gather, timeout=5.0)
+    assert [(m.sender, m.tag) for m in late] == [(1, TAG)] and time.monotonic() - t0 < 4.0
+    t0, slept = time.monotonic(), rx.slept_s
+    assert rx.receive(gather=gather, timeout=0.2) == [] and gather.arrived() == []
+    assert time.monotonic() - t0 >= 0.2 and rx.slept_s - slept >= 0.15
+    for thread in threads:
+        thread.join()
     raw.close()
     rx.close()
 

@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <openssl/evp.h>
+#include <poll.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -360,14 +361,24 @@ static PyObject *open_into(void *ctx, PyObject *out, const uint8_t *d, Py_ssize_
     return open_one(out, d, n, h, from, channel_for, plain);
 }
 
-/* recv_open's and Gather.pump's loop: up to `limit` datagrams waiting on `fd`, read with
- * recvmmsg, each to `fn`. Returns the list of items. */
-static PyObject *receive_batch(PyObject *args, datagram_fn fn, void *ctx) {
+/* What a receive is asked: recv_open's, Gather.pump's and Gather.wait's arguments. */
+typedef struct {
     int fd, limit;
     PyObject *channel_for;
     unsigned long kinds, phases;
-    if (!PyArg_ParseTuple(args, "iiOkk", &fd, &limit, &channel_for, &kinds, &phases))
-        return NULL;
+} Receive;
+
+static int receive_args(PyObject *args, Receive *r) {
+    return PyArg_ParseTuple(args, "iiOkk", &r->fd, &r->limit, &r->channel_for, &r->kinds,
+                            &r->phases);
+}
+
+/* recv_open's and Gather's loop: up to `limit` datagrams waiting on `fd`, read with
+ * recvmmsg, each to `fn`, whose items are appended to `out`. 0, or -1 on a Python error. */
+static int receive_batch(const Receive *r, datagram_fn fn, void *ctx, PyObject *out) {
+    int fd = r->fd, limit = r->limit;
+    PyObject *channel_for = r->channel_for;
+    unsigned long kinds = r->kinds, phases = r->phases;
     /* one receive at a time per process: channel_for runs Python, during which another
      * thread could enter here and overwrite these buffers; that is refused, not shared */
     static uint8_t bufs[BATCH][MAX_DATAGRAM], plain[MAX_DATAGRAM];
@@ -377,10 +388,8 @@ static PyObject *receive_batch(PyObject *args, datagram_fn fn, void *ctx) {
     static int busy;
     if (busy) {
         PyErr_SetString(PyExc_RuntimeError, "a receive is already running in another thread");
-        return NULL;
+        return -1;
     }
-    PyObject *out = PyList_New(0);
-    if (out == NULL) return NULL;
     busy = 1;
     while (limit > 0) {
         int want = limit < BATCH ? limit : BATCH;
@@ -414,16 +423,19 @@ static PyObject *receive_batch(PyObject *args, datagram_fn fn, void *ctx) {
         if (got < want) break;
     }
     busy = 0;
-    return out;
+    return 0;
 fail:
     busy = 0;
-    Py_DECREF(out);
-    return NULL;
+    return -1;
 }
 
 static PyObject *recv_open(PyObject *self, PyObject *args) {
     (void)self;
-    return receive_batch(args, open_into, NULL);
+    Receive r;
+    if (!receive_args(args, &r)) return NULL;
+    PyObject *out = PyList_New(0);
+    if (out != NULL && receive_batch(&r, open_into, NULL, out) != 0) Py_CLEAR(out);
+    return out;
 }
 
 
@@ -834,9 +846,60 @@ static PyObject *gather_one(void *ctx, PyObject *out, const uint8_t *d, Py_ssize
 }
 
 static PyObject *gather_pump(Gather *g, PyObject *args) {
+    Receive r;
+    if (!receive_args(args, &r)) return NULL;
     g->taken = 0;
-    PyObject *out = receive_batch(args, gather_one, g);
-    return out == NULL ? NULL : Py_BuildValue("(Nn)", out, g->taken);
+    PyObject *out = PyList_New(0);
+    if (out == NULL || receive_batch(&r, gather_one, g, out) != 0) {
+        Py_XDECREF(out);
+        return NULL;
+    }
+    return Py_BuildValue("(Nn)", out, g->taken);
+}
+
+static int gather_pending(const Gather *g) {
+    int n = 0;
+    for (int i = 0; i < g->nslots; i++) n += !g->slots[i].done;
+    return n;
+}
+
+/* pump, waiting up to `timeout` seconds (the GIL released while it sleeps) until every
+ * sender's partial is in, or something arrived for the Python path: a round's wake-ups in
+ * one call, not one Python pass each. */
+static PyObject *gather_wait(Gather *g, PyObject *args) {
+    Receive r;
+    double timeout, slept = 0.0;
+    if (!PyArg_ParseTuple(args, "iiOkkd", &r.fd, &r.limit, &r.channel_for, &r.kinds,
+                          &r.phases, &timeout))
+        return NULL;
+    double end = now_s() + (timeout > 0.0 ? timeout : 0.0);
+    g->taken = 0;
+    PyObject *out = PyList_New(0);
+    if (out == NULL) return NULL;
+    for (;;) {
+        if (receive_batch(&r, gather_one, g, out) != 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        double left = end - now_s();
+        if (PyList_GET_SIZE(out) > 0 || gather_pending(g) == 0 || left <= 0.0) break;
+        struct pollfd p = {.fd = r.fd, .events = POLLIN};
+        struct timespec ts = {.tv_sec = (time_t)left,
+                              .tv_nsec = (long)((left - (double)(time_t)left) * 1e9)};
+        int ready;
+        double t0 = now_s();
+        Py_BEGIN_ALLOW_THREADS
+        ready = ppoll(&p, 1, &ts, NULL);
+        Py_END_ALLOW_THREADS
+        slept += now_s() - t0;
+        if (ready == 0) break;
+        if (ready < 0 && errno != EINTR) break; /* the receive reports the socket's error */
+        if (PyErr_CheckSignals() != 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    return Py_BuildValue("(Nnd)", out, g->taken, slept);
 }
 
 static PyObject *gather_arrived(Gather *g, PyObject *unused) {
@@ -875,6 +938,10 @@ static PyMethodDef gather_methods[] = {
      "pump(fd, limit, channel_for, kinds, phases) -> (items, taken): read what waits (at most "
      "`limit` datagrams); this round's partials are taken in, the rest returned as recv_open's "
      "items; `taken`: how many datagrams were taken or refused here"},
+    {"wait", (PyCFunction)gather_wait, METH_VARARGS,
+     "wait(fd, limit, channel_for, kinds, phases, timeout) -> (items, taken, slept): pump "
+     "until every sender's partial is in, an item for the Python path came, or `timeout` "
+     "seconds passed; `slept`: seconds spent waiting for datagrams (the GIL released)"},
     {"arrived", (PyCFunction)gather_arrived, METH_NOARGS,
      "arrived() -> [(sender, time.monotonic() when complete)] since the last call"},
     {"drop", (PyCFunction)gather_drop, METH_O,

@@ -101,6 +101,7 @@ class UdpEndpoint:
         # datagrams at this rate (or per sender address), before anything else sees them
         self.drop_rate = drop_rate
         self.drop_from: dict[Address, float] = {}
+        self.slept_s = 0.0  # time receive() waited in C for a gather's datagrams
         self._rng = random.Random(seed)
 
     def readable(self, timeout: float, spin: float = 0.0) -> bool:
@@ -194,14 +195,16 @@ class UdpEndpoint:
         here (the Python path drops them before anything else sees them)."""
         return self.native is not None and not (self.drop_rate or self.drop_from)
 
-    def receive(self, limit: int = RECEIVE_BATCH, gather: object | None = None
-                ) -> list[Message]:
+    def receive(self, limit: int = RECEIVE_BATCH, gather: object | None = None,
+                timeout: float = 0.0) -> list[Message]:
         """The complete messages among at most `limit` datagrams waiting now (non-blocking).
         Bounded, so that a flood cannot keep a caller from its other duties (heartbeats,
         the control plane): the rest waits for the next call. With a `gather` (from
-        `gather()`), its round's partials are taken in there and not returned."""
+        `gather()`), its round's partials are taken in there and not returned, and
+        `timeout` lets it wait (in C, counted in `slept_s`) until all of them are in or
+        something else came."""
         if self._native_receive:
-            return self._receive_native(limit, gather)
+            return self._receive_native(limit, gather, timeout)
         emulated = self.drop_rate or self.drop_from
         out: list[Message] = []
         recv, view, counters = self.sock.recvfrom_into, self._view, self.counters
@@ -234,7 +237,8 @@ class UdpEndpoint:
         if body is not None:
             out.append(Message(frag.kind, frag.sender, frag.wire, frag.tag, body, addr))
 
-    def _receive_native(self, limit: int, gather: object | None = None) -> list[Message]:
+    def _receive_native(self, limit: int, gather: object | None = None, timeout: float = 0.0
+                        ) -> list[Message]:
         """`receive` with the datagrams read, parsed and opened in C (one recvmmsg per 64);
         the replay windows and reassembly of what a `gather` did not take in are here."""
         out: list[Message] = []
@@ -245,6 +249,9 @@ class UdpEndpoint:
                 protocol.PHASE_MASK)
         if gather is None:
             items = self.native.recv_open(*args)  # type: ignore[attr-defined]
+        elif timeout > 0.0:
+            items, received, slept = gather.wait(*args, timeout)  # type: ignore[attr-defined]
+            self.slept_s += slept
         else:
             items, received = gather.pump(*args)  # type: ignore[attr-defined]
         for item in items:
