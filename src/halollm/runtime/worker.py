@@ -69,6 +69,10 @@ from halollm.runtime.worker_session import (
 from halollm.scheduler import profile
 
 HEARTBEAT_S = 0.25
+# while rounds flow (an activation within HEARTBEAT_S), the partials prove liveness: a
+# heartbeat (the compute counters the scheduler learns from) this often is enough, well
+# inside the coordinator's death threshold (LinkOptions.dead_after_s, 2 s)
+BUSY_HEARTBEAT_S = 1.0
 
 
 class Worker:
@@ -121,7 +125,8 @@ class Worker:
                     self._guarded_data(msg.kind, msg.wire, msg.tag, msg.body, True)
             now = time.monotonic()
             s = self.session
-            if now - last_beat >= HEARTBEAT_S:
+            busy = s is not None and now - s.last_heard < HEARTBEAT_S
+            if now - last_beat >= (BUSY_HEARTBEAT_S if busy else HEARTBEAT_S):
                 if s is not None:
                     self._send(s, Heartbeat(s.session, self._public_stats()))
                 self._write_status()
