@@ -167,6 +167,24 @@ def test_link_estimate_follows_a_link_that_starts_losing():
     assert 0.2 < est.miss_rate < 0.4 and est.missed == 90
 
 
+def test_a_coordinator_whose_fixed_cost_outweighs_its_share_computes_none():
+    """The coordinator's latency is what computing any share costs it besides the neurons
+    (a call's fixed cost: on a CPU-capped coordinator more than a small share's compute);
+    the solver then leaves it only the hub work, and makespan agrees."""
+    from halollm.scheduler.solver import makespan
+
+    groups = layers(4, 14)
+    workers = [DeviceSpec(f"w{i}", latency=0.1) for i in range(7)]
+    sol = solve(groups, [DeviceSpec("coord", latency=2.0), *workers])
+    assert per_device(sol.owner, 8) == [0] + [8] * 7
+    assert sol.objective_ms == pytest.approx(4 * 2.1)
+    shared = [0] + [1 + k % 7 for k in range(13)]  # one group per half on the coordinator
+    devices = [DeviceSpec("coord", latency=2.0), *workers]
+    assert makespan(groups, devices, shared * 4) == pytest.approx(4 * 3.0)
+    free = solve(groups, [DeviceSpec("coord"), *workers])  # no fixed cost: it takes a share
+    assert per_device(free.owner, 8)[0] > 0
+
+
 def test_makespan_matches_the_solver_objective():
     from halollm.scheduler.solver import makespan
 

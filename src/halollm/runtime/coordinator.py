@@ -101,7 +101,7 @@ class Coordinator:
         self.profile = DeviceProfile("coordinator", 0.0, memory_budget(plan.memory_budget))
         if plan.placement in ("memory", "halo") and self.opts.custom_plan is None:
             bench = compute_benchmark(self.config, self.weights)
-            self.profile.bench_speed = bench.speed
+            self.profile.bench_speed, self.profile.call_ms = bench.speed, bench.call_ms
             self._probe(bench.cpu_share, bench.shard)
         self.planner = Planner(self.opts, partition, ranking, self.config, self.weights,
                                self.profile, self.log)

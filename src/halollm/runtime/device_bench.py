@@ -23,6 +23,7 @@ class ComputeBench(NamedTuple):
     speed: float  # MLP neurons per ms, marginal (what one more neuron in a shard costs)
     cpu_share: float  # of one core this process got while busy (a CPU quota: below 1)
     shard: Any = None  # the larger shard it timed (half of layer 0's MLP): a compute load
+    call_ms: float = 0.0  # what a call costs besides its neurons (however small the shard)
 
 
 @torch.inference_mode()
@@ -32,9 +33,9 @@ def compute_benchmark(config: ModelConfig, weights: Weights,
     (packed int4 is about twice as fast per neuron as fp32 here). The speed is marginal: a
     small and a large shard are timed in turn and the difference of their median call
     times taken, so that the fixed cost of a call (which the round trip carries) does not
-    make small shares look slow. It is then scaled by how much longer the whole run took
-    than its calls' medians add up to: a CPU quota's stalls (a few long ones per period,
-    which medians leave out) or a busy machine lower it."""
+    make small shares look slow; that fixed cost is `call_ms`. Both are then scaled by how
+    much longer the whole run took than its calls' medians add up to: a CPU quota's stalls
+    (a few long ones per period, which medians leave out) or a busy machine."""
     sizes = (max(1, config.intermediate_size // 8), max(2, config.intermediate_size // 2))
     shards = [mlp_shard(weights, 0, tuple(range(n))) for n in sizes]
     x = torch.randn(1, config.hidden_size)
@@ -53,7 +54,8 @@ def compute_benchmark(config: ModelConfig, weights: Weights,
     small, big = (1e3 * statistics.median(t) for t in times)  # ms per call
     stalls = max(1.0, 1e3 * wall / (small * len(times[0]) + big * len(times[1])))
     speed = (sizes[1] - sizes[0]) / (big - small) if big > small else sizes[1] / big
-    return ComputeBench(speed / stalls, max(share, 1e-3), shards[1])
+    call = max(0.0, small - sizes[0] / speed)
+    return ComputeBench(speed / stalls, max(share, 1e-3), shards[1], call * stalls)
 
 
 def load_benchmark(config: ModelConfig, source: Any, fmt: WeightFormat | None = None,

@@ -93,6 +93,8 @@ class DeviceProfile:
     load_speed: float = 0.0  # neurons per ms it can stream in beyond memory (0: it cannot)
     hub_ms: float = DEFAULT_HUB_MS  # the coordinator's: its own ms per worker in a round
     hub_round_ms: float = 0.0  # ... and per round with any worker, besides (probed)
+    call_ms: float = 0.0  # the coordinator's: a round in which it computes any share costs
+    # it this besides the share's neurons (measured by its compute benchmark)
 
     @property
     def speed(self) -> float:

@@ -12,7 +12,7 @@ tie-break of at most a microsecond: fewer groups behind lossy links) subject to
 * sum_d n[h, d] = groups in h, n[h, d] <= (groups in h) * u[h, d];
 * t[h] >= n[h, d] * cost[h] / speed[d] + latency[d] * u[h, d] (latency: what taking part in
   a round costs besides compute -- the round trip and, for a lossy link, the expected wait
-  for the deadline; 0 for the coordinator, device 0);
+  for the deadline; for the coordinator, device 0, the fixed cost of computing any share);
 * t[h] >= n[h, 0] * cost[h] / speed[0] + hub[0] * sum_{d > 0} u[h, d] + hub_round[0] *
   w[h]: the coordinator sends to, receives from and sums every worker taking part, one
   after the other (hub: its measured ms per worker and round; hub_round: what a round with
@@ -233,8 +233,8 @@ def _round_rows(classes: Sequence[Sequence[_Half]], devices: Sequence[DeviceSpec
             upper[v.n(h, d)] = G
             c[v.n(h, d)] = 1e-3 * weight * dev.loss / G  # tie-break: fewer behind lossy links
             rows.append(({v.n(h, d): 1.0, v.u(h, d): -float(G)}, -np.inf, 0.0))
-            coef = {v.n(h, d): first.mean_cost / dev.speed,
-                    v.u(h, d): dev.latency if d != 0 else 0.0, v.t(h): -1.0}
+            coef = {v.n(h, d): first.mean_cost / dev.speed, v.u(h, d): dev.latency,
+                    v.t(h): -1.0}
             if d == 0:
                 coef.update({v.u(h, k): dev.hub_ms for k in range(1, len(devices))})
                 coef[v.w(h)] = dev.hub_round_ms
@@ -319,12 +319,12 @@ def makespan(groups: Sequence[GroupSpec], devices: Sequence[DeviceSpec],
     per_half: dict[int, float] = {}
     workers: dict[int, int] = {}  # per half: the workers taking part
     for (h, d), ms in load.items():
-        t = ms + (devices[d].latency if d != 0 else 0.0)
-        per_half[h] = max(per_half.get(h, 0.0), t)
+        per_half[h] = max(per_half.get(h, 0.0), ms + devices[d].latency)
         workers[h] = workers.get(h, 0) + (d != 0)
     for h, n in workers.items():  # the coordinator's own time: compute and its hub work
         hub = devices[0].hub_ms * n + (devices[0].hub_round_ms if n else 0.0)
-        per_half[h] = max(per_half[h], load.get((h, 0), 0.0) + hub)
+        own = load[(h, 0)] + devices[0].latency if (h, 0) in load else 0.0
+        per_half[h] = max(per_half[h], own + hub)
     streaming = max((max(0.0, held[d] - dev.memory) / dev.load_speed
                      for d, dev in enumerate(devices) if dev.streams), default=0.0)
     return sum(per_half.values()) + streaming

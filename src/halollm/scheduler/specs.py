@@ -41,10 +41,12 @@ def device_specs(coordinator: DeviceProfile, workers: list[WorkerState], deadlin
     probe's (an empty round before any plan) times how much longer live round trips turned
     out than probed ones on the links that have both (`probe_calibration`): on a loaded or
     CPU-capped device the probe, run at idle, is several times optimistic, and uncorrected
-    it makes every link not yet used look faster than every link in use."""
+    it makes every link not yet used look faster than every link in use. The coordinator's
+    latency is the fixed cost of computing any share at all (its compute benchmark's): on a
+    slow or CPU-capped coordinator a small share can cost more than the workers save."""
     specs = [DeviceSpec("coordinator", coordinator.speed,
-                        coordinator.memory_bytes / bytes_per_unit, hub_ms=coordinator.hub_ms,
-                        hub_round_ms=coordinator.hub_round_ms)]
+                        coordinator.memory_bytes / bytes_per_unit, latency=coordinator.call_ms,
+                        hub_ms=coordinator.hub_ms, hub_round_ms=coordinator.hub_round_ms)]
     index = [0]
     calibration = probe_calibration(workers)
     for w in workers:
