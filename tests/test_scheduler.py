@@ -301,8 +301,9 @@ def test_device_specs_price_round_trips_misses_and_streaming():
     c, wired, wifi, fast = specs
     assert (c.speed, c.memory, c.loss, c.latency, c.load_speed) == (100.0, 100.0, 0, 0, 0)
     assert c.hub_ms == DEFAULT_HUB_MS  # until rounds measured it
-    coord.hub_ms = 0.4
-    assert device_specs(coord, workers, 4.0, 10.0, streaming=True)[0][0].hub_ms == 0.4
+    coord.hub_ms, coord.call_ms = 0.4, 1.5  # its fixed cost of a share: its latency
+    again = device_specs(coord, workers, 4.0, 10.0, streaming=True)[0][0]
+    assert (again.hub_ms, again.latency) == (0.4, 1.5)
     assert wired.speed == pytest.approx(50.0) and wired.memory == pytest.approx(50.0)
     assert wired.latency == pytest.approx(2.0 - 50.0 / 50.0) and wired.load_speed == 7.0
     assert wifi.speed == pytest.approx(1 / (1 / 20.0 + 0.1 / 100.0))  # min(bench, live)

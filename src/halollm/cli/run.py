@@ -142,6 +142,8 @@ def open_cluster(args: argparse.Namespace, quiet: bool):  # type: ignore[no-unty
         state = load_state(spec)
         if spec.coordinator_cpu is not None:  # the coordinator is a device of the spec too
             hold_coordinator(spec)
+            if getattr(args, "threads", None) is None and "OMP_NUM_THREADS" not in os.environ:
+                set_threads(max(1, int(spec.coordinator_cpu)))  # its share's whole cores
         key = state["key"]
         addresses = [(w["address"], int(w["port"])) for w in state["workers"]]
     else:

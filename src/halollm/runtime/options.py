@@ -73,7 +73,8 @@ class PlanOptions:
                                    "(default: 1, all attention one critical group on the "
                                    "coordinator; with --placement equal, one per device up to "
                                    "the KV heads, as distributed-llama splits attention by "
-                                   "heads; a predictor's own count when one is used)",
+                                   "heads, with workers one per worker; a predictor's own "
+                                   "count when one is used)",
                                    type=int, metavar="N")
     mlp_groups: int | None = flag(None, "MLP groups per layer (default 16; with --placement "
                                   "workers, the first multiple of the worker count from 16, "

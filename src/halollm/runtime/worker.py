@@ -1,9 +1,9 @@
 """`halo worker`: computes the partial residual updates of the groups it is assigned.
 
-One process, one thread, one event loop over two sockets bound to the same port number:
-a ZeroMQ ROUTER (TCP: the control plane, and the data plane in strict mode) and a UDP socket
-(the data plane in relaxed mode). A worker serves one coordinator session at a time; a new
-coordinator's join replaces the old session, so a worker never needs a restart.
+One process, one thread, one event loop over two sockets bound to the same port number: a ZeroMQ
+ROUTER (TCP: the control plane, and the data plane in strict mode) and a UDP socket (the data plane
+in relaxed mode). A worker serves one coordinator session at a time; a new coordinator's join
+replaces the old session, so a worker never needs a restart.
 """
 
 from __future__ import annotations
@@ -68,11 +68,7 @@ from halollm.runtime.worker_session import (
 )
 from halollm.scheduler import profile
 
-HEARTBEAT_S = 0.25
-# while rounds flow (an activation within HEARTBEAT_S), the partials prove liveness: a
-# heartbeat (the compute counters the scheduler learns from) this often is enough, well
-# inside the coordinator's death threshold (LinkOptions.dead_after_s, 2 s)
-BUSY_HEARTBEAT_S = 1.0
+HEARTBEAT_S, BUSY_HEARTBEAT_S = 0.25, 1.0  # busy: rounds flow, their partials prove liveness
 
 
 class Worker:
@@ -125,7 +121,7 @@ class Worker:
                     self._guarded_data(msg.kind, msg.wire, msg.tag, msg.body, True)
             now = time.monotonic()
             s = self.session
-            busy = s is not None and now - s.last_heard < HEARTBEAT_S
+            busy = s is not None and now - s.last_heard < HEARTBEAT_S  # rounds flow
             if now - last_beat >= (BUSY_HEARTBEAT_S if busy else HEARTBEAT_S):
                 if s is not None:
                     self._send(s, Heartbeat(s.session, self._public_stats()))
@@ -222,8 +218,7 @@ class Worker:
         self.session = None
 
     def _on_hello(self, identity: bytes, h: Hello) -> None:
-        """A coordinator opens a join: answer with a fresh challenge (nothing changes until
-        its sealed Join opens with the keys that challenge derives)."""
+        """A coordinator opens a join: a fresh challenge (nothing changes before its Join)."""
         if h.version != PROTOCOL_VERSION:
             self._send_clear(identity, Refused(f"protocol version {h.version} (this worker "
                                                f"speaks {PROTOCOL_VERSION})"))
