@@ -58,13 +58,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def set_coordinator_threads(args: argparse.Namespace) -> None:
-    """--threads, or with --local N the cores the workers leave (unless OMP_NUM_THREADS says).
+def set_coordinator_threads(args: argparse.Namespace, cpu: float | None = None) -> None:
+    """--threads, or (unless OMP_NUM_THREADS says) with --local N the cores the workers leave,
+    and for a coordinator held to `cpu` of a core (a testbed's) that share's whole cores.
     Oversubscribed cores cost every round: a send on loopback then wakes the worker on the
-    sender's core (docs/results/hotpath.md)."""
+    sender's core (docs/results/hotpath.md); two threads on a quarter-core quota took m1024
+    from 135 to 192 ms per token (docs/results/hub-only.md)."""
     threads = getattr(args, "threads", None)
-    if threads is None and args.local is not None and "OMP_NUM_THREADS" not in os.environ:
-        threads = max(1, (os.cpu_count() or 1) - args.local)
+    if threads is None and "OMP_NUM_THREADS" not in os.environ:
+        if args.local is not None:
+            threads = max(1, (os.cpu_count() or 1) - args.local)
+        elif cpu is not None:
+            threads = max(1, int(cpu))
     set_threads(threads)
 
 
@@ -124,9 +129,11 @@ def open_cluster(args: argparse.Namespace, quiet: bool):  # type: ignore[no-unty
     closes both."""
     from halollm.runtime.coordinator import Coordinator
     from halollm.runtime.local import LocalWorkers
+    from halollm.testbed.spec import load_spec
 
     local = None
-    set_coordinator_threads(args)
+    spec = load_spec(args.testbed) if args.testbed is not None else None
+    set_coordinator_threads(args, None if spec is None else spec.coordinator_cpu)
     if args.local is not None:
         key, _ = key_text(args.key)
         if not quiet:
@@ -134,16 +141,12 @@ def open_cluster(args: argparse.Namespace, quiet: bool):  # type: ignore[no-unty
         spin = ["--spin-us", str(args.spin_us)] if args.spin_us else []  # theirs as ours
         local = LocalWorkers(args.local, key, args.model, extra_args=spin)
         addresses = local.addresses
-    elif args.testbed is not None:
+    elif spec is not None:
         from halollm.testbed.cluster import hold_coordinator, load_state
-        from halollm.testbed.spec import load_spec
 
-        spec = load_spec(args.testbed)
         state = load_state(spec)
         if spec.coordinator_cpu is not None:  # the coordinator is a device of the spec too
             hold_coordinator(spec)
-            if getattr(args, "threads", None) is None and "OMP_NUM_THREADS" not in os.environ:
-                set_threads(max(1, int(spec.coordinator_cpu)))  # its share's whole cores
         key = state["key"]
         addresses = [(w["address"], int(w["port"])) for w in state["workers"]]
     else:

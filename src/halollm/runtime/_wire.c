@@ -243,7 +243,6 @@ static PyObject *addr_tuple(const struct sockaddr_in *from) {
     return last_from_obj;
 }
 
-/* One received datagram: appended to `out` as a reason or a fragment; NULL on a Python error. */
 /* A datagram's clear header, parsed. */
 typedef struct {
     uint32_t kind, sender, wire, tag[7], index, count, body_len; /* tag: RoundTag's order */
@@ -368,9 +367,13 @@ typedef struct {
     unsigned long kinds, phases;
 } Receive;
 
-static int receive_args(PyObject *args, Receive *r) {
-    return PyArg_ParseTuple(args, "iiOkk", &r->fd, &r->limit, &r->channel_for, &r->kinds,
-                            &r->phases);
+/* `timeout`: NULL, or where Gather.wait's extra argument goes. */
+static int receive_args(PyObject *args, Receive *r, double *timeout) {
+    if (timeout == NULL)
+        return PyArg_ParseTuple(args, "iiOkk", &r->fd, &r->limit, &r->channel_for, &r->kinds,
+                                &r->phases);
+    return PyArg_ParseTuple(args, "iiOkkd", &r->fd, &r->limit, &r->channel_for, &r->kinds,
+                            &r->phases, timeout);
 }
 
 /* recv_open's and Gather's loop: up to `limit` datagrams waiting on `fd`, read with
@@ -432,7 +435,7 @@ fail:
 static PyObject *recv_open(PyObject *self, PyObject *args) {
     (void)self;
     Receive r;
-    if (!receive_args(args, &r)) return NULL;
+    if (!receive_args(args, &r, NULL)) return NULL;
     PyObject *out = PyList_New(0);
     if (out != NULL && receive_batch(&r, open_into, NULL, out) != 0) Py_CLEAR(out);
     return out;
@@ -847,7 +850,7 @@ static PyObject *gather_one(void *ctx, PyObject *out, const uint8_t *d, Py_ssize
 
 static PyObject *gather_pump(Gather *g, PyObject *args) {
     Receive r;
-    if (!receive_args(args, &r)) return NULL;
+    if (!receive_args(args, &r, NULL)) return NULL;
     g->taken = 0;
     PyObject *out = PyList_New(0);
     if (out == NULL || receive_batch(&r, gather_one, g, out) != 0) {
@@ -869,9 +872,7 @@ static int gather_pending(const Gather *g) {
 static PyObject *gather_wait(Gather *g, PyObject *args) {
     Receive r;
     double timeout, slept = 0.0;
-    if (!PyArg_ParseTuple(args, "iiOkkd", &r.fd, &r.limit, &r.channel_for, &r.kinds,
-                          &r.phases, &timeout))
-        return NULL;
+    if (!receive_args(args, &r, &timeout)) return NULL;
     double end = now_s() + (timeout > 0.0 ? timeout : 0.0);
     g->taken = 0;
     PyObject *out = PyList_New(0);
