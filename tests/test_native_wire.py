@@ -22,8 +22,10 @@ from halollm.runtime.tensor_codec import (
     WIRE_FP16,
     WIRE_FP32,
     WIRE_INT8,
+    check_body,
     decode_body,
     encode_body,
+    place_bodies,
 )
 from halollm.runtime.transport import NATIVE, UdpEndpoint
 
@@ -182,6 +184,48 @@ def test_a_decode_rounds_partials_summed_in_c_equal_the_python_paths(wire: int) 
     raw.sendto(datagrams(3, bodies[3])[0], addr)
     time.sleep(0.1)
     assert rx.receive(gather=gather) == [] and gather.arrived() == []
+    raw.close()
+    rx.close()
+
+
+@pytest.mark.parametrize("wire", [WIRE_FP32, WIRE_BF16, WIRE_INT8])
+def test_a_gather_with_spans_places_each_partial_at_its_own_rows(wire: int) -> None:
+    """With spans (the LM head split by rows), each worker's partial is checked against its
+    own length and placed at its offset: the output is the rows side by side, bitwise the
+    Python path's placement (`tensor_codec.place_bodies`); a body of the wrong length for its
+    sender is refused as malformed and leaves it pending."""
+    native = _path("native")
+    links = {s: channel_pair(bytes([s]) * 32) for s in (1, 2, 3)}
+    spans = {1: (0, 1000), 2: (1000, 999), 3: (1999, 1001)}
+    vocab = 3000
+    tag = TAG._replace(layer=0, phase=protocol.HEAD)
+    rx = UdpEndpoint("127.0.0.1", 0,
+                     lambda s, n: links[s][0] if s in links and n == TAG.session else None,
+                     mtu=1500, native=native)
+    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    torch.manual_seed(1)
+    bodies = {s: encode_body(torch.randn(1, n) * 3, wire) for s, (_, n) in spans.items()}
+    wrong = encode_body(torch.randn(1, 1100), wire)  # worker 2's rows are 999
+
+    def datagrams(s: int, body: bytes) -> list[bytes]:
+        return protocol.encode(PARTIAL, s, wire, tag, body, links[s][1], mtu=1500)
+
+    gather = rx.gather(tag, [1, 2, 3], [links[s][0] for s in (1, 2, 3)], wire, vocab,
+                       [spans[s] for s in (1, 2, 3)])
+    for data in [*datagrams(3, bodies[3]), *datagrams(2, wrong), *datagrams(1, bodies[1]),
+                 *datagrams(2, bodies[2])]:
+        raw.sendto(data, ("127.0.0.1", rx.port))
+    time.sleep(0.2)
+    assert rx.receive(gather=gather) == []
+    assert sorted(s for s, _ in gather.arrived()) == [1, 2, 3]
+    assert rx.counters["malformed"] == 1
+    total = torch.frombuffer(gather.total(), dtype=torch.float32).view(1, vocab)
+    expected = place_bodies([(bodies[s], check_body(bodies[s], wire, 1, n), first, n)
+                             for s, (first, n) in spans.items()], wire, vocab)
+    assert torch.equal(total, expected)
+    for s, (first, n) in spans.items():  # each worker's values at its rows
+        assert torch.equal(total[:, first:first + n], decode_body(bodies[s], wire, 1, n)[1]
+                           .float())
     raw.close()
     rx.close()
 

@@ -14,7 +14,7 @@ from halollm.runtime.round_decision import (
 
 def state(**kw) -> RoundState:
     base = dict(now=1.0, deadline=2.0, pending=frozenset({1, 2}), critical=None,
-                silent=frozenset(), relaxed=True, mlp=True, next_retry=2.0)
+                silent=frozenset(), relaxed=True, recomputable=True, next_retry=2.0)
     return RoundState(**{**base, **kw})
 
 
@@ -44,18 +44,19 @@ def test_relaxed_mlp_recomputes_only_the_critical_ones():
 
 
 def test_attention_retries_then_waits_for_the_retry():
-    s = state(now=2.5, critical=frozenset({1}), mlp=False, next_retry=2.2)
+    s = state(now=2.5, critical=frozenset({1}), recomputable=False, next_retry=2.2)
     d = decide(s)
     assert d.act is Act.RETRY and d.devices == {1}
-    d = decide(state(now=2.5, critical=frozenset({1}), mlp=False, next_retry=2.53))
+    d = decide(state(now=2.5, critical=frozenset({1}), recomputable=False, next_retry=2.53))
     assert d.act is Act.WAIT and abs(d.timeout - 0.03) < 1e-9
 
 
 def test_a_silent_critical_worker_ends_the_round_for_a_takeover():
-    d = decide(state(now=3.0, critical=frozenset({1, 2}), mlp=False, silent=frozenset({2})))
+    d = decide(state(now=3.0, critical=frozenset({1, 2}), recomputable=False,
+                     silent=frozenset({2})))
     assert d.act is Act.WORKER_LOST and d.devices == {2}
     # silence of a worker whose contribution does not matter changes nothing
-    d = decide(state(now=3.0, critical=frozenset({1}), mlp=False, silent=frozenset({2}),
+    d = decide(state(now=3.0, critical=frozenset({1}), recomputable=False, silent=frozenset({2}),
                      next_retry=9.0))
     assert d.act is Act.WAIT
 

@@ -286,7 +286,8 @@ def test_equal_placement_strict_equals_single_device(workers, reference_tokens):
 
 def test_workers_placement_strict_equals_single_device(workers, reference_tokens):
     """The same split over the workers only: the coordinator computes no group (it embeds,
-    norms, sums and samples), every worker takes as many, and strict mode stays exact."""
+    norms, sums and samples), every worker takes as many, the LM head's rows are split over
+    them too, and strict mode stays exact."""
     coord = Coordinator(None, "fp32", workers.addresses, cluster_key(KEY),
                         ClusterOptions.build(mode="strict", predictor=None, placement="workers"))
     try:
@@ -300,7 +301,10 @@ def test_workers_placement_strict_equals_single_device(workers, reference_tokens
         ids = coord.tokenizer.encode(PROMPT)
         result = generate(coord, coord.tokenizer, ids, max_tokens=32, sampling=GREEDY)
         assert result.token_ids == reference_tokens
-        assert coord.sync_json()["stage_ms_per_round"]["own"] < 0.05  # nothing of its own
+        sync = coord.sync_json()
+        assert sync["stage_ms_per_round"]["own"] < 0.05  # nothing of its own
+        # the LM head too: its rows over the workers, one round per token (the prompt's too)
+        assert sync["head"]["rounds"] == len(result.token_ids) and sync["head"]["recomputed"] == 0
     finally:
         coord.close()
 

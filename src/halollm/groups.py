@@ -140,3 +140,15 @@ def split_evenly(total: int, parts: int) -> tuple[Units, ...]:
 def merge_units(groups: Sequence[Units]) -> Units:
     """The units of several groups of one layer half, in order (one fused shard)."""
     return tuple(sorted(u for g in groups for u in g))
+
+
+def head_spans(vocab: int, devices: Sequence[int]) -> dict[int, tuple[int, int]]:
+    """The LM head's rows dealt out to `devices`: each one's (first row, row count),
+    contiguous, in order, sizes differing by at most one."""
+    base, extra = divmod(vocab, len(devices))
+    out, start = {}, 0
+    for k, device in enumerate(devices):
+        size = base + (1 if k < extra else 0)
+        out[device] = (start, size)
+        start += size
+    return out

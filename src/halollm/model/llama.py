@@ -339,8 +339,16 @@ class Transformer:
         enough to flip near-ties; the REFINE_TOP best candidates of each row are therefore
         recomputed in float32, so the top of the distribution (what greedy decoding and
         top-k/top-p sampling look at) is as exact as the body's activations allow."""
-        x = rms_norm(h, self.norm, self.config.rms_eps, torch.float32)
-        logits = project(x, self.lm_head).float()
+        x = self.head_input(h)
+        return self.refine(x, project(x, self.lm_head).float())
+
+    def head_input(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head's input: the final RMSNorm of the residual stream, in float32."""
+        return rms_norm(h, self.norm, self.config.rms_eps, torch.float32)
+
+    def refine(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` [T, vocab] (float32, of the head's product in the compute dtype) with
+        their REFINE_TOP best recomputed in float32 from x [T, d] (in place)."""
         if self.dtype != torch.float32:
             top = logits.topk(REFINE_TOP, dim=-1).indices  # [T, k]
             rows = head_rows(self.lm_head, top.reshape(-1)).reshape(*top.shape, -1)  # [T, k, d]

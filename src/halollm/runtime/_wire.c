@@ -565,7 +565,8 @@ static PyTypeObject WindowType = {
 /* ---------------------------------------------------------------------------------------
  * Gather: a decode round's partials, taken in here. The datagrams of this round from its
  * workers are opened, checked against their link's replay window, reassembled, checked (the
- * body's size, finite values) and added into one float32 sum; everything else (other
+ * body's size, finite values) and added into one float32 output (a sum, or each sender at
+ * its own span: a concatenation); everything else (other
  * rounds' late partials, strangers, what is rejected) is handed back as recv_open would,
  * for the Python path. transport.py and rounds.py use it; protocol.py and tensor_codec.py
  * are the reference it must agree with (tests/test_native_wire.py). */
@@ -581,6 +582,7 @@ static PyTypeObject WindowType = {
 
 typedef struct {
     int sender, done;
+    uint32_t offset, length; /* where its values go in the output, and how many */
     PyObject *channel;   /* its link's data channel */
     const uint8_t *key;  /* the channel's key bytes (held by `channel`) */
     int direction;
@@ -621,15 +623,37 @@ static void gather_dealloc(Gather *g) {
     Py_TYPE(g)->tp_free((PyObject *)g);
 }
 
+/* A slot's span: (offset, length) from `spans` (None: the whole output, a sum) */
+static int slot_span(Slot *s, PyObject *spans, int i, int dim) {
+    if (spans == Py_None) {
+        s->offset = 0;
+        s->length = (uint32_t)dim;
+        return 0;
+    }
+    long offset, length;
+    if (!PyArg_ParseTuple(PyList_GET_ITEM(spans, i), "ll", &offset, &length)) return -1;
+    if (offset < 0 || length < 1 || offset + length > dim) {
+        PyErr_SetString(PyExc_ValueError, "a span must lie inside the output");
+        return -1;
+    }
+    s->offset = (uint32_t)offset;
+    s->length = (uint32_t)length;
+    return 0;
+}
+
 static int gather_init(Gather *g, PyObject *args, PyObject *kw) {
-    PyObject *tag, *senders, *channels;
-    if (!PyArg_ParseTuple(args, "OOOii", &tag, &senders, &channels, &g->wire, &g->dim))
+    PyObject *tag, *senders, *channels, *spans = Py_None;
+    if (!PyArg_ParseTuple(args, "OOOii|O", &tag, &senders, &channels, &g->wire, &g->dim,
+                          &spans))
         return -1;
     if (!PyTuple_Check(tag) || PyTuple_GET_SIZE(tag) != 7 || !PyList_Check(senders) ||
         !PyList_Check(channels) || PyList_GET_SIZE(senders) != PyList_GET_SIZE(channels) ||
         PyList_GET_SIZE(senders) > MAX_SLOTS || g->wire < 0 || g->wire > 3 || g->dim < 1 ||
+        (spans != Py_None &&
+         (!PyList_Check(spans) || PyList_GET_SIZE(spans) != PyList_GET_SIZE(senders))) ||
         g->slots != NULL) {
-        PyErr_SetString(PyExc_ValueError, "Gather(tag 7-tuple, senders, channels, wire, dim)");
+        PyErr_SetString(PyExc_ValueError,
+                        "Gather(tag 7-tuple, senders, channels, wire, dim[, spans])");
         return -1;
     }
     for (int i = 0; i < 7; i++) {
@@ -674,6 +698,7 @@ static int gather_init(Gather *g, PyObject *args, PyObject *kw) {
         s->direction = (int)direction;
         s->window = (Window *)win;
         s->sender = (int)sender;
+        if (slot_span(s, spans, i, g->dim) != 0) return -1;
     }
     return 0;
 }
@@ -704,16 +729,17 @@ static float half_to_float(uint16_t h) {
 
 static int blocks(int dim) { return (dim + Q8_BLOCK - 1) / Q8_BLOCK; }
 
-/* A complete body: checked as tensor_codec.check_body does and added into the sum; 0 if
- * added, else the reason it was refused (nothing is added then) */
-static const char *take_body(Gather *g, const uint8_t *b, uint32_t n) {
+/* A complete body of slot `s`: checked as tensor_codec.check_body does and added into the
+ * output at the slot's span; 0 if added, else the reason it was refused (nothing is added
+ * then) */
+static const char *take_body(Gather *g, const Slot *s, const uint8_t *b, uint32_t n) {
     if (n < 2) return "malformed";
-    uint32_t groups = get16(b), off = 2 + 2 * groups, dim = (uint32_t)g->dim;
-    uint64_t need = g->wire == WIRE_INT8 ? (uint64_t)blocks(g->dim) * (2 + Q8_BLOCK)
+    uint32_t groups = get16(b), off = 2 + 2 * groups, dim = s->length;
+    uint64_t need = g->wire == WIRE_INT8 ? (uint64_t)blocks((int)dim) * (2 + Q8_BLOCK)
                                          : (uint64_t)dim * (g->wire == WIRE_FP32 ? 4 : 2);
     if ((uint64_t)n != off + need) return "malformed";
     const uint8_t *v = b + off;
-    float *sum = g->sum;
+    float *sum = g->sum + s->offset;
     if (g->wire == WIRE_BF16 || g->wire == WIRE_FP16) {
         uint16_t mask = g->wire == WIRE_BF16 ? 0x7F80 : 0x7C00;
         for (uint32_t i = 0; i < dim; i++) {
@@ -745,7 +771,7 @@ static const char *take_body(Gather *g, const uint8_t *b, uint32_t n) {
             sum[i] += f;
         }
     } else { /* int8: the float16 scales, then 32 int8 values per block */
-        int nb = blocks(g->dim);
+        int nb = blocks((int)dim);
         for (int k = 0; k < nb; k++) {
             uint16_t h = (uint16_t)(v[2 * k] | v[2 * k + 1] << 8);
             if ((h & 0x7C00) == 0x7C00) return "malformed";
@@ -772,7 +798,7 @@ static const char *take_fragment(Gather *g, Slot *s, uint32_t index, uint32_t co
                                  uint32_t body_len, const uint8_t *p, uint32_t m) {
     if (count == 1) {
         if (m != body_len) return "malformed";
-        const char *why = take_body(g, p, m);
+        const char *why = take_body(g, s, p, m);
         if (why != NULL) return why;
     } else {
         if (s->count == 0) {
@@ -802,7 +828,7 @@ static const char *take_fragment(Gather *g, Slot *s, uint32_t index, uint32_t co
                 memcpy(body + at, s->frag[i], s->flen[i]);
                 at += s->flen[i];
             }
-            why = take_body(g, body, body_len);
+            why = take_body(g, s, body, body_len);
         }
         PyMem_Free(body);
         slot_reset(s);
@@ -948,7 +974,8 @@ static PyMethodDef gather_methods[] = {
     {"drop", (PyCFunction)gather_drop, METH_O,
      "drop(sender): no longer waited for (recomputed, lost); what it sends now is late"},
     {"total", (PyCFunction)gather_total, METH_NOARGS,
-     "total() -> bytearray: the float32 sum of the partials taken in (dim values)"},
+     "total() -> bytearray: the float32 sum of the partials taken in (dim values; each "
+     "added at its span)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -956,7 +983,9 @@ static PyTypeObject GatherType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "halollm.runtime._wire.Gather",
     .tp_basicsize = sizeof(Gather),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Gather(tag, senders, channels, wire, dim): a decode round's partials, taken in",
+    .tp_doc = "Gather(tag, senders, channels, wire, dim[, spans]): a decode round's partials, "
+              "taken in; spans: per sender (offset, length) of its values in the dim-long "
+              "output (default: all of it, a sum; disjoint spans: a concatenation)",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)gather_init,
     .tp_dealloc = (destructor)gather_dealloc,

@@ -28,6 +28,7 @@ from halollm.predictor.critical import SharePredictor
 from halollm.predictor.significance import RANKING_TEXT, cached_ranking
 from halollm.runtime.deadline import DeadlineEstimator
 from halollm.runtime.device_bench import compute_benchmark
+from halollm.runtime.head_split import HeadSplit
 from halollm.runtime.history import History
 from halollm.runtime.keys import ClusterKey
 from halollm.runtime.links import Dead, Links, Rejoined, RepairNeeded, WorkerLink
@@ -36,7 +37,7 @@ from halollm.runtime.options import ClusterOptions
 from halollm.runtime.own_share import Criticality, OwnShare
 from halollm.runtime.planner import Planner
 from halollm.runtime.probe import ProbeResult, probe_links
-from halollm.runtime.protocol import RoundTag
+from halollm.runtime.protocol import HEAD, RoundTag
 from halollm.runtime.rounds import Rounds, TcpTransport, UdpTransport, WorkerLost
 from halollm.runtime.stats import SyncStats
 from halollm.runtime.tensor_codec import WIRE_NAMES, wire_for_dtype
@@ -118,6 +119,7 @@ class Coordinator:
                              self.config.hidden_size, self.deadline, self.stats,
                              self.criticality, self._fallback)
         self.rounds.hub_round_ms = self.profile.hub_round_ms
+        self.head = HeadSplit(self.model, self.rounds, self.stats)
         t0 = time.perf_counter()
         self._distribute()  # the workers build their shards (the coordinator's are built)
         ms = 1e3 * (time.perf_counter() - t0)
@@ -223,7 +225,7 @@ class Coordinator:
                     self._take_over(link, "no heartbeat")
         self.stats.token_done(start, before)
         self.stats.deadline_ms = self.deadline.deadline_ms()
-        return self.model.logits(h[-1:])[-1]
+        return self.head.logits(h[-1:], start + len(ids) - 1, self.links.links)
 
     def _reduce(self, index: int, half: Half, layer: Layer, x: torch.Tensor, start: int
                 ) -> torch.Tensor:
@@ -235,6 +237,8 @@ class Coordinator:
         return self.rounds.run(index, half, x, start, getattr(layer, half), targets)
 
     def _fallback(self, link: WorkerLink, tag: RoundTag, x: torch.Tensor) -> torch.Tensor:
+        if tag.phase == HEAD:
+            return self.head.rows(link, tag, x)
         return self.own.fallback(self.placement, link, tag, x)
 
     # -- between tokens: events and placement changes ------------------------------------
@@ -320,12 +324,18 @@ class Coordinator:
                  f"device {record['groups_per_device']}, predicted {record['predicted_ms']} "
                  f"ms/token of rounds ({record['ms']:.0f} ms to move)")
 
+    def _head_on_workers(self) -> bool:
+        head = self.opts.plan.head
+        return head == "workers" or (head is None and self.opts.plan.placement == "workers")
+
     def _distribute(self) -> None:
         live = self.links.alive()
+        self.head.deal([lk.index for lk in live] if self._head_on_workers() else [])
         for link in live:
+            first, rows = self.head.spans.get(link.index, (0, 0))
             self.links.send(link, Plan(self.session, self.epoch, link.index,
                                        self.format.name, self.wire, self.history.request,
-                                       self.placement.device_json(link.index)))
+                                       self.placement.device_json(link.index), first, rows))
         if self.opts.sync.mode != "strict":  # while the workers build their shards
             # half the memory left beside its own weights (the KV cache and the rest need room)
             spare = (self.profile.memory_bytes - self.model.weight_bytes()) // 2

@@ -109,6 +109,8 @@ class Plan(Message):
     wire: int
     request: int
     layers: str  # JSON: per layer, the attention and MLP groups and units of this device
+    head_start: int = 0  # the LM head's rows this device computes: first, and how many
+    head_rows: int = 0
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,12 @@ class PlanOptions:
                                   "workers, the first multiple of the worker count from 16, "
                                   "so that every worker takes as many)", type=int,
                                   metavar="N")
+    head: str | None = flag(None, "who computes the LM head: coordinator, or workers (its "
+                            "vocabulary rows dealt out equally over the live workers, each "
+                            "returning its rows' logits; the coordinator refines the best 16 "
+                            "in float32 as always, and computes a worker's rows itself when "
+                            "they miss the deadline) (default: workers with --placement "
+                            "workers, else coordinator)", choices=("coordinator", "workers"))
     memory_budget: int | None = flag(None, "memory the coordinator offers for weights, e.g. 2G "
                                      "(default: 80%% of the available RAM); used by "
                                      "--placement memory|halo", type=parse_bytes,

@@ -28,8 +28,9 @@ VERSION = 3  # 3: the int8 wire is Q8_0-style blocks (was: one scale per row)
 MAC_SIZE = TAG_SIZE
 ACTIVATION, PARTIAL = 1, 2
 KINDS = (ACTIVATION, PARTIAL)
-ATTN, MLP, PROBE = 0, 1, 2  # PROBE: answered at once with zeros (what a round costs)
-PHASE_NAMES = {ATTN: "attn", MLP: "mlp", PROBE: "probe"}
+ATTN, MLP, PROBE, HEAD = 0, 1, 2, 3  # PROBE: answered at once with zeros (what a round
+# costs); HEAD: the LM head's rows a worker holds (layer 0)
+PHASE_NAMES = {ATTN: "attn", MLP: "mlp", PROBE: "probe", HEAD: "head"}
 
 # magic, version, kind, sender, wire, session, epoch, request, pos, ntok, layer, phase, _,
 # fragment index, fragment count, body length, the sender's counter (the AEAD nonce)

@@ -3,11 +3,12 @@
 Before the deadline it waits. At the deadline the pending contributions are sorted into
 critical and not (once per round, by the caller: `CLASSIFY`). After that: with nothing
 critical pending the round gives up on the rest (they count as lost); a critical MLP
-contribution in relaxed mode is recomputed by the coordinator (stateless, weights
-memory-mapped); a critical contribution whose worker has been silent too long ends the round
-(`WORKER_LOST`: the coordinator takes the worker over between attempts and runs the token
-again); a critical attention contribution in relaxed mode is asked for again (the activation
-re-sent, the interval doubling); otherwise the round waits for it.
+contribution in relaxed mode (or an LM head partial) is recomputed by the coordinator
+(stateless, weights memory-mapped); a critical contribution whose worker has been silent
+too long ends the round (`WORKER_LOST`: the coordinator takes the worker over between
+attempts and runs the token again); a critical attention contribution in relaxed mode is
+asked for again (the activation re-sent, the interval doubling); otherwise the round waits
+for it.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class RoundState:
     critical: frozenset[int] | None  # None until classified at the deadline
     silent: frozenset[int]  # pending workers not heard from for the death threshold
     relaxed: bool
-    mlp: bool
+    recomputable: bool  # the coordinator can compute it itself (MLP, the LM head's rows)
     next_retry: float
 
 
@@ -58,7 +59,7 @@ def decide(s: RoundState) -> Decision:
     crit = s.critical & s.pending
     if not crit:
         return Decision(Act.GIVE_UP, s.pending)
-    if s.mlp and s.relaxed:
+    if s.recomputable and s.relaxed:
         return Decision(Act.RECOMPUTE, crit)
     if crit & s.silent:
         return Decision(Act.WORKER_LOST, crit & s.silent)

@@ -20,9 +20,11 @@ from halollm.model.llama import sum_partials
 from halollm.runtime import protocol
 from halollm.runtime.deadline import DeadlineEstimator
 from halollm.runtime.links import Links, WorkerLink
+from halollm.runtime.partials import Output, Taken
 from halollm.runtime.protocol import (
     ACTIVATION,
     ATTN,
+    HEAD,
     MLP,
     PARTIAL,
     PROBE,
@@ -31,7 +33,7 @@ from halollm.runtime.protocol import (
 )
 from halollm.runtime.round_decision import Act, RoundState, decide, next_retry_interval
 from halollm.runtime.stats import SyncStats
-from halollm.runtime.tensor_codec import check_body, decode_body, encode_body, sum_bodies
+from halollm.runtime.tensor_codec import check_body, decode_body, encode_body
 from halollm.runtime.transport import Message, UdpEndpoint
 
 PHASES = {"attn": ATTN, "mlp": MLP, "probe": PROBE}  # probe: probe.py's rounds
@@ -55,8 +57,8 @@ class Transport(Protocol):
     def send(self, tag: RoundTag, wire: int, body: bytes, targets: Sequence[WorkerLink]
              ) -> None: ...
 
-    def gather(self, tag: RoundTag, targets: list[WorkerLink], wire: int, dim: int
-               ) -> object | None: ...
+    def gather(self, tag: RoundTag, targets: list[WorkerLink], wire: int, dim: int,
+               spans: list[tuple[int, int]] | None = None) -> object | None: ...
 
     def wait(self, timeout: float, pending: dict[int, WorkerLink], gather: object | None = None
              ) -> list[Message]: ...
@@ -75,11 +77,11 @@ class UdpTransport:
              ) -> None:
         self.udp.send(ACTIVATION, 0, wire, tag, body, [(t.udp_addr, t.data) for t in targets])
 
-    def gather(self, tag: RoundTag, targets: list[WorkerLink], wire: int, dim: int
-               ) -> object | None:
+    def gather(self, tag: RoundTag, targets: list[WorkerLink], wire: int, dim: int,
+               spans: list[tuple[int, int]] | None = None) -> object | None:
         """The native path's taker of this round's partials, if it runs here."""
         return self.udp.gather(tag, [t.index for t in targets], [t.data for t in targets],
-                               wire, dim)
+                               wire, dim, spans)
 
     def wait(self, timeout: float, pending: dict[int, WorkerLink], gather: object | None = None
              ) -> list[Message]:
@@ -112,8 +114,8 @@ class TcpTransport:
         for t in targets:  # sealed for each worker's link
             t.sock.send(protocol.encode(ACTIVATION, 0, wire, tag, body, t.data, mtu=1 << 30)[0])
 
-    def gather(self, tag: RoundTag, targets: list[WorkerLink], wire: int, dim: int
-               ) -> object | None:
+    def gather(self, tag: RoundTag, targets: list[WorkerLink], wire: int, dim: int,
+               spans: list[tuple[int, int]] | None = None) -> object | None:
         return None  # every partial through _on_partial
 
     def wait(self, timeout: float, pending: dict[int, WorkerLink], gather: object | None = None
@@ -143,40 +145,6 @@ class TcpTransport:
         out.append(Message(f.kind, f.sender, f.wire, f.tag, f.payload, None))
 
 
-class Taken:
-    """What a round has taken in: recomputed partials, bodies checked on arrival (decoded
-    together at the end), and what the native taker (`_wire.Gather`, or None) summed."""
-
-    def __init__(self, native: object | None) -> None:
-        self.native = native
-        self.tensors: list[torch.Tensor] = []
-        self.bodies: list[tuple[bytes, int]] = []  # (body, where its values start)
-        self.summed = 0  # partials the native taker added
-
-    def arrived(self) -> list[tuple[int, float]]:
-        """(sender, perf_counter time) of the partials the native taker completed since."""
-        if self.native is None:
-            return []
-        out: list[tuple[int, float]] = self.native.arrived()  # type: ignore[attr-defined]
-        self.summed += len(out)
-        return out
-
-    def drop(self, devices: frozenset[int]) -> None:
-        """No longer waited for (recomputed): what these send now is late."""
-        if self.native is not None:
-            for i in devices:
-                self.native.drop(i)  # type: ignore[attr-defined]
-
-    def partials(self, wire: int, ntok: int, dim: int) -> list[torch.Tensor]:
-        out = list(self.tensors)
-        if self.bodies:
-            out.append(sum_bodies(self.bodies, wire, ntok, dim))
-        if self.summed:
-            total = self.native.total()  # type: ignore[attr-defined]
-            out.append(torch.frombuffer(total, dtype=torch.float32).view(ntok, dim))
-        return out
-
-
 Criticality = Callable[[int, str, torch.Tensor, list[WorkerLink]], set[int]]
 Recompute = Callable[[WorkerLink, RoundTag, torch.Tensor], torch.Tensor]
 
@@ -192,6 +160,7 @@ class Rounds:
         self.dim, self.deadline, self.stats = dim, deadline, stats
         self.critical, self.recompute = critical, recompute
         self.epoch = self.request = 0
+        self.head_deadline = DeadlineEstimator(fixed_ms=deadline.fixed_ms)  # its own delays
         self.sent_at: dict[RoundTag, float] = {}
         self.retried: set[RoundTag] = set()
         self.sent_wall = 0.0  # when the current round's activation went out
@@ -236,6 +205,21 @@ class Rounds:
             self._observe_hub(max(0.0, 1e3 * hub - self.hub_round_ms) / len(targets))
         return out
 
+    def head(self, x: torch.Tensor, pos: int, targets: list[WorkerLink],
+             spans: dict[int, tuple[int, int]], vocab: int, wire: int) -> torch.Tensor:
+        """float32 logits [1, vocab] of the normed last hidden state x [1, d], the LM head's
+        rows computed by `targets` (spans: per worker, its first row and row count) and
+        placed side by side; a missing worker's rows are computed here (`recompute`)."""
+        t0 = time.perf_counter()
+        tag = RoundTag(self.session, self.epoch, self.request, pos, 1, 0, HEAD)
+        body = encode_body(x, wire)
+        self.transport.send(tag, wire, body, targets)
+        parts = self.gather(tag, "head", targets, x, body, Output(wire, vocab, spans))
+        logits = sum_partials(parts) if len(parts) > 1 else parts[0]
+        self.stats.head_rounds += 1
+        self.stats.head_ms += 1e3 * (time.perf_counter() - t0)
+        return logits
+
     def _observe_hub(self, ms: float) -> None:
         """Sending to, receiving from and summing one worker, as it costs the coordinator
         (wall clock: a CPU quota's stalls land in it as they land in compute)."""
@@ -248,18 +232,23 @@ class Rounds:
         if len(self.retried) > REMEMBERED:
             self.retried.clear()
 
+    def _deadline(self, tag: RoundTag) -> DeadlineEstimator:
+        return self.head_deadline if tag.phase == HEAD else self.deadline
+
     def gather(self, tag: RoundTag, half: str, targets: list[WorkerLink], x: torch.Tensor,
-               body: bytes) -> list[torch.Tensor]:
+               body: bytes, out: Output | None = None) -> list[torch.Tensor]:
         """Collect the workers' partials: recomputed ones, and the sum of those that
         arrived (decoded together at the end, or summed in C as they came: `native`). The
         deadline counts from the end of the coordinator's own share (what matters is how
         long the coordinator idles)."""
         sent = time.perf_counter()
+        out = out or Output(self.wire, self.dim)
         pending = {t.index: t for t in targets}
-        got = Taken(self.transport.gather(tag, targets, self.wire, self.dim))
+        spans = None if out.spans is None else [out.spans[t.index] for t in targets]
+        got = Taken(self.transport.gather(tag, targets, out.wire, out.dim, spans))
         self.stats.expected += len(pending)
         self._remember(tag, sent)
-        deadline = sent + self.deadline.deadline_ms(tag.ntok) / 1e3
+        deadline = sent + self._deadline(tag).deadline_ms(tag.ntok) / 1e3
         critical: frozenset[int] | None = None
         interval, next_retry = max(deadline - sent, 1e-3), deadline
         relaxed = self.transport.can_retry
@@ -269,7 +258,7 @@ class Rounds:
                 silent = frozenset(i for i, lk in pending.items() if self.links.silent(lk)) \
                     if critical is not None else frozenset()
                 d = decide(RoundState(now, deadline, frozenset(pending), critical, silent,
-                                      relaxed, tag.phase == MLP, next_retry))
+                                      relaxed, tag.phase in (MLP, HEAD), next_retry))
                 if d.act in (Act.DONE, Act.GIVE_UP):
                     break
                 if d.act is Act.CLASSIFY:
@@ -282,7 +271,7 @@ class Rounds:
                     self.stats.recomputed += len(d.devices)
                     raise WorkerLost([pending.pop(i) for i in sorted(d.devices)])
                 elif d.act is Act.RETRY:
-                    self.transport.send(tag, self.wire, body, [pending[i] for i in d.devices])
+                    self.transport.send(tag, out.wire, body, [pending[i] for i in d.devices])
                     self.stats.retries += len(d.devices)
                     self.retried.add(tag)
                     interval = next_retry_interval(interval)
@@ -293,23 +282,24 @@ class Rounds:
                     for sender, at in got.arrived():
                         self._arrived(pending.pop(sender), tag, at, sent)
                     for a in arrivals:
-                        self._on_partial(a, tag, pending, got, sent)
+                        self._on_partial(a, tag, pending, got, sent, out)
                     self._partials_s += time.perf_counter() - t
         finally:
             self.stats.waited_ms += 1e3 * (time.perf_counter() - sent)
             self.stats.lost += len(pending)
         t = time.perf_counter()
-        partials = got.partials(self.wire, tag.ntok, self.dim)
+        partials = got.partials(out, tag.ntok)
         self._partials_s += time.perf_counter() - t
         return partials
 
     def _classify(self, tag: RoundTag, half: str, x: torch.Tensor,
                   targets: list[WorkerLink], pending: dict[int, WorkerLink]) -> frozenset[int]:
-        if tag.ntok == 1 and tag.phase != PROBE:  # what the scheduler learns: these missed
+        if tag.ntok == 1 and tag.phase in (ATTN, MLP):  # what the scheduler learns: missed
             for link in pending.values():
                 link.estimate.observe(False)
-        if not self.transport.can_retry or tag.ntok > 1:
-            # strict mode, and prompt rounds, whose hidden states feed every later token
+        if not self.transport.can_retry or tag.ntok > 1 or tag.phase == HEAD:
+            # strict mode, prompt rounds (their hidden states feed every later token), and
+            # the LM head's rows (every logit counts)
             critical = frozenset(t.index for t in targets)
         else:
             critical = frozenset(self.critical(tag.layer, half, x, targets))
@@ -318,7 +308,7 @@ class Rounds:
         return critical
 
     def _on_partial(self, a: Message, tag: RoundTag, pending: dict[int, WorkerLink],
-                    got: Taken, sent: float) -> None:
+                    got: Taken, sent: float, out: Output) -> None:
         now = time.perf_counter()
         if a.kind != PARTIAL:
             self.stats.datagrams["unexpected_kind"] += 1
@@ -328,15 +318,18 @@ class Rounds:
             if earlier is not None and a.tag.session == self.session:
                 self.stats.late += 1
                 if a.tag not in self.retried:  # a retry's answer says nothing of delay
-                    self.deadline.observe(1e3 * (now - earlier))
+                    self._deadline(a.tag).observe(1e3 * (now - earlier))
             else:
                 self.stats.datagrams["stale"] += 1
             return
         try:  # checked now (a bad body leaves its sender pending), decoded with the rest
-            if a.wire == self.wire:
-                got.bodies.append((a.body, check_body(a.body, a.wire, tag.ntok, self.dim)))
-            else:
-                got.tensors.append(decode_body(a.body, a.wire, tag.ntok, self.dim)[1])
+            n = out.length(a.sender)
+            if a.wire == out.wire:
+                got.bodies.append((a.body, check_body(a.body, a.wire, tag.ntok, n), a.sender))
+            elif out.spans is None:
+                got.tensors.append(decode_body(a.body, a.wire, tag.ntok, n)[1])
+            else:  # the LM head's rows come in the compute dtype's wire, never another
+                raise ProtocolError("malformed", f"head rows in wire {a.wire}")
         except ProtocolError as exc:
             self.stats.datagrams[exc.reason] += 1
             return
@@ -347,6 +340,7 @@ class Rounds:
         link.last_seen = time.monotonic()
         self.stats.received += 1
         if tag.ntok == 1 and tag.phase != PROBE:  # probes: answered at once, no compute
-            self.deadline.observe(1e3 * (now - sent))
-            if tag not in self.retried:  # in time (an answer to a retry was a miss)
+            self._deadline(tag).observe(1e3 * (now - sent))
+            if tag not in self.retried and tag.phase != HEAD:  # in time (an answer to a
+                # retry was a miss); what the scheduler learns of the layer rounds
                 link.estimate.observe(True, 1e3 * (now - self.sent_wall))

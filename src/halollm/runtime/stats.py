@@ -32,6 +32,9 @@ class SyncStats:
     hub_cpu_ms: float = 0.0
     hub_rounds: int = 0
     hub_workers: int = 0  # workers in those rounds, summed
+    head_rounds: int = 0  # LM head rounds (its rows split over the workers)
+    head_ms: float = 0.0  # ... their wall time, sending to summing
+    head_recomputed: int = 0  # ... workers' rows missing at the deadline, computed here
     takeovers: list[dict[str, Any]] = field(default_factory=list)
     rejoins: list[dict[str, Any]] = field(default_factory=list)
     per_token: list[dict[str, Any]] = field(default_factory=list)
@@ -75,6 +78,8 @@ class SyncStats:
             "hub_cpu": {"ms_per_round": round(self.hub_cpu_ms / max(1, self.hub_rounds), 4),
                         "workers_per_round": round(self.hub_workers / max(1, self.hub_rounds),
                                                    2), "rounds": self.hub_rounds},
+            "head": {"rounds": self.head_rounds, "recomputed": self.head_recomputed,
+                     "ms_per_round": round(self.head_ms / max(1, self.head_rounds), 4)},
             "takeovers": self.takeovers,
             "rejoins": self.rejoins,
             "datagrams": dict(self.datagrams),

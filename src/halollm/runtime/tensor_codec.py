@@ -132,3 +132,13 @@ def sum_bodies(bodies: Sequence[tuple[bytes, int]], wire: int, ntok: int, dim: i
     else:
         values = torch.stack([_values(b, wire, ntok, dim, off) for b, off in bodies])
     return values.float().sum(0).view(ntok, dim)
+
+
+def place_bodies(bodies: Sequence[tuple[bytes, int, int, int]], wire: int, dim: int
+                 ) -> torch.Tensor:
+    """Checked one-token bodies, each (body, where its values start, offset, length), placed
+    at their offsets in one float32 [1, dim] (zeros elsewhere): the LM head's rows, concatenated."""
+    out = torch.zeros(1, dim)
+    for body, off, at, n in bodies:
+        out[0, at:at + n] += _values(body, wire, 1, n, off).float().view(-1)
+    return out

@@ -180,14 +180,15 @@ class UdpEndpoint:
         return mtu
 
     def gather(self, tag: RoundTag, senders: list[int], channels: list[Channel], wire: int,
-               dim: int) -> object | None:
+               dim: int, spans: list[tuple[int, int]] | None = None) -> object | None:
         """A decode round's partials taken in by the native path (`_wire.Gather`: replay
         windows, reassembly, checks and the float32 sum in C; hand it to `receive`), or None
         where the Python path takes them (no native module, user-space loss emulation,
-        prompt rounds)."""
+        prompt rounds). `spans`: per sender, (offset, length) of its values in the output
+        (the LM head's rows), instead of all `dim` of them."""
         if not self._native_receive or tag.ntok != 1:
             return None
-        return self.native.Gather(tuple(tag), senders, channels, wire, dim)  # type: ignore[attr-defined]
+        return self.native.Gather(tuple(tag), senders, channels, wire, dim, spans)  # type: ignore[attr-defined]
 
     @property
     def _native_receive(self) -> bool:

@@ -20,9 +20,7 @@ import torch
 import zmq
 
 from halollm.errors import HaloError
-from halollm.loader.store import GroupStore
-from halollm.model.formats import Weights
-from halollm.model.llama import Rope
+from halollm.model.llama import Rope, project
 from halollm.model.loader import content_hash, open_source
 from halollm.paths import write_json_quietly
 from halollm.runtime import protocol
@@ -54,18 +52,10 @@ from halollm.runtime.messages import (
     encode_clear,
     is_sealed,
 )
-from halollm.runtime.protocol import ACTIVATION, ATTN, PARTIAL, ProtocolError, RoundTag
-from halollm.runtime.tensor_codec import decode_body, encode_body
+from halollm.runtime.protocol import ACTIVATION, ATTN, HEAD, PARTIAL, ProtocolError, RoundTag
+from halollm.runtime.tensor_codec import decode_body, encode_body, wire_for_dtype
 from halollm.runtime.transport import UdpEndpoint
-from halollm.runtime.worker_session import (
-    Session,
-    build_layers,
-    group_reader,
-    parse_layers,
-    plan_format,
-    plan_sizes,
-    public_stats,
-)
+from halollm.runtime.worker_session import Session, apply_plan, public_stats
 from halollm.scheduler import profile
 
 HEARTBEAT_S, BUSY_HEARTBEAT_S = 0.25, 1.0  # busy: rounds flow, their partials prove liveness
@@ -259,32 +249,13 @@ class Worker:
 
     def _on_plan(self, s: Session, p: Plan) -> None:
         t0 = time.perf_counter()
-        fmt = plan_format(p.dtype)  # the plan's weight format (a float dtype, or packed)
-        weights = Weights(self.source, fmt, partial=True)
         try:
-            layers = parse_layers(p.layers, self.config)
+            error = apply_plan(s, p, self.source, self.rope, self.memory_bytes, self.log)
         except HaloError as exc:
             self._send(s, Ready(s.session, p.epoch, error=str(exc)))
             raise
-        sizes = plan_sizes(self.config, layers, weights)
-        stream = sum(sizes.values()) > self.memory_bytes
-        if stream and max(sizes.values()) > self.memory_bytes:
-            self._send(s, Ready(s.session, p.epoch, error=(
-                f"its memory budget ({self.memory_bytes / 2**20:.1f} MiB) cannot hold one "
-                f"layer's share of the plan ({max(sizes.values()) / 2**20:.1f} MiB)")))
-            return
-        s.close()
-        s.layers = build_layers(weights, self.rope, s, layers, stream)
-        if stream:
-            s.store = GroupStore(list(sizes), sizes, group_reader(weights, layers),
-                                 self.memory_bytes)
-            self.log(f"plan of {sum(sizes.values()) / 2**20:.0f} MiB exceeds the memory budget "
-                     f"({self.memory_bytes / 2**20:.0f} MiB): streaming its weights")
-        s.dtype, s.format, s.device, s.epoch, s.wire = fmt.dtype, fmt, p.device, p.epoch, p.wire
-        if p.request != s.request:
-            s.start_request(p.request)
-        self._send(s, Ready(s.session, s.epoch,
-                            build_ms=round(1e3 * (time.perf_counter() - t0), 1)))
+        self._send(s, Ready(s.session, p.epoch, error=error) if error else
+                   Ready(s.session, s.epoch, build_ms=round(1e3 * (time.perf_counter() - t0), 1)))
 
     def _on_kv(self, s: Session, m: Kv) -> None:
         """Keys/values for positions we missed (repair) or never had (replay)."""
@@ -356,7 +327,8 @@ class Worker:
             return
         groups, y = out
         self.stats["rounds"] += 1
-        self._reply(s, tag, s.wire, encode_body(y, s.wire, groups), via_udp)
+        wire = wire_for_dtype(s.dtype) if tag.phase == HEAD else s.wire  # logits: lossless
+        self._reply(s, tag, wire, encode_body(y, wire, groups), via_udp)
 
     def _reply(self, s: Session, tag: RoundTag, wire: int, body: bytes, via_udp: bool) -> None:
         if via_udp:
@@ -371,6 +343,8 @@ class Worker:
         """(groups, partial update) of this device's share of the round, or None."""
         work = s.layers[tag.layer]
         t0 = time.perf_counter()
+        if tag.phase == HEAD:
+            return None if s.head is None else ((), project(x, s.head))
         if tag.phase == ATTN:
             if work.attn is None:
                 return None

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from halollm.errors import HaloError
@@ -24,10 +25,10 @@ from halollm.loader.weights import (
     read_group,
 )
 from halollm.model.config import ModelConfig
-from halollm.model.formats import WeightFormat, Weights, nbytes
+from halollm.model.formats import Matrix, WeightFormat, Weights, nbytes
 from halollm.model.llama import AttentionShard, MlpShard, Rope
 from halollm.runtime.handshake import LinkChannels
-from halollm.runtime.messages import Kv
+from halollm.runtime.messages import Kv, Plan
 
 Units = tuple[int, ...]
 
@@ -54,6 +55,8 @@ class Session:
     dtype: torch.dtype = torch.float16  # of activations
     format: WeightFormat | None = None  # of the weights of the current plan
     layers: list[LayerWork] = field(default_factory=list)
+    head: Matrix | None = None  # the LM head's rows this device computes (`--head workers`)
+    head_span: tuple[int, int] = (0, 0)  # ... the first of them, and how many
     store: GroupStore | None = None  # the plan exceeds the memory budget: weights streamed
     request: int = -1
     known: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> filled positions
@@ -81,7 +84,7 @@ class Session:
                 total += nbytes(work.mlp.w_gate_up) + nbytes(work.mlp.w_down)
         if self.store is not None:
             total += sum(w.nbytes for w in list(self.store.resident.values()))
-        return total
+        return total + nbytes(self.head)
 
     def known_upto(self, layer: int, upto: int) -> torch.Tensor:
         known = self.known.get(layer)
@@ -148,6 +151,33 @@ class Session:
             return MlpShard.of(work.mlp_units,
                                *self.store.get(GroupId(layer, "mlp", 0)).tensors)  # type: ignore[arg-type]
         return work.mlp
+
+
+def apply_plan(s: Session, p: Plan, source: Any, rope: Rope, memory_bytes: int,
+               log: Callable[[str], None]) -> str | None:
+    """Build the shards of plan `p` into session `s` (streamed from the model file when they
+    exceed `memory_bytes`): None when done; the reason, when the budget cannot hold even
+    one layer's share (nothing changes then). A malformed plan is a HaloError."""
+    fmt = plan_format(p.dtype)  # the plan's weight format (a float dtype, or packed)
+    weights = Weights(source, fmt, partial=True)
+    layers = parse_layers(p.layers, source.config)
+    head = head_slice(weights, s, p.head_start, p.head_rows)
+    sizes = plan_sizes(source.config, layers, weights)
+    stream = sum(sizes.values()) > memory_bytes
+    if stream and max(sizes.values()) > memory_bytes:
+        return (f"its memory budget ({memory_bytes / 2**20:.1f} MiB) cannot hold one "
+                f"layer's share of the plan ({max(sizes.values()) / 2**20:.1f} MiB)")
+    s.close()
+    s.layers = build_layers(weights, rope, s, layers, stream)
+    s.head, s.head_span = head, (p.head_start, p.head_rows)
+    if stream:
+        s.store = GroupStore(list(sizes), sizes, group_reader(weights, layers), memory_bytes)
+        log(f"plan of {sum(sizes.values()) / 2**20:.0f} MiB exceeds the memory budget "
+            f"({memory_bytes / 2**20:.0f} MiB): streaming its weights")
+    s.dtype, s.format, s.device, s.epoch, s.wire = fmt.dtype, fmt, p.device, p.epoch, p.wire
+    if p.request != s.request:
+        s.start_request(p.request)
+    return None
 
 
 def plan_format(name: str) -> WeightFormat:
@@ -218,6 +248,20 @@ def build_layers(weights: Weights, rope: Rope, s: Session,
             work.mlp = old.mlp if same else mlp_shard(weights, i, mlp_units)
         out.append(work)
     return out
+
+
+def head_slice(weights: Weights, s: Session, first: int, rows: int) -> Matrix | None:
+    """Rows first.. first+rows-1 of the LM head (the embedding's, when tied) in the plan's
+    format, or None for none; the previous plan's when they are the same rows."""
+    config = weights.source.config  # type: ignore[union-attr]
+    if rows == 0:
+        return None
+    if first < 0 or rows < 0 or first + rows > config.vocab_size:
+        raise HaloError("plan names LM head rows the model does not have")
+    if s.head is not None and s.head_span == (first, rows) and s.format == weights.format:
+        return s.head
+    name = "embed" if config.tie_embeddings else "lm_head"
+    return weights.rows(name, np.arange(first, first + rows))[0]
 
 
 def group_reader(weights: Weights, layers: list[tuple[Units, Units, Units, Units]]
