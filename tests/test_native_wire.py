@@ -276,6 +276,20 @@ def test_a_gather_waits_in_c_until_its_partials_are_in_or_something_else_comes()
     assert time.monotonic() - t0 >= 0.2 and rx.slept_s - slept >= 0.15
     for thread in threads:
         thread.join()
+    assert rx.wakeups >= 3  # each partial woke it (and the late one)
+    woken = rx.wakeups
+    # coalescing: after the first wake-up it pauses while more than one partial is to
+    # come, so partials 2 and 3 (10 and 20 ms after 1) are read on fewer wake-ups
+    links[3] = channel_pair(bytes([3]) * 32)
+    rx.coalesce_s = 0.05
+    tag = TAG._replace(pos=TAG.pos + 2)
+    gather = rx.gather(tag, [1, 2, 3], [links[s][0] for s in (1, 2, 3)], wire, dim)
+    threads = [send(1, tag, 0.05), send(2, tag, 0.06), send(3, tag, 0.07)]
+    assert rx.receive(gather=gather, timeout=5.0) == []
+    assert sorted(s for s, _ in gather.arrived()) == [1, 2, 3]
+    assert rx.wakeups - woken <= 2
+    for thread in threads:
+        thread.join()
     raw.close()
     rx.close()
 

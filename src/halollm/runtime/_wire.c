@@ -367,13 +367,14 @@ typedef struct {
     unsigned long kinds, phases;
 } Receive;
 
-/* `timeout`: NULL, or where Gather.wait's extra argument goes. */
-static int receive_args(PyObject *args, Receive *r, double *timeout) {
+/* `timeout`, `coalesce`: NULL, or where Gather.wait's extra arguments go (coalesce is
+ * optional: left as it is when not given). */
+static int receive_args(PyObject *args, Receive *r, double *timeout, double *coalesce) {
     if (timeout == NULL)
         return PyArg_ParseTuple(args, "iiOkk", &r->fd, &r->limit, &r->channel_for, &r->kinds,
                                 &r->phases);
-    return PyArg_ParseTuple(args, "iiOkkd", &r->fd, &r->limit, &r->channel_for, &r->kinds,
-                            &r->phases, timeout);
+    return PyArg_ParseTuple(args, "iiOkkd|d", &r->fd, &r->limit, &r->channel_for, &r->kinds,
+                            &r->phases, timeout, coalesce);
 }
 
 /* recv_open's and Gather's loop: up to `limit` datagrams waiting on `fd`, read with
@@ -435,7 +436,7 @@ fail:
 static PyObject *recv_open(PyObject *self, PyObject *args) {
     (void)self;
     Receive r;
-    if (!receive_args(args, &r, NULL)) return NULL;
+    if (!receive_args(args, &r, NULL, NULL)) return NULL;
     PyObject *out = PyList_New(0);
     if (out != NULL && receive_batch(&r, open_into, NULL, out) != 0) Py_CLEAR(out);
     return out;
@@ -876,7 +877,7 @@ static PyObject *gather_one(void *ctx, PyObject *out, const uint8_t *d, Py_ssize
 
 static PyObject *gather_pump(Gather *g, PyObject *args) {
     Receive r;
-    if (!receive_args(args, &r, NULL)) return NULL;
+    if (!receive_args(args, &r, NULL, NULL)) return NULL;
     g->taken = 0;
     PyObject *out = PyList_New(0);
     if (out == NULL || receive_batch(&r, gather_one, g, out) != 0) {
@@ -897,8 +898,9 @@ static int gather_pending(const Gather *g) {
  * one call, not one Python pass each. */
 static PyObject *gather_wait(Gather *g, PyObject *args) {
     Receive r;
-    double timeout, slept = 0.0;
-    if (!receive_args(args, &r, &timeout)) return NULL;
+    double timeout, slept = 0.0, coalesce = 0.0;
+    long wakeups = 0;
+    if (!receive_args(args, &r, &timeout, &coalesce)) return NULL;
     double end = now_s() + (timeout > 0.0 ? timeout : 0.0);
     g->taken = 0;
     PyObject *out = PyList_New(0);
@@ -918,6 +920,16 @@ static PyObject *gather_wait(Gather *g, PyObject *args) {
         Py_BEGIN_ALLOW_THREADS
         ready = ppoll(&p, 1, &ts, NULL);
         Py_END_ALLOW_THREADS
+        if (ready > 0) wakeups++;
+        if (ready > 0 && coalesce > 0.0 && gather_pending(g) > 1) {
+            /* more than one partial still to come: let them gather before reading (one
+             * wake-up for several datagrams), never past the timeout */
+            double pause = end - now_s() < coalesce ? end - now_s() : coalesce;
+            struct timespec nap = {.tv_sec = 0, .tv_nsec = pause > 0.0 ? (long)(pause * 1e9) : 0};
+            Py_BEGIN_ALLOW_THREADS
+            nanosleep(&nap, NULL);
+            Py_END_ALLOW_THREADS
+        }
         slept += now_s() - t0;
         if (ready == 0) break;
         if (ready < 0 && errno != EINTR) break; /* the receive reports the socket's error */
@@ -926,7 +938,7 @@ static PyObject *gather_wait(Gather *g, PyObject *args) {
             return NULL;
         }
     }
-    return Py_BuildValue("(Nnd)", out, g->taken, slept);
+    return Py_BuildValue("(Nndl)", out, g->taken, slept, wakeups);
 }
 
 static PyObject *gather_arrived(Gather *g, PyObject *unused) {
@@ -966,9 +978,12 @@ static PyMethodDef gather_methods[] = {
      "`limit` datagrams); this round's partials are taken in, the rest returned as recv_open's "
      "items; `taken`: how many datagrams were taken or refused here"},
     {"wait", (PyCFunction)gather_wait, METH_VARARGS,
-     "wait(fd, limit, channel_for, kinds, phases, timeout) -> (items, taken, slept): pump "
-     "until every sender's partial is in, an item for the Python path came, or `timeout` "
-     "seconds passed; `slept`: seconds spent waiting for datagrams (the GIL released)"},
+     "wait(fd, limit, channel_for, kinds, phases, timeout[, coalesce]) -> (items, taken, "
+     "slept, wakeups): pump until every sender's partial is in, an item for the Python path "
+     "came, or `timeout` seconds passed; `slept`: seconds spent waiting for datagrams (the "
+     "GIL released); `wakeups`: how often datagrams woke it; `coalesce`: after a wake-up "
+     "with more than one partial still to come, pause this many seconds before reading "
+     "again, so that one wake-up takes several datagrams"},
     {"arrived", (PyCFunction)gather_arrived, METH_NOARGS,
      "arrived() -> [(sender, time.monotonic() when complete)] since the last call"},
     {"drop", (PyCFunction)gather_drop, METH_O,

@@ -76,6 +76,7 @@ class Coordinator:
         self.deadline = DeadlineEstimator(fixed_ms=options.sync.deadline_ms)
         self.udp = UdpEndpoint("0.0.0.0", 0, lambda sender, session:
                                self.links.data_channel(sender, session), options.links.mtu)
+        self.udp.coalesce_s = options.sync.coalesce_us / 1e6
         self.links = Links(workers, key, self.session, self.model_hash, self.udp.port,
                            options.links, self.stats, self.log, self.format.name)
         for link, rate in zip(self.links.links, options.links.drop_rates, strict=False):

@@ -49,6 +49,11 @@ class SyncOptions:
                           "microseconds before each wait (saves a wake-up per round on a "
                           "device with a core to itself; on shared cores it takes what the "
                           "others compute with; default 0)", type=float, metavar="US")
+    coalesce_us: float = flag(0.0, "after a wake-up for a partial, with more than one still "
+                              "to come, pause this many microseconds before reading again, "
+                              "so that one wake-up takes several workers' datagrams (fewer "
+                              "wake-ups for a CPU-capped coordinator, a little later "
+                              "rounds; default 0)", type=float, metavar="US")
 
 
 @dataclass
@@ -165,8 +170,9 @@ class ClusterOptions:
             raise HaloError("--replan-every must be at least 1")
         if (self.plan.mlp_groups or 1) < 1 or (self.plan.attn_groups or 1) < 1:
             raise HaloError("--mlp-groups and --attn-groups must be at least 1")
-        if not 0.0 <= self.sync.spin_us <= 1e6:
-            raise HaloError("--spin-us must be between 0 and 1000000")
+        if not 0.0 <= self.sync.spin_us <= 1e6 or not 0.0 <= self.sync.coalesce_us <= 1e5:
+            raise HaloError("--spin-us must be between 0 and 1000000, --coalesce-us between "
+                            "0 and 100000")
         if self.links.mtu is not None and not 576 <= self.links.mtu <= 65535:
             raise HaloError("--mtu must be between 576 and 65535 bytes")
 

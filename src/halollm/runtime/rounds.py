@@ -53,6 +53,7 @@ class WorkerLost(Exception):  # noqa: N818 (an event the coordinator handles, no
 class Transport(Protocol):
     can_retry: bool
     busy_s: float  # time spent receiving and opening what arrived (not waiting for it)
+    wakeups: int  # times datagrams woke a wait in C (the native path; else 0)
 
     def send(self, tag: RoundTag, wire: int, body: bytes, targets: Sequence[WorkerLink]
              ) -> None: ...
@@ -72,6 +73,10 @@ class UdpTransport:
     def __init__(self, udp: UdpEndpoint, links: Links, spin_s: float = 0.0) -> None:
         self.udp, self.links, self.spin_s = udp, links, spin_s
         self.busy_s = 0.0
+
+    @property
+    def wakeups(self) -> int:
+        return self.udp.wakeups
 
     def send(self, tag: RoundTag, wire: int, body: bytes, targets: Sequence[WorkerLink]
              ) -> None:
@@ -103,6 +108,7 @@ class TcpTransport:
     """Strict mode: one frame per message on each worker's ZeroMQ connection (TCP)."""
 
     can_retry = False
+    wakeups = 0
 
     def __init__(self, links: Links, stats: SyncStats) -> None:
         self.links, self.stats = links, stats
@@ -174,7 +180,7 @@ class Rounds:
         tag = RoundTag(self.session, self.epoch, self.request, start, x.shape[0], layer,
                        PHASES[half])
         t0 = time.perf_counter()
-        busy, taking = self.transport.busy_s, self._partials_s
+        busy, taking, woken = self.transport.busy_s, self._partials_s, self.transport.wakeups
         body, send_cpu, c2 = b"", 0.0, 0.0  # CPU clocks only for rounds with workers
         if targets:
             c0 = time.process_time()
@@ -200,6 +206,7 @@ class Rounds:
             self.stats.hub_cpu_ms += 1e3 * (time.process_time() - c2 + send_cpu)
             self.stats.hub_rounds += 1
             self.stats.hub_workers += len(targets)
+            self.stats.hub_wakeups += self.transport.wakeups - woken
             hub = (t1 - t0) + (self.transport.busy_s - busy) + (self._partials_s - taking) + \
                 (t4 - t3)
             self._observe_hub(max(0.0, 1e3 * hub - self.hub_round_ms) / len(targets))

@@ -32,6 +32,7 @@ class SyncStats:
     hub_cpu_ms: float = 0.0
     hub_rounds: int = 0
     hub_workers: int = 0  # workers in those rounds, summed
+    hub_wakeups: int = 0  # times arriving datagrams woke the coordinator in those rounds
     head_rounds: int = 0  # LM head rounds (its rows split over the workers)
     head_ms: float = 0.0  # ... their wall time, sending to summing
     head_recomputed: int = 0  # ... workers' rows missing at the deadline, computed here
@@ -77,7 +78,9 @@ class SyncStats:
                                    for k, v in sorted(self.stage_ms.items())},
             "hub_cpu": {"ms_per_round": round(self.hub_cpu_ms / max(1, self.hub_rounds), 4),
                         "workers_per_round": round(self.hub_workers / max(1, self.hub_rounds),
-                                                   2), "rounds": self.hub_rounds},
+                                                   2), "rounds": self.hub_rounds,
+                        "wakeups_per_round": round(self.hub_wakeups / max(1, self.hub_rounds),
+                                                   2)},
             "head": {"rounds": self.head_rounds, "recomputed": self.head_recomputed,
                      "ms_per_round": round(self.head_ms / max(1, self.head_rounds), 4)},
             "takeovers": self.takeovers,

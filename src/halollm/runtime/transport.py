@@ -102,6 +102,8 @@ class UdpEndpoint:
         self.drop_rate = drop_rate
         self.drop_from: dict[Address, float] = {}
         self.slept_s = 0.0  # time receive() waited in C for a gather's datagrams
+        self.wakeups = 0  # ... and how often datagrams woke it there
+        self.coalesce_s = 0.0  # pause after such a wake-up while several are to come
         self._rng = random.Random(seed)
 
     def readable(self, timeout: float, spin: float = 0.0) -> bool:
@@ -251,8 +253,10 @@ class UdpEndpoint:
         if gather is None:
             items = self.native.recv_open(*args)  # type: ignore[attr-defined]
         elif timeout > 0.0:
-            items, received, slept = gather.wait(*args, timeout)  # type: ignore[attr-defined]
+            items, received, slept, woken = gather.wait(  # type: ignore[attr-defined]
+                *args, timeout, self.coalesce_s)
             self.slept_s += slept
+            self.wakeups += woken
         else:
             items, received = gather.pump(*args)  # type: ignore[attr-defined]
         for item in items:
