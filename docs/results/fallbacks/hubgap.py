@@ -1,5 +1,5 @@
 """Where the coordinator's wall time goes at quarter core: CPU, run-queue wait, throttling.
-Usage: python hubgap.py SPEC MODEL PLACEMENT"""
+Usage: python hubgap.py SPEC MODEL PLACEMENT  (env: HEAD, COALESCE, WIRE, REPLAN, PROF)"""
 import json, os, sys, time
 import torch
 from halollm.generate import generate
@@ -17,7 +17,9 @@ torch.set_num_threads(1)
 addrs = [(w["address"], int(w["port"])) for w in state["workers"]]
 coord = Coordinator(model, None, addrs, cluster_key(state["key"]), ClusterOptions.build(
     placement=placement, mode="relaxed", replan_every=int(os.environ.get("REPLAN", "4")),
-    wire=os.environ.get("WIRE"), head=os.environ.get("HEAD")), quant="q4")
+    wire=os.environ.get("WIRE"), head=os.environ.get("HEAD"),
+    **({"coalesce_us": float(os.environ["COALESCE"])} if os.environ.get("COALESCE") else {})),
+    quant="q4")
 
 def snap():
     on, wait, n = map(int, open("/proc/self/schedstat").read().split())
@@ -39,7 +41,7 @@ sync = coord.sync_json()
 coord.close()
 n = len(res.token_ids)
 d = [y - x for x, y in zip(a, b)]
-print(json.dumps({"placement": placement, "wire": os.environ.get("WIRE"), "head": sync.get("head"), "decode_ms": res.decode_ms_per_token,
+print(json.dumps({"placement": placement, "wire": os.environ.get("WIRE"), "head": sync.get("head"), "coalesce": os.environ.get("COALESCE"), "decode_ms": res.decode_ms_per_token,
     "per_token_ms": {"wall": 1e3 * d[0] / n, "on_cpu": d[1] / 1e6 / n, "runqueue_wait": d[2] / 1e6 / n,
                      "throttled": d[3] / 1e6 / n, "nr_throttled": d[4] / n, "user": 1e3 * d[5] / n, "system": 1e3 * d[6] / n},
     "groups": sync.get("placement", {}).get("groups_per_device"),
