@@ -5,16 +5,31 @@ and a worker's rows that miss the deadline are computed by the coordinator."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
+from halollm.generate import LocalDecoder, generate
 from halollm.groups import head_spans
 from halollm.runtime.coordinator import Coordinator
-from halollm.runtime.keys import cluster_key
-from halollm.runtime.local import LocalWorkers
+from halollm.runtime.keys import ENV, cluster_key
+from halollm.runtime.local import READY, LocalWorkers
 from halollm.runtime.options import ClusterOptions
+from halollm.sampling import SamplingParams
 
 KEY = "test-head-key"
+PROMPT = "The three most useful things to pack for a long hike are"
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(model_fp32):
+    ids = model_fp32.tokenizer.encode(PROMPT)
+    return generate(LocalDecoder(model_fp32.transformer), model_fp32.tokenizer, ids,
+                    max_tokens=32, sampling=GREEDY).token_ids
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +98,45 @@ def test_head_on_the_coordinator_when_asked(workers) -> None:
         assert coord.sync_json()["head"]["rounds"] == 0
     finally:
         coord.close()
+
+
+def test_a_worker_lost_and_back_keeps_the_split_head_exact(reference_tokens) -> None:
+    """Strict mode, the workers placement: a worker killed after 4 tokens is taken over
+    (its layer groups and its head rows: the rows are dealt out again over the live worker)
+    and, restarted on its address, rejoins and gets both back; every token stays the single
+    device's, and every token's logits came from a head round but those of the tokens the
+    loss interrupted."""
+    with LocalWorkers(2, KEY, threads=1) as lw:
+        host, port = lw.addresses[0]
+        restarted: list[subprocess.Popen] = []
+        coord = _coordinator(lw, "fp32", mode="strict", dead_after_s=0.6, rejoin_every_s=0.1)
+        spans_seen = []
+
+        def on_text(_piece: str, count=[0]) -> None:  # noqa: B006
+            count[0] += 1
+            spans_seen.append(dict(coord.head.spans))
+            if count[0] == 4:
+                lw.kill(0)
+            if count[0] == 12:
+                p = subprocess.Popen([sys.executable, "-m", "halollm.cli.main", "worker",
+                                      "--listen", f"{host}:{port}", "--threads", "1"],
+                                     env={**os.environ, ENV: KEY}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+                restarted.append(p)
+                assert p.stdout is not None and READY.search(p.stdout.readline())
+        try:
+            ids = coord.tokenizer.encode(PROMPT)
+            result = generate(coord, coord.tokenizer, ids, max_tokens=32, sampling=GREEDY,
+                              on_text=on_text)
+            sync = coord.sync_json()
+        finally:
+            coord.close()
+            for p in restarted:
+                p.terminate()
+                p.wait(timeout=10)
+    assert result.token_ids == reference_tokens
+    assert len(sync["takeovers"]) == 1 and len(sync["rejoins"]) == 1
+    vocab = coord.config.vocab_size
+    assert {2: (0, vocab)} in spans_seen  # the live worker alone
+    assert spans_seen[-1] == head_spans(vocab, [1, 2])  # both again after the rejoin
+    assert sync["head"]["rounds"] >= len(result.token_ids) - 2

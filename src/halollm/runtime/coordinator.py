@@ -216,17 +216,21 @@ class Coordinator:
         self.position = start
         self._between_tokens(decoding=len(ids) == 1)
         before = self.stats.mark()
+        h = self._surviving(lambda: self.model.hidden(list(ids), start, reduce=self._reduce))
+        self.stats.token_done(start, before)
+        self.stats.deadline_ms = self.deadline.deadline_ms()
+        pos = start + len(ids) - 1
+        return self._surviving(lambda: self.head.logits(h[-1:], pos, self.links.links))
+
+    def _surviving(self, step: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """step(), run again after each takeover of a worker found dead inside it."""
         while True:
             try:
-                h = self.model.hidden(list(ids), start, reduce=self._reduce)
-                break
-            except WorkerLost as lost:  # take it over, then run the token again
+                return step()
+            except WorkerLost as lost:  # take it over, then run the step again
                 for link in lost.links:
                     self.links.lost(link, "no heartbeat")
                     self._take_over(link, "no heartbeat")
-        self.stats.token_done(start, before)
-        self.stats.deadline_ms = self.deadline.deadline_ms()
-        return self.head.logits(h[-1:], start + len(ids) - 1, self.links.links)
 
     def _reduce(self, index: int, half: Half, layer: Layer, x: torch.Tensor, start: int
                 ) -> torch.Tensor:
