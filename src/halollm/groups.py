@@ -144,11 +144,9 @@ def merge_units(groups: Sequence[Units]) -> Units:
 
 def head_spans(vocab: int, devices: Sequence[int]) -> dict[int, tuple[int, int]]:
     """The LM head's rows dealt out to `devices`: each one's (first row, row count),
-    contiguous, in order, sizes differing by at most one."""
-    base, extra = divmod(vocab, len(devices))
+    contiguous, in order, sizes differing by at most one (split_evenly's blocks)."""
     out, start = {}, 0
-    for k, device in enumerate(devices):
-        size = base + (1 if k < extra else 0)
-        out[device] = (start, size)
-        start += size
+    for device, rows in zip(devices, split_evenly(vocab, len(devices)), strict=True):
+        out[device] = (start, len(rows))
+        start += len(rows)
     return out

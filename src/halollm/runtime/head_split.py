@@ -5,7 +5,7 @@ HEAD); each worker returns the logits of its rows, in the compute dtype's wire (
 they are the product's own precision), and the round places them side by side. The
 coordinator keeps the whole head: it refines the best candidates in float32 as always, and
 computes a worker's rows itself when they miss the deadline (the rows of a slice are bitwise
-the whole head's: `tests/test_runtime.py`). Every logit counts, so a head round waits for all
+the whole head's: `tests/test_head_split.py`). Every logit counts, so a head round waits for all
 of its rows, and the split is dealt out again over the live workers with every plan.
 """
 

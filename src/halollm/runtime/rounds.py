@@ -222,7 +222,7 @@ class Rounds:
         body = encode_body(x, wire)
         self.transport.send(tag, wire, body, targets)
         parts = self.gather(tag, "head", targets, x, body, Output(wire, vocab, spans))
-        logits = sum_partials(parts) if len(parts) > 1 else parts[0]
+        logits = sum_partials(parts)
         self.stats.head_rounds += 1
         self.stats.head_ms += 1e3 * (time.perf_counter() - t0)
         return logits
