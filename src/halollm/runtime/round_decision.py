@@ -13,8 +13,8 @@ for it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 MAX_WAIT_S = 0.05  # never sleep longer than this: control traffic and liveness need turns
 MAX_RETRY_S = 0.05
@@ -30,8 +30,7 @@ class Act(Enum):
     RETRY = "retry"
 
 
-@dataclass(frozen=True)
-class RoundState:
+class RoundState(NamedTuple):  # (a tuple: built once or twice per round, cheaply)
     now: float
     deadline: float
     pending: frozenset[int]
@@ -42,8 +41,7 @@ class RoundState:
     next_retry: float
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     act: Act
     devices: frozenset[int] = frozenset()
     timeout: float = 0.0

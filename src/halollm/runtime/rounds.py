@@ -173,6 +173,7 @@ class Rounds:
         self.hub_ms: float | None = None  # the coordinator's own ms per worker in a round
         self.hub_round_ms = 0.0  # ... and per round with any worker (probed; not learned)
         self._partials_s = 0.0  # time spent taking partials in
+        self._sums = Output(wire, dim)  # what a layer round's partials make
 
     def run(self, layer: int, half: str, x: torch.Tensor, start: int, shards: Sequence,
             targets: list[WorkerLink]) -> torch.Tensor:
@@ -249,7 +250,7 @@ class Rounds:
         deadline counts from the end of the coordinator's own share (what matters is how
         long the coordinator idles)."""
         sent = time.perf_counter()
-        out = out or Output(self.wire, self.dim)
+        out = out or self._sums
         pending = {t.index: t for t in targets}
         spans = None if out.spans is None else [out.spans[t.index] for t in targets]
         got = Taken(self.transport.gather(tag, targets, out.wire, out.dim, spans))
@@ -286,8 +287,9 @@ class Rounds:
                 else:
                     arrivals = self.transport.wait(d.timeout, pending, got.native)
                     t = time.perf_counter()
-                    for sender, at in got.arrived():
-                        self._arrived(pending.pop(sender), tag, at, sent)
+                    arrived = got.arrived()
+                    if arrived:
+                        self._arrivals([(pending.pop(i), at) for i, at in arrived], tag, sent)
                     for a in arrivals:
                         self._on_partial(a, tag, pending, got, sent, out)
                     self._partials_s += time.perf_counter() - t
@@ -340,14 +342,20 @@ class Rounds:
         except ProtocolError as exc:
             self.stats.datagrams[exc.reason] += 1
             return
-        self._arrived(pending.pop(a.sender), tag, now, sent)
+        self._arrivals([(pending.pop(a.sender), now)], tag, sent)
 
-    def _arrived(self, link: WorkerLink, tag: RoundTag, now: float, sent: float) -> None:
-        """A worker's partial of this round is in (at `now`, on the perf_counter clock)."""
-        link.last_seen = time.monotonic()
-        self.stats.received += 1
-        if tag.ntok == 1 and tag.phase != PROBE:  # probes: answered at once, no compute
-            self._deadline(tag).observe(1e3 * (now - sent))
-            if tag not in self.retried and tag.phase != HEAD:  # in time (an answer to a
-                # retry was a miss); what the scheduler learns of the layer rounds
-                link.estimate.observe(True, 1e3 * (now - self.sent_wall))
+    def _arrivals(self, links_at: list[tuple[WorkerLink, float]], tag: RoundTag, sent: float
+                  ) -> None:
+        """Workers' partials of this round are in, each (link, when: perf_counter clock)."""
+        seen = time.monotonic()
+        self.stats.received += len(links_at)
+        learn = tag.ntok == 1 and tag.phase != PROBE  # probes: answered at once, no compute
+        # in time (an answer to a retry was a miss): what the scheduler learns of layer rounds
+        scheduled = learn and tag not in self.retried and tag.phase != HEAD
+        deadline, wall = self._deadline(tag), self.sent_wall
+        for link, at in links_at:
+            link.last_seen = seen
+            if learn:
+                deadline.observe(1e3 * (at - sent))
+                if scheduled:
+                    link.estimate.observe(True, 1e3 * (at - wall))

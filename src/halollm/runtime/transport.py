@@ -77,7 +77,7 @@ class UdpEndpoint:
         (one datagram per message on loopback, 1500-byte datagrams on Ethernet/Wi-Fi)."""
         self.channel_for, self.mtu, self.native = channel_for, mtu, native
         self._mtu_of: dict[Address, int] = {}
-        self._sockaddr_of: dict[Address, bytes | None] = {}
+        self._route_of: dict[Address, tuple[bytes | None, int]] = {}  # _route's answers
         self._buffer = bytearray(1 << 16)
         self._view = memoryview(self._buffer)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -152,20 +152,22 @@ class UdpEndpoint:
         sendmmsg per MTU); (sent, errors, the targets left to the Python path)."""
         by_mtu: dict[int, list[tuple[bytes, Channel]]] = {}
         rest = []
+        route_of = self._route_of
         for addr, channel in targets:
-            sa = self._sockaddr_of.get(addr, b"")
-            if sa == b"":
-                try:
-                    sa = self._sockaddr_of[addr] = self.native.sockaddr(*addr)  # type: ignore[attr-defined]
-                except (ValueError, TypeError):
-                    sa = self._sockaddr_of[addr] = None
+            route = route_of.get(addr)
+            if route is None:
+                route = route_of[addr] = self._route(addr)
+            sa, mtu = route
             if sa is None:
                 rest.append((addr, channel))
+            elif mtu in by_mtu:
+                by_mtu[mtu].append((sa, channel))
             else:
-                by_mtu.setdefault(self.mtu_to(addr), []).append((sa, channel))
+                by_mtu[mtu] = [(sa, channel)]
         sent = errors = 0
+        n = len(body)
         for mtu, group in by_mtu.items():
-            prefix, size, count = protocol.message_prefix(kind, sender, wire, tag, len(body), mtu)
+            prefix, size, count = protocol.message_prefix(kind, sender, wire, tag, n, mtu)
             items = []
             for sa, ch in group:  # each target its own counters (a nonce is never reused)
                 items.append((sa, ch.key, ch.direction, ch.sent))
@@ -174,6 +176,14 @@ class UdpEndpoint:
                 self.sock.fileno(), prefix, body, size, items)
             sent, errors = sent + ok, errors + bad
         return sent, errors, rest
+
+    def _route(self, addr: Address) -> tuple[bytes | None, int]:
+        """(packed IPv4 sockaddr for seal_send, or None for the Python path; the MTU)."""
+        try:
+            sa = self.native.sockaddr(*addr)  # type: ignore[attr-defined]
+        except (ValueError, TypeError):
+            sa = None
+        return sa, self.mtu_to(addr)
 
     def mtu_to(self, addr: Address) -> int:
         mtu = self.mtu or self._mtu_of.get(addr)
