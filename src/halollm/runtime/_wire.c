@@ -93,28 +93,55 @@ PyDoc_STRVAR(seal_send_doc,
 "seal_send(fd, prefix, body, payload, targets) -> (sent, errors)\n\n"
 "Seal every fragment of `body` (at most `payload` bytes each) for each target and send them\n"
 "all with sendmmsg. `prefix`: the 28 header bytes every fragment shares; `targets`: a\n"
-"sequence of (sockaddr, key, direction, counter) -- a packed sockaddr_in from sockaddr(),\n"
-"the link's 32-byte key, this end's direction, and the link's last counter (fragment i is\n"
-"sealed with counter + 1 + i). The caller advances each link's counter by the fragment\n"
-"count. A datagram the kernel refuses is counted in errors and lost, like on the network.");
+"sequence of (sockaddr, channel) -- a packed sockaddr_in from sockaddr() and the link's\n"
+"Channel, whose 32-byte `key` and `direction` seal, and whose counter `sent` is advanced\n"
+"here by the fragment count (fragment i is sealed with sent + 1 + i: a nonce is never\n"
+"reused). A datagram the kernel refuses is counted in errors and lost, like on the network.");
 
-static PyObject *seal_send(PyObject *self, PyObject *args) {
-    int fd;
-    Py_ssize_t payload;
-    Py_buffer prefix, body;
-    PyObject *targets;
-    if (!PyArg_ParseTuple(args, "iy*y*nO", &fd, &prefix, &body, &payload, &targets)) return NULL;
-    PyObject *seq = NULL, *result = NULL;
+/* A channel's (key, direction, counter), the counter advanced by `count` at once: even if
+ * what follows fails, no counter is ever used twice. 0, or -1 with a Python error. */
+static int take_counters(PyObject *ch, Py_buffer *key, unsigned int *direction,
+                         uint64_t *counter, Py_ssize_t count) {
+    PyObject *k = PyObject_GetAttrString(ch, "key");
+    PyObject *d = k == NULL ? NULL : PyObject_GetAttrString(ch, "direction");
+    PyObject *c = d == NULL ? NULL : PyObject_GetAttrString(ch, "sent");
+    int rc = -1;
+    if (c != NULL) {
+        unsigned long dv = PyLong_AsUnsignedLong(d);
+        unsigned long long cv = PyLong_AsUnsignedLongLong(c);
+        if (!PyErr_Occurred()) {
+            PyObject *next = PyLong_FromUnsignedLongLong(cv + (unsigned long long)count);
+            if (next != NULL && PyObject_SetAttrString(ch, "sent", next) == 0 &&
+                PyObject_GetBuffer(k, key, PyBUF_SIMPLE) == 0) {
+                *direction = (unsigned int)dv;
+                *counter = (uint64_t)cv;
+                rc = 0;
+            }
+            Py_XDECREF(next);
+        }
+    }
+    Py_XDECREF(k);
+    Py_XDECREF(d);
+    Py_XDECREF(c);
+    return rc;
+}
+
+/* seal_send's work: 0, or -1 with a Python error. */
+static int seal_send_to(int fd, const uint8_t *prefix, const uint8_t *body, Py_ssize_t n,
+                        Py_ssize_t payload, PyObject *targets, Py_ssize_t *sent,
+                        Py_ssize_t *errors) {
+    PyObject *seq = NULL;
     uint8_t *buf = NULL;
     struct mmsghdr *msgs = NULL;
     struct iovec *iov = NULL;
-    if (prefix.len != PREFIX_SIZE || payload < 1 || body.len > (Py_ssize_t)MAX_BODY) {
-        PyErr_SetString(PyExc_ValueError, "bad prefix, payload size or body length");
-        goto done;
+    int rc = -1;
+    if (payload < 1 || n > (Py_ssize_t)MAX_BODY) {
+        PyErr_SetString(PyExc_ValueError, "bad payload size or body length");
+        return -1;
     }
     seq = PySequence_Fast(targets, "targets must be a sequence");
-    if (seq == NULL) goto done;
-    Py_ssize_t nt = PySequence_Fast_GET_SIZE(seq), n = body.len;
+    if (seq == NULL) return -1;
+    Py_ssize_t nt = PySequence_Fast_GET_SIZE(seq);
     Py_ssize_t count = n == 0 ? 1 : (n + payload - 1) / payload;
     if (count > 65535) {
         PyErr_SetString(PyExc_ValueError, "too many fragments");
@@ -130,53 +157,74 @@ static PyObject *seal_send(PyObject *self, PyObject *args) {
     }
     Py_ssize_t k = 0;
     for (Py_ssize_t t = 0; t < nt; t++) {
-        PyObject *item = PySequence_Fast_GET_ITEM(seq, t);
-        Py_buffer addr, key;
-        unsigned int direction;
-        unsigned long long counter;
-        if (!PyArg_ParseTuple(item, "y*y*IK", &addr, &key, &direction, &counter)) goto done;
-        int bad = addr.len != sizeof(struct sockaddr_in) || key.len != KEY_SIZE;
-        if (!bad) {
-            for (Py_ssize_t i = 0; i < count; i++, k++) {
-                uint8_t *d = buf + k * stride, iv[12];
-                Py_ssize_t off = i * payload, len = n - off < payload ? n - off : payload;
-                uint64_t c = counter + 1 + (uint64_t)i;
-                memcpy(d, prefix.buf, PREFIX_SIZE);
-                put16(d + 28, (uint32_t)i);
-                put16(d + 30, (uint32_t)count);
-                put32(d + 32, (uint32_t)n);
-                put64(d + 36, c);
-                nonce(iv, direction, c);
-                if (seal(key.buf, iv, d, HEADER_SIZE, (const uint8_t *)body.buf + off, (int)len,
-                         d + HEADER_SIZE) != 0) {
-                    bad = 2;
-                    break;
-                }
-                iov[k].iov_base = d;
-                iov[k].iov_len = HEADER_SIZE + len + TAG_SIZE;
-                msgs[k].msg_hdr.msg_name = addr.buf;
-                msgs[k].msg_hdr.msg_namelen = sizeof(struct sockaddr_in);
-                msgs[k].msg_hdr.msg_iov = &iov[k];
-                msgs[k].msg_hdr.msg_iovlen = 1;
-            }
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, t), *addr, *ch;
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
+            PyErr_SetString(PyExc_TypeError, "a target is (sockaddr, channel)");
+            goto done;
         }
-        /* the sockaddr buffers belong to the targets, which outlive this call */
-        PyBuffer_Release(&addr);
+        addr = PyTuple_GET_ITEM(item, 0);
+        ch = PyTuple_GET_ITEM(item, 1);
+        if (!PyBytes_Check(addr) || PyBytes_GET_SIZE(addr) != sizeof(struct sockaddr_in)) {
+            PyErr_SetString(PyExc_ValueError, "bad sockaddr");
+            goto done;
+        }
+        Py_buffer key;
+        unsigned int direction;
+        uint64_t counter;
+        if (take_counters(ch, &key, &direction, &counter, count) != 0) goto done;
+        int bad = key.len != KEY_SIZE;
+        for (Py_ssize_t i = 0; !bad && i < count; i++, k++) {
+            uint8_t *d = buf + k * stride, iv[12];
+            Py_ssize_t off = i * payload, len = n - off < payload ? n - off : payload;
+            uint64_t c = counter + 1 + (uint64_t)i;
+            memcpy(d, prefix, PREFIX_SIZE);
+            put16(d + 28, (uint32_t)i);
+            put16(d + 30, (uint32_t)count);
+            put32(d + 32, (uint32_t)n);
+            put64(d + 36, c);
+            nonce(iv, direction, c);
+            if (seal(key.buf, iv, d, HEADER_SIZE, body + off, (int)len, d + HEADER_SIZE) != 0) {
+                bad = 2;
+                break;
+            }
+            iov[k].iov_base = d;
+            iov[k].iov_len = HEADER_SIZE + len + TAG_SIZE;
+            /* the sockaddr bytes belong to the targets, which outlive this call */
+            msgs[k].msg_hdr.msg_name = PyBytes_AS_STRING(addr);
+            msgs[k].msg_hdr.msg_namelen = sizeof(struct sockaddr_in);
+            msgs[k].msg_hdr.msg_iov = &iov[k];
+            msgs[k].msg_hdr.msg_iovlen = 1;
+        }
         PyBuffer_Release(&key);
         if (bad) {
             PyErr_SetString(bad == 2 ? PyExc_RuntimeError : PyExc_ValueError,
-                            bad == 2 ? "sealing failed" : "bad sockaddr or key length");
+                            bad == 2 ? "sealing failed" : "a channel's key must be 32 bytes");
             goto done;
         }
     }
-    Py_ssize_t errors = 0;
-    int sent = send_all(fd, msgs, (int)total, &errors);
-    result = Py_BuildValue("nn", (Py_ssize_t)sent - errors, errors);
+    *errors = 0;
+    *sent = send_all(fd, msgs, (int)total, errors) - *errors;
+    rc = 0;
 done:
     PyMem_Free(buf);
     PyMem_Free(msgs);
     PyMem_Free(iov);
     Py_XDECREF(seq);
+    return rc;
+}
+
+static PyObject *seal_send(PyObject *self, PyObject *args) {
+    (void)self;
+    int fd;
+    Py_ssize_t payload, sent, errors;
+    Py_buffer prefix, body;
+    PyObject *targets, *result = NULL;
+    if (!PyArg_ParseTuple(args, "iy*y*nO", &fd, &prefix, &body, &payload, &targets)) return NULL;
+    if (prefix.len != PREFIX_SIZE)
+        PyErr_SetString(PyExc_ValueError, "bad prefix");
+    else if (seal_send_to(fd, prefix.buf, body.buf, body.len, payload, targets, &sent,
+                          &errors) == 0)
+        result = Py_BuildValue("nn", sent, errors);
     PyBuffer_Release(&prefix);
     PyBuffer_Release(&body);
     return result;

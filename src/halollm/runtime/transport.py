@@ -149,41 +149,43 @@ class UdpEndpoint:
                      targets: Sequence[tuple[Address, Channel]]
                      ) -> tuple[int, int, list[tuple[Address, Channel]]]:
         """Every fragment for every target with an IPv4 address, sealed and sent in C (one
-        sendmmsg per MTU); (sent, errors, the targets left to the Python path)."""
-        by_mtu: dict[int, list[tuple[bytes, Channel]]] = {}
-        rest = []
-        route_of = self._route_of
-        for addr, channel in targets:
-            route = route_of.get(addr)
-            if route is None:
-                route = route_of[addr] = self._route(addr)
-            sa, mtu = route
-            if sa is None:
-                rest.append((addr, channel))
-            elif mtu in by_mtu:
-                by_mtu[mtu].append((sa, channel))
-            else:
-                by_mtu[mtu] = [(sa, channel)]
+        sendmmsg per MTU; the channels' counters advanced there); (sent, errors, the
+        targets left to the Python path)."""
+        by_mtu, rest = self.routes(targets)
         sent = errors = 0
         n = len(body)
         for mtu, group in by_mtu.items():
-            prefix, size, count = protocol.message_prefix(kind, sender, wire, tag, n, mtu)
-            items = []
-            for sa, ch in group:  # each target its own counters (a nonce is never reused)
-                items.append((sa, ch.key, ch.direction, ch.sent))
-                ch.sent += count
+            prefix, size, _ = protocol.message_prefix(kind, sender, wire, tag, n, mtu)
             ok, bad = self.native.seal_send(  # type: ignore[attr-defined]
-                self.sock.fileno(), prefix, body, size, items)
+                self.sock.fileno(), prefix, body, size, group)
             sent, errors = sent + ok, errors + bad
         return sent, errors, rest
 
+    def routes(self, targets: Sequence[tuple[Address, Channel]]
+               ) -> tuple[dict[int, list[tuple[bytes, Channel]]], list[tuple[Address, Channel]]]:
+        """The native send's view of these targets: per MTU, (packed sockaddr, channel) for
+        seal_send; and the targets left to the Python path."""
+        by_mtu: dict[int, list[tuple[bytes, Channel]]] = {}
+        rest = []
+        for addr, channel in targets:
+            sa, mtu = self._route(addr)
+            if sa is None:
+                rest.append((addr, channel))
+            else:
+                by_mtu.setdefault(mtu, []).append((sa, channel))
+        return by_mtu, rest
+
     def _route(self, addr: Address) -> tuple[bytes | None, int]:
         """(packed IPv4 sockaddr for seal_send, or None for the Python path; the MTU)."""
+        route = self._route_of.get(addr)
+        if route is not None:
+            return route
         try:
             sa = self.native.sockaddr(*addr)  # type: ignore[attr-defined]
         except (ValueError, TypeError):
             sa = None
-        return sa, self.mtu_to(addr)
+        route = self._route_of[addr] = (sa, self.mtu_to(addr))
+        return route
 
     def mtu_to(self, addr: Address) -> int:
         mtu = self.mtu or self._mtu_of.get(addr)
