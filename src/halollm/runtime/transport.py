@@ -151,7 +151,7 @@ class UdpEndpoint:
         """Every fragment for every target with an IPv4 address, sealed and sent in C (one
         sendmmsg per MTU; the channels' counters advanced there); (sent, errors, the
         targets left to the Python path)."""
-        by_mtu, rest = self.routes(targets)
+        by_mtu, rest = self._routes(targets)
         sent = errors = 0
         n = len(body)
         for mtu, group in by_mtu.items():
@@ -161,7 +161,7 @@ class UdpEndpoint:
             sent, errors = sent + ok, errors + bad
         return sent, errors, rest
 
-    def routes(self, targets: Sequence[tuple[Address, Channel]]
+    def _routes(self, targets: Sequence[tuple[Address, Channel]]
                ) -> tuple[dict[int, list[tuple[bytes, Channel]]], list[tuple[Address, Channel]]]:
         """The native send's view of these targets: per MTU, (packed sockaddr, channel) for
         seal_send; and the targets left to the Python path."""
