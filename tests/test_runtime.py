@@ -189,6 +189,43 @@ def test_port_in_use_is_one_clear_line(workers):
     assert "in use" in proc.stderr
 
 
+def test_a_free_port_whose_tcp_twin_is_taken_is_passed_over(monkeypatch):
+    """`--listen HOST:0`: the kernel's free UDP port can be a port some TCP connection uses
+    (ephemeral ports are shared; a CI run once lost a worker to it). The worker then takes
+    another free port instead of exiting. The first UDP socket is steered onto a port whose
+    TCP twin is held here; the binds are real."""
+    import socket
+
+    from halollm.runtime import worker as worker_module
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    taken = held.getsockname()[1]
+    real = worker_module.UdpEndpoint
+    asked = []
+
+    def steered(host, port, *args, **kwargs):
+        asked.append(port)
+        return real(host, taken if len(asked) == 1 else port, *args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "UdpEndpoint", steered)
+    w = worker_module.Worker("127.0.0.1", 0, cluster_key(KEY), None)
+    try:
+        assert asked == [0, 0] and w.port != taken
+    finally:
+        w.close()
+        held.close()
+    # an explicit port whose TCP twin is taken stays a clear error, not another port
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    monkeypatch.setattr(worker_module, "UdpEndpoint", real)
+    with pytest.raises(HaloError, match="in use"):
+        worker_module.Worker("127.0.0.1", held.getsockname()[1], cluster_key(KEY), None)
+    held.close()
+
+
 def test_cli_run_local_json():
     proc = run_halo("run", "The capital of France is", "--local", "2", "--max-tokens", "8",
                     "--json", timeout=300)

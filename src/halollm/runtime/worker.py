@@ -59,6 +59,7 @@ from halollm.runtime.worker_session import Session, apply_plan, public_stats
 from halollm.scheduler import profile
 
 HEARTBEAT_S, BUSY_HEARTBEAT_S = 0.25, 1.0  # busy: rounds flow, their partials prove liveness
+BIND_ATTEMPTS = 20  # free ports tried for `--listen HOST:0` (UDP's, unless TCP's is taken)
 
 
 class Worker:
@@ -73,14 +74,9 @@ class Worker:
         self.model_hash = content_hash(Path(self.source.path))
         self.rope = Rope(self.config)
         self.idle_timeout = idle_timeout
-        self.udp = UdpEndpoint(host, port, self._data_channel, drop_rate=drop_rate)
-        self.port = self.udp.port
         self.ctx = zmq.Context.instance()
-        try:
-            self.router = bound_router(self.ctx, host, self.port)
-        except HaloError:
-            self.udp.close()
-            raise
+        self.udp, self.router = self._bind(host, port, drop_rate)
+        self.port = self.udp.port
         self.watch = ConnectionWatch(self.router)
         self.session: Session | None = None
         self.stats: dict[str, Any] = dict(rounds=0, probes=0, repair_requests=0, repaired=0,
@@ -91,6 +87,20 @@ class Worker:
         self.spin_s = spin_s  # poll this long for the next activation before sleeping
         self._need_sent: dict[tuple[int, int], float] = {}
         self._stop = False
+
+    def _bind(self, host: str, port: int, drop_rate: float) -> tuple[UdpEndpoint, Any]:
+        """The UDP endpoint and the ZeroMQ ROUTER on the same port number. Port 0: the one
+        the kernel gives the UDP socket, tried again (up to BIND_ATTEMPTS) while its TCP
+        twin is in use -- ephemeral ports are shared with outgoing TCP connections."""
+        for attempt in range(1, BIND_ATTEMPTS + 1):
+            udp = UdpEndpoint(host, port, self._data_channel, drop_rate=drop_rate)
+            try:
+                return udp, bound_router(self.ctx, host, udp.port)
+            except HaloError:
+                udp.close()
+                if port != 0 or attempt == BIND_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
 
     # -- the loop ------------------------------------------------------------------------
     @torch.inference_mode()
