@@ -309,3 +309,40 @@ def test_the_native_replay_window_keeps_the_python_windows_rules() -> None:
                 win.accept(c)
                 high = max(high, c)
             assert win.highest == ref.highest
+
+
+def _decoded(body: bytes, wire: int, ntok: int, dim: int, native: object | None
+             ) -> tuple[tuple[int, ...], torch.Tensor] | str:
+    try:
+        return decode_body(body, wire, ntok, dim, native=native)
+    except protocol.ProtocolError as exc:
+        return exc.reason
+
+
+@pytest.mark.parametrize("wire", [WIRE_FP32, WIRE_FP16, WIRE_BF16, WIRE_INT8])
+def test_native_body_decoding_gives_the_python_paths_values_and_refusals(wire: int) -> None:
+    """What a worker does with every activation: the values bitwise, the same bodies refused
+    (wrong length, non-finite values or scales, corrupted bytes), across shapes and groups."""
+    native = _path("native")
+    rng = random.Random(wire)
+    for trial in range(300):
+        ntok, dim = rng.choice([1, 1, 2, 5]), rng.choice([1, 31, 32, 33, 70, 576, 1024])
+        x = torch.randn(ntok, dim) * rng.choice([1e-3, 1.0, 50.0])
+        if trial % 7 == 1:
+            x[rng.randrange(ntok), rng.randrange(dim)] = rng.choice(
+                [float("nan"), float("inf"), -float("inf")])
+        groups = tuple(rng.randrange(1 << 16) for _ in range(rng.randrange(4)))
+        body = bytearray(encode_body(x, wire, groups))
+        if trial % 5 == 2:  # bytes corrupted anywhere, or a body cut short or grown
+            for _ in range(rng.randint(1, 6)):
+                body[rng.randrange(len(body))] = rng.randrange(256)
+        if trial % 11 == 3:
+            body = body[:rng.randrange(len(body))] if rng.random() < 0.5 else body + b"\0\0"
+        ref, got = (_decoded(bytes(body), wire, ntok, dim, n) for n in (None, native))
+        if isinstance(ref, str):
+            assert got == ref == "malformed", trial
+            continue
+        assert not isinstance(got, str), (trial, got)
+        assert got[0] == ref[0] and got[1].dtype == ref[1].dtype, trial
+        assert torch.equal(got[1].view(torch.uint8), ref[1].view(torch.uint8)), trial
+    assert _decoded(encode_body(torch.ones(1, 8), wire), 9, 1, 8, native) == "malformed"

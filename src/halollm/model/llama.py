@@ -35,6 +35,7 @@ from halollm.model.formats import (  # noqa: F401  (cached, TensorSource: re-exp
     head_rows,
     nbytes,
 )
+from halollm.model.norm import rms_norm, rms_norm_reference  # noqa: F401  (re-exported)
 from halollm.model.quant_gguf import QuantEmbedding, embed_rows
 from halollm.model.rope import Rope, rope_inv_freq  # noqa: F401  (re-exported)
 
@@ -53,13 +54,6 @@ def project(x: torch.Tensor, w: Matrix, b: torch.Tensor | None = None) -> torch.
     if x.shape[0] > 1 and w.dtype == torch.float16:
         return F.linear(x.float(), w.float(), None if b is None else b.float())
     return F.linear(x.to(w.dtype), w, b)
-
-
-def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype
-             ) -> torch.Tensor:
-    """RMSNorm of the float32 residual stream, returned in the compute dtype.
-    (Written out: faster than torch's fused CPU kernel for one row, and the exact HF formula.)"""
-    return (weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))).to(dtype)
 
 
 class KVCache:

@@ -778,23 +778,51 @@ static float half_to_float(uint16_t h) {
 
 static int blocks(int dim) { return (dim + Q8_BLOCK - 1) / Q8_BLOCK; }
 
-/* A complete body of slot `s`: checked as tensor_codec.check_body does and added into the
- * output at the slot's span; 0 if added, else the reason it was refused (nothing is added
- * then) */
+/* Where the values of body b (n bytes) start if it holds its groups and ntok x dim finite
+ * values in `wire` (tensor_codec.check_body's rules), else -1 and *why says what is wrong */
+static Py_ssize_t body_check(int wire, const uint8_t *b, Py_ssize_t n, long ntok, long dim,
+                             const char **why) {
+    if (n < 2) {
+        *why = "body too short";
+        return -1;
+    }
+    Py_ssize_t off = 2 + 2 * (Py_ssize_t)get16(b), count = (Py_ssize_t)ntok * dim;
+    Py_ssize_t nb = (Py_ssize_t)ntok * blocks((int)dim);
+    Py_ssize_t need = wire == WIRE_INT8 ? nb * (2 + Q8_BLOCK) : count * (wire == WIRE_FP32 ? 4 : 2);
+    if (n != off + need) {
+        *why = "body does not hold its groups and values";
+        return -1;
+    }
+    const uint8_t *v = b + off;
+    int finite = 1;
+    if (wire == WIRE_FP32) {
+        for (Py_ssize_t i = 0; i < count && finite; i++) { /* little-endian float32 */
+            uint32_t bits = (uint32_t)v[4 * i + 2] << 16 | (uint32_t)v[4 * i + 3] << 24;
+            finite = (bits & 0x7f800000u) != 0x7f800000u;
+        }
+    } else { /* 16-bit values, or int8's float16 scales */
+        uint16_t mask = wire == WIRE_BF16 ? 0x7F80 : 0x7C00;
+        Py_ssize_t k = wire == WIRE_INT8 ? nb : count;
+        for (Py_ssize_t i = 0; i < k && finite; i++)
+            finite = ((uint16_t)(v[2 * i] | v[2 * i + 1] << 8) & mask) != mask;
+    }
+    if (!finite) {
+        *why = "non-finite values";
+        return -1;
+    }
+    return off;
+}
+
+/* A complete body of slot `s`: checked (body_check) and added into the output at the slot's
+ * span; 0 if added, else the reason it was refused (nothing is added then) */
 static const char *take_body(Gather *g, const Slot *s, const uint8_t *b, uint32_t n) {
-    if (n < 2) return "malformed";
-    uint32_t groups = get16(b), off = 2 + 2 * groups, dim = s->length;
-    uint64_t need = g->wire == WIRE_INT8 ? (uint64_t)blocks((int)dim) * (2 + Q8_BLOCK)
-                                         : (uint64_t)dim * (g->wire == WIRE_FP32 ? 4 : 2);
-    if ((uint64_t)n != off + need) return "malformed";
+    const char *why;
+    uint32_t dim = s->length;
+    Py_ssize_t off = body_check(g->wire, b, n, 1, dim, &why);
+    if (off < 0) return "malformed";
     const uint8_t *v = b + off;
     float *sum = g->sum + s->offset;
     if (g->wire == WIRE_BF16 || g->wire == WIRE_FP16) {
-        uint16_t mask = g->wire == WIRE_BF16 ? 0x7F80 : 0x7C00;
-        for (uint32_t i = 0; i < dim; i++) {
-            uint16_t h = (uint16_t)(v[2 * i] | v[2 * i + 1] << 8);
-            if ((h & mask) == mask) return "malformed";
-        }
         for (uint32_t i = 0; i < dim; i++) {
             uint16_t h = (uint16_t)(v[2 * i] | v[2 * i + 1] << 8);
             float f;
@@ -810,21 +838,12 @@ static const char *take_body(Gather *g, const Slot *s, const uint8_t *b, uint32_
         for (uint32_t i = 0; i < dim; i++) {
             uint32_t bits = (uint32_t)v[4 * i] | (uint32_t)v[4 * i + 1] << 8 |
                             (uint32_t)v[4 * i + 2] << 16 | (uint32_t)v[4 * i + 3] << 24;
-            if ((bits & 0x7f800000) == 0x7f800000) return "malformed";
-        }
-        for (uint32_t i = 0; i < dim; i++) {
-            uint32_t bits = (uint32_t)v[4 * i] | (uint32_t)v[4 * i + 1] << 8 |
-                            (uint32_t)v[4 * i + 2] << 16 | (uint32_t)v[4 * i + 3] << 24;
             float f;
             memcpy(&f, &bits, sizeof f);
             sum[i] += f;
         }
     } else { /* int8: the float16 scales, then 32 int8 values per block */
         int nb = blocks((int)dim);
-        for (int k = 0; k < nb; k++) {
-            uint16_t h = (uint16_t)(v[2 * k] | v[2 * k + 1] << 8);
-            if ((h & 0x7C00) == 0x7C00) return "malformed";
-        }
         const int8_t *q = (const int8_t *)(v + 2 * nb);
         for (uint32_t i = 0; i < dim; i++) {
             uint32_t k = i / Q8_BLOCK;
@@ -833,6 +852,66 @@ static const char *take_body(Gather *g, const Slot *s, const uint8_t *b, uint32_
         }
     }
     return NULL;
+}
+
+PyDoc_STRVAR(body_values_doc,
+             "body_values(body, wire, ntok, dim) -> (groups, bytearray): a message body's "
+             "groups and its ntok x dim values, checked as tensor_codec.check_body checks them "
+             "(ValueError says what is wrong): the wire's own 16- or 32-bit values, or float32 "
+             "for int8 (each value times its block's scale, as tensor_codec does it).");
+
+static PyObject *body_values(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    int wire;
+    long ntok, dim;
+    if (!PyArg_ParseTuple(args, "y*ill", &buf, &wire, &ntok, &dim)) return NULL;
+    PyObject *groups = NULL, *out = NULL;
+    const uint8_t *b = buf.buf;
+    const char *why = NULL;
+    if (wire < WIRE_FP32 || wire > WIRE_INT8 || ntok < 1 || dim < 1 || ntok > (1L << 20) ||
+        dim > (1L << 24)) {
+        PyErr_SetString(PyExc_ValueError, "unknown wire format or shape");
+        goto done;
+    }
+    Py_ssize_t off = body_check(wire, b, buf.len, ntok, dim, &why);
+    if (off < 0) {
+        PyErr_SetString(PyExc_ValueError, why);
+        goto done;
+    }
+    Py_ssize_t ng = (off - 2) / 2, count = (Py_ssize_t)ntok * dim;
+    groups = PyTuple_New(ng);
+    if (groups == NULL) goto done;
+    for (Py_ssize_t i = 0; i < ng; i++) {
+        PyObject *g = PyLong_FromUnsignedLong(get16(b + 2 + 2 * i));
+        if (g == NULL) goto done;
+        PyTuple_SET_ITEM(groups, i, g);
+    }
+    const uint8_t *v = b + off;
+    if (wire != WIRE_INT8) {
+        out = PyByteArray_FromStringAndSize((const char *)v, buf.len - off);
+    } else {
+        out = PyByteArray_FromStringAndSize(NULL, count * 4);
+        if (out == NULL) goto done;
+        float *f = (float *)PyByteArray_AS_STRING(out);
+        Py_ssize_t nb = blocks((int)dim); /* blocks per row: each row padded to whole blocks */
+        const int8_t *q = (const int8_t *)(v + 2 * nb * ntok);
+        for (long r = 0; r < ntok; r++)
+            for (long i = 0; i < dim; i++) {
+                Py_ssize_t k = r * nb + i / Q8_BLOCK;
+                float scale = half_to_float((uint16_t)(v[2 * k] | v[2 * k + 1] << 8));
+                f[r * dim + i] = (float)q[r * nb * Q8_BLOCK + i] * scale;
+            }
+    }
+done:
+    PyBuffer_Release(&buf);
+    if (out == NULL) {
+        Py_XDECREF(groups);
+        return NULL;
+    }
+    PyObject *pair = PyTuple_Pack(2, groups, out);
+    Py_DECREF(groups);
+    Py_DECREF(out);
+    return pair;
 }
 
 static double now_s(void) {
@@ -1076,6 +1155,7 @@ static PyMethodDef methods[] = {
     {"seal_send", seal_send, METH_VARARGS, seal_send_doc},
     {"recv_open", recv_open, METH_VARARGS, recv_open_doc},
     {"sockaddr", sockaddr, METH_VARARGS, sockaddr_doc},
+    {"body_values", body_values, METH_VARARGS, body_values_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -9,10 +9,12 @@ import numpy as np
 import torch
 
 from halollm.runtime.protocol import ProtocolError
+from halollm.runtime.transport import NATIVE
 
 WIRE_FP32, WIRE_FP16, WIRE_BF16, WIRE_INT8 = 0, 1, 2, 3
 WIRE_NAMES = {"fp32": WIRE_FP32, "fp16": WIRE_FP16, "bf16": WIRE_BF16, "int8": WIRE_INT8}
 _TORCH = {WIRE_FP32: torch.float32, WIRE_FP16: torch.float16, WIRE_BF16: torch.bfloat16}
+_DECODED = {**_TORCH, WIRE_INT8: torch.float32}  # what decode_body gives for each wire
 _ITEM = {WIRE_FP32: 4, WIRE_FP16: 2, WIRE_BF16: 2, WIRE_INT8: 1}
 _U16 = struct.Struct(">H")
 _EXPONENT = {WIRE_FP16: 0x7C00, WIRE_BF16: 0x7F80}
@@ -108,10 +110,18 @@ def _values(body: bytes, wire: int, ntok: int, dim: int, off: int) -> torch.Tens
     return (x if wire == WIRE_FP32 else x.view(_TORCH[wire])).view(ntok, dim)
 
 
-def decode_body(body: bytes, wire: int, ntok: int, dim: int) -> tuple[tuple[int, ...],
-                                                                       torch.Tensor]:
+def decode_body(body: bytes, wire: int, ntok: int, dim: int, native: object | None = NATIVE
+                ) -> tuple[tuple[int, ...], torch.Tensor]:
     """(groups, tensor [ntok, dim]) in the wire's own dtype (float32 for int8);
-    ProtocolError if the body does not fit or holds non-finite values."""
+    ProtocolError if the body does not fit or holds non-finite values. `native`: the C data
+    path's module, which checks and copies in one call (the same values and refusals as the
+    Python code below it; a worker decodes every activation it gets)."""
+    if native is not None:
+        try:
+            groups, raw = native.body_values(body, wire, ntok, dim)  # type: ignore[attr-defined]
+        except ValueError as exc:
+            raise ProtocolError("malformed", str(exc)) from None
+        return groups, torch.frombuffer(raw, dtype=_DECODED[wire]).view(ntok, dim)
     off = check_body(body, wire, ntok, dim)
     n = (off - 2) // 2
     groups = struct.unpack_from(f">{n}H", body, 2) if n else ()
