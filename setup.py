@@ -2,7 +2,8 @@
 HALO installs without them and uses the Python code they mirror.
 
 - the data plane's per-datagram work (src/halollm/runtime/_wire.c, OpenSSL's libcrypto);
-- RMSNorm in one call (src/halollm/model/_norm.c; no dependency).
+- a decode step's one-row operators in one call each (src/halollm/model/_kernels.c: RMSNorm,
+  RoPE and attention of one query; no dependency).
 """
 
 from setuptools import Extension, setup
@@ -10,6 +11,6 @@ from setuptools import Extension, setup
 setup(ext_modules=[
     Extension("halollm.runtime._wire", ["src/halollm/runtime/_wire.c"], libraries=["crypto"],
               optional=True, extra_compile_args=["-O2"]),
-    Extension("halollm.model._norm", ["src/halollm/model/_norm.c"], optional=True,
+    Extension("halollm.model._kernels", ["src/halollm/model/_kernels.c"], optional=True,
               extra_compile_args=["-O2", "-ffp-contract=off"]),
 ])

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from halollm.model import quant
+from halollm.model.attend import attend_one
 from halollm.model.config import ModelConfig
 from halollm.model.formats import (  # noqa: F401  (cached, TensorSource: re-exported)
     Matrix,
@@ -35,6 +36,7 @@ from halollm.model.formats import (  # noqa: F401  (cached, TensorSource: re-exp
     head_rows,
     nbytes,
 )
+from halollm.model.kernels import KERNELS
 from halollm.model.norm import rms_norm, rms_norm_reference  # noqa: F401  (re-exported)
 from halollm.model.quant_gguf import QuantEmbedding, embed_rows
 from halollm.model.rope import Rope, rope_inv_freq  # noqa: F401  (re-exported)
@@ -64,8 +66,8 @@ class KVCache:
         self.k = torch.zeros(n_kv, capacity, head_dim, dtype=dtype)
         self.v = torch.zeros(n_kv, capacity, head_dim, dtype=dtype)
 
-    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        end = start + k.shape[1]
+    def reserve(self, end: int) -> None:
+        """Room for positions up to `end` (exclusive): the capacity at least doubles."""
         if end > self.k.shape[1]:
             cap = max(end, 2 * self.k.shape[1])
             for name in ("k", "v"):
@@ -73,6 +75,10 @@ class KVCache:
                 new = torch.zeros(old.shape[0], cap, old.shape[2], dtype=old.dtype)
                 new[:, : old.shape[1]] = old
                 setattr(self, name, new)
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        end = start + k.shape[1]
+        self.reserve(end)
         self.k[:, start:end] = k
         self.v[:, start:end] = v
 
@@ -152,6 +158,12 @@ class AttentionShard:
         (CPU attention kernels are several times faster in float32 than in fp16/bf16).
         key_mask [start+T] (bool), if given, excludes cached positions known to be missing."""
         T, hd = x.shape[0], self.head_dim
+        if T == 1 and key_mask is None and KERNELS is not None and \
+                self.cache.k.dtype == torch.float32:  # a decode step: in one C call
+            w_qkv, b_qkv, w_o = self._weights()
+            qkv = project(x, w_qkv, b_qkv).float()
+            return project(attend_one(qkv, self.n_q, self.n_kv, hd, start, self.rope,
+                                      self.cache), w_o)
         q, k, v = self._qkv(x, start)
         self.cache.write(start, k, v)
         end = start + T

@@ -54,10 +54,15 @@ class Rope:
         self.cos = emb.cos()
         self.signed_sin = emb.sin() * self.sign
 
+    def tables(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin) [length >= end, head_dim], grown to cover positions < end."""
+        if end > self.cos.shape[0]:
+            self._grow(max(end, 2 * self.cos.shape[0]))
+        return self.cos, self.signed_sin
+
     def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """x: float32 [heads, T, head_dim] at positions start..start+T-1."""
         end = start + x.shape[-2]
-        if end > self.cos.shape[0]:
-            self._grow(max(end, 2 * self.cos.shape[0]))
-        cos, sin = self.cos[start:end], self.signed_sin[start:end]
+        cos, sin = self.tables(end)
+        cos, sin = cos[start:end], sin[start:end]
         return torch.addcmul(x * cos, x[..., self.perm], sin)

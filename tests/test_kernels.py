@@ -1,21 +1,24 @@
-"""RMSNorm in C (model/_norm.c) against the torch formula it mirrors (norm.rms_norm_reference)."""
+"""The decode kernels in C (model/_kernels.c) against the torch code they mirror."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import shutil
 
 import pytest
 import torch
 
-from halollm.model import norm
+from halollm.model import llama
+from halollm.model.config import ModelConfig
+from halollm.model.kernels import KERNELS
 from halollm.model.norm import rms_norm, rms_norm_reference
 
 
 def test_the_c_norm_is_built_where_a_compiler_is() -> None:
     if shutil.which("cc") or shutil.which("gcc"):
-        assert importlib.util.find_spec("halollm.model._norm") is not None, \
-            "model/_norm.c did not build (see setup.py)"
+        assert importlib.util.find_spec("halollm.model._kernels") is not None, \
+            "model/_kernels.c did not build (see setup.py)"
 
 
 @pytest.mark.parametrize("out", [torch.float32, torch.bfloat16])
@@ -25,8 +28,8 @@ def test_the_c_norm_is_the_formula_to_its_last_bit(out: torch.dtype, weight: tor
     """float32 outputs within 2.5 eps of the exact value (torch's are within 2) and 4 ulp of
     torch's; bfloat16 outputs equal to torch's or one step apart (the only difference is the
     mean's summation), over scales from 1e-3 to 1e2, several widths and rows."""
-    if norm._NORM is None:
-        pytest.skip("model/_norm.c is not built here")
+    if KERNELS is None:
+        pytest.skip("model/_kernels.c is not built here")
     gen = torch.Generator().manual_seed(int(out.itemsize) * 10 + weight.itemsize)
     for trial in range(300):
         dim = (64, 576, 1024, 2048, 5)[trial % 5]
@@ -56,3 +59,42 @@ def test_what_the_c_norm_does_not_take_is_the_formula_itself() -> None:
     assert torch.equal(rms_norm(view, w, 1e-6, torch.float32),
                        rms_norm_reference(view, w, 1e-6, torch.float32))
     assert rms_norm(torch.empty(0, 64), w, 1e-6, torch.bfloat16).shape == (0, 64)
+
+
+def _attention_pair(bias: bool) -> tuple[llama.AttentionShard, llama.AttentionShard]:
+    config = ModelConfig(vocab_size=64, hidden_size=256, intermediate_size=512, n_layers=1,
+                         n_heads=8, n_kv_heads=4, head_dim=32, rope_theta=10000.0,
+                         rms_eps=1e-5, max_position=4096, tie_embeddings=False, attn_bias=bias,
+                         rope_scaling=None, rope_freq_factors=None)
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"wq": (256, 256), "wk": (128, 256), "wv": (128, 256), "wo": (256, 256),
+              "bq": (256,), "bk": (128,), "bv": (128,)}
+    weights = {f"layers.0.{n}": (torch.randn(s, generator=gen) * 0.1).numpy()
+               for n, s in shapes.items()}
+    rope = llama.Rope(config)
+    fast = llama.AttentionShard(config, 0, [1, 3], weights.__getitem__, torch.float32, rope)
+    return fast, copy.deepcopy(fast)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_decode_steps_attention_in_c_is_torchs(bias: bool, monkeypatch) -> None:
+    """Decode steps through the C kernel and through torch's operators, side by side from the
+    same prompt over 300 positions (the cache grows past its first 256): the keys and values
+    they cache bitwise equal, their outputs within float32 rounding (grouped heads: 4 query
+    heads of 2 KV heads)."""
+    if KERNELS is None:
+        pytest.skip("model/_kernels.c is not built here")
+    fast, slow = _attention_pair(bias)
+    gen = torch.Generator().manual_seed(4)
+    prompt = torch.randn(6, 256, generator=gen)
+    assert torch.equal(fast.forward(prompt, 0), slow.forward(prompt, 0))
+    for pos in range(6, 300):
+        x = torch.randn(1, 256, generator=gen)
+        got = fast.forward(x, pos)
+        with monkeypatch.context() as m:
+            m.setattr(llama, "KERNELS", None)
+            want = slow.forward(x, pos)
+        assert torch.equal(fast.cache.k[:, :pos + 1], slow.cache.k[:, :pos + 1]), pos
+        assert torch.equal(fast.cache.v[:, :pos + 1], slow.cache.v[:, :pos + 1]), pos
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), pos
+    assert fast.cache.k.shape[1] >= 300
