@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from halollm.model import llama
+from halollm.model.attend import silu_mul
 from halollm.model.config import ModelConfig
 from halollm.model.kernels import KERNELS
 from halollm.model.norm import rms_norm, rms_norm_reference
@@ -98,3 +99,22 @@ def test_a_decode_steps_attention_in_c_is_torchs(bias: bool, monkeypatch) -> Non
         assert torch.equal(fast.cache.v[:, :pos + 1], slow.cache.v[:, :pos + 1]), pos
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), pos
     assert fast.cache.k.shape[1] >= 300
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_mlps_activations_in_c_are_torchs_to_float32_rounding(dtype: torch.dtype) -> None:
+    """silu(gate) * up from a projection's [T, 2n] output: within 2 eps of torch's float32
+    formula, most values bitwise; shapes that do not fit go back to torch (None)."""
+    if KERNELS is None:
+        pytest.skip("model/_kernels.c is not built here")
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(100):
+        n = (1, 31, 402, 700)[trial % 4]
+        gu = (torch.randn(1 + trial % 3, 2 * n, generator=gen) * 4).to(dtype)
+        want = torch.nn.functional.silu(gu.float()[:, :n]) * gu.float()[:, n:]
+        got = silu_mul(gu, n)
+        assert got is not None and got.dtype == torch.float32 and got.shape == want.shape
+        eps = torch.finfo(torch.float32).eps
+        assert ((got - want).abs() <= 2 * eps * want.abs() + 1e-30).all(), trial
+    assert silu_mul(gu, n + 1) is None  # not [T, 2n]
+    assert silu_mul(gu.to(torch.float16), n) is None  # float16: torch's own rounding

@@ -169,7 +169,33 @@ static PyObject *attend(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(silu_mul_doc,
+             "silu_mul(out, gu, gu_kind, rows, n): out[r, i] = silu(gu[r, i]) * gu[r, n + i] "
+             "in float32 (out: float32 [rows, n]; gu: [rows, 2n], float32 or bfloat16 (kind 0 "
+             "or 2): a SwiGLU MLP's gate values, then its up values)");
+
+static PyObject *silu_mul(PyObject *self, PyObject *args) {
+    unsigned long long out_a, gu_a;
+    int kind;
+    Py_ssize_t rows, n;
+    if (!PyArg_ParseTuple(args, "KKinn", &out_a, &gu_a, &kind, &rows, &n)) return NULL;
+    if ((kind != F32 && kind != BF16) || rows < 0 || n < 1 || !out_a || !gu_a) {
+        PyErr_SetString(PyExc_ValueError, "silu_mul: bad kind, shape or address");
+        return NULL;
+    }
+    float *out = (float *)(uintptr_t)out_a;
+    const void *gu = (const void *)(uintptr_t)gu_a;
+    for (Py_ssize_t r = 0; r < rows; r++)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            float g = weight_at(gu, kind, r * 2 * n + i), u = weight_at(gu, kind, r * 2 * n + n + i);
+            float silu = g / (1.0f + expf(-g));
+            out[r * n + i] = silu * u;
+        }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"silu_mul", silu_mul, METH_VARARGS, silu_mul_doc},
     {"rms_norm", rms_norm, METH_VARARGS, rms_norm_doc},
     {"attend", attend, METH_VARARGS, attend_doc},
     {NULL, NULL, 0, NULL},

@@ -1,8 +1,10 @@
-"""The attention of one query position in one C call (`_kernels.attend`): RoPE on the
-position's q and k rows, its k and v written to the KV cache, each query head attending to
-every cached position of its KV head. AttentionShard.forward's decode path where the
-kernels are built; the torch operators it replaces (about twenty, each dispatched) stay the
-path of prompts, masked rounds and builds without a C compiler."""
+"""A decode step's shard operators in one C call each (`_kernels.c`), where it is built.
+
+`attend_one`: the attention of one query position (RoPE on its q and k rows, its k and v
+written to the KV cache, each query head attending to every cached position of its KV head):
+AttentionShard.forward's decode path; the ~20 torch operators it replaces stay the path of
+prompts, masked rounds and builds without a C compiler. `silu_mul`: a SwiGLU MLP's
+activations from its gate and up values (MlpShard.activations)."""
 
 from __future__ import annotations
 
@@ -29,4 +31,19 @@ def attend_one(qkv: torch.Tensor, n_q: int, n_kv: int, head_dim: int, pos: int, 
     KERNELS.attend(out.data_ptr(), qkv.data_ptr(), n_q, n_kv, head_dim, pos,  # type: ignore[union-attr]
                    cos.data_ptr() + row, sin.data_ptr() + row, cache.k.data_ptr(),
                    cache.v.data_ptr(), cache.k.shape[1])
+    return out
+
+
+_SILU_KINDS = {torch.float32: 0, torch.bfloat16: 2}  # as _kernels.c names them
+
+
+def silu_mul(gu: torch.Tensor, n: int) -> torch.Tensor | None:
+    """float32 [T, n]: silu(gu[:, :n]) * gu[:, n:] computed in float32 from gu [T, 2n]
+    (float32 or bfloat16); None where the kernels are not built or gu does not fit."""
+    kind = _SILU_KINDS.get(gu.dtype)
+    if KERNELS is None or kind is None or gu.dim() != 2 or gu.shape[1] != 2 * n or \
+            not gu.is_contiguous() or gu.shape[0] == 0:
+        return None
+    out = torch.empty(gu.shape[0], n)
+    KERNELS.silu_mul(out.data_ptr(), gu.data_ptr(), kind, gu.shape[0], n)  # type: ignore[union-attr]
     return out

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from halollm.model import quant
-from halollm.model.attend import attend_one
+from halollm.model.attend import attend_one, silu_mul
 from halollm.model.config import ModelConfig
 from halollm.model.formats import (  # noqa: F401  (cached, TensorSource: re-exported)
     Matrix,
@@ -198,9 +198,13 @@ class MlpShard:
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for each neuron: [T, n] (packed: in float32 from the kernel's
-        bfloat16 outputs, so the down projection's input is rounded once, not three times)."""
+        bfloat16 outputs, so the down projection's input is rounded once, not three times;
+        in one C call where built, `attend.silu_mul`)."""
         gu = project(x, self.w_gate_up)
-        if not isinstance(self.w_gate_up, torch.Tensor):
+        if not isinstance(self.w_gate_up, torch.Tensor) or gu.dtype == torch.float32:
+            fast = silu_mul(gu, self.n)
+            if fast is not None:
+                return fast
             gu = gu.float()
         return F.silu(gu[:, : self.n]) * gu[:, self.n:]
 

@@ -5,7 +5,8 @@ shared machine's speed swings by 1.5x between runs). Where HALO_INSITU_OUT is se
 process appends one JSON line there as it exits: {pid, role, what: {name: {impl: [calls,
 cpu_s]}}}. Alternates: llama.rms_norm (C) with llama.rms_norm_reference (torch);
 tensor_codec.decode_body with the C path and without it (numpy); AttentionShard.forward with
-the C kernel and with torch's operators (`attention`: decode steps only)."""
+the C kernel and with torch's operators (`attention`: decode steps only); MlpShard.activations
+with the C silu_mul and with torch's (`mlp_activations`)."""
 import atexit
 import json
 import os
@@ -51,6 +52,18 @@ if OUT:
     llama.AttentionShard.forward = lambda shard, x, start, key_mask=None: \
         both(shard, x, start, key_mask) if x.shape[0] == 1 and key_mask is None else \
         forward(shard, x, start, key_mask)
+
+    silu, activations = llama.silu_mul, llama.MlpShard.activations
+
+    def torch_activations(shard, x):
+        llama.silu_mul = lambda gu, n: None
+        try:
+            return activations(shard, x)
+        finally:
+            llama.silu_mul = silu
+
+    mlp = alternating("mlp_activations", activations, torch_activations)
+    llama.MlpShard.activations = lambda shard, x: mlp(shard, x)
 
     def dump():
         role = "worker" if "worker" in sys.argv else "coordinator"
