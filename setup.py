@@ -3,7 +3,7 @@ HALO installs without them and uses the Python code they mirror.
 
 - the data plane's per-datagram work (src/halollm/runtime/_wire.c, OpenSSL's libcrypto);
 - a decode step's one-row operators in one call each (src/halollm/model/_kernels.c: RMSNorm,
-  RoPE and attention of one query; no dependency).
+  RoPE and attention of one query, a SwiGLU MLP's activations; no dependency).
 """
 
 from setuptools import Extension, setup

@@ -1,5 +1,6 @@
-/* A decode step's one-row operators in one call each: RMSNorm (norm.rms_norm's fast path),
- * and RoPE, the KV cache write and attention of one query position (attend.py's).
+/* A decode step's one-row operators in one call each: RMSNorm (norm.rms_norm's fast path);
+ * RoPE, the KV cache write and attention of one query position, and a SwiGLU MLP's
+ * activations (attend.py's).
  *
  * What they save is PyTorch's per-operator dispatch: a decode step works on rows of a few
  * thousand values, where dispatch costs more than arithmetic -- and several times more on a
