@@ -253,6 +253,7 @@ def test_bench_paper_small(tmp_path, predictor_file):
     assert ref["ppl_tokens"] == 47 and ref["piqa_items"] == 2 and ref["ppl"] > 1
     assert ref["single_device_ms_per_token"] > 0 and ref["coordinator_cpu"] == 1.0
     for (_, name), r in rows.items():
+        assert "error" not in r, (r, proc.stderr[-3000:])
         assert r["decode_ms_per_token"] > 0
         if name == "strict":
             assert "agreement" not in r and r["lost"] == 0
