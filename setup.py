@@ -10,7 +10,8 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[
     Extension("halollm.runtime._wire", ["src/halollm/runtime/_wire.c"], libraries=["crypto"],
-              optional=True, extra_compile_args=["-O2"]),
-    Extension("halollm.model._kernels", ["src/halollm/model/_kernels.c"], optional=True,
+              depends=["src/halollm/half_float.h"], optional=True, extra_compile_args=["-O2"]),
+    Extension("halollm.model._kernels", ["src/halollm/model/_kernels.c"],
+              depends=["src/halollm/half_float.h"], optional=True,
               extra_compile_args=["-O2", "-ffp-contract=off"]),
 ])

@@ -19,39 +19,14 @@
 #include <stdint.h>
 #include <string.h>
 
-enum { F32 = 0, F16 = 1, BF16 = 2 };
+#include "../half_float.h"
 
-static float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = h >> 10 & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else { /* subnormal: normalise */
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400)) {
-                man <<= 1;
-                exp--;
-            }
-            bits = sign | exp << 23 | (man & 0x3ff) << 13;
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000 | man << 13;
-    } else {
-        bits = sign | (exp + 127 - 15) << 23 | man << 13;
-    }
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
+enum { F32 = 0, F16 = 1, BF16 = 2 };
 
 static float weight_at(const void *w, int kind, Py_ssize_t i) {
     if (kind == F32) return ((const float *)w)[i];
     uint16_t h = ((const uint16_t *)w)[i];
-    if (kind == F16) return half_to_float(h);
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
+    return kind == F16 ? half_to_float(h) : bfloat16_to_float(h);
 }
 
 static uint16_t to_bfloat16(float f) { /* round to nearest even, as c10::BFloat16 does */

@@ -23,6 +23,8 @@
 #include <sys/socket.h>
 #include <time.h>
 
+#include "../half_float.h"
+
 #define PREFIX_SIZE 28 /* magic .. phase, pad: every fragment of a message shares it */
 #define HEADER_SIZE 44 /* prefix + fragment index, count, body length, counter */
 #define TAG_SIZE 16
@@ -752,30 +754,6 @@ static int gather_init(Gather *g, PyObject *args, PyObject *kw) {
     return 0;
 }
 
-static float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = h >> 10 & 0x1f, man = h & 0x3ff;
-    uint32_t bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else { /* subnormal: normalise */
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400)) {
-                man <<= 1;
-                exp--;
-            }
-            bits = sign | exp << 23 | (man & 0x3ff) << 13;
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000 | man << 13;
-    } else {
-        bits = sign | (exp + 127 - 15) << 23 | man << 13;
-    }
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
 static int blocks(int dim) { return (dim + Q8_BLOCK - 1) / Q8_BLOCK; }
 
 /* Where the values of body b (n bytes) start if it holds its groups and ntok x dim finite
@@ -825,14 +803,7 @@ static const char *take_body(Gather *g, const Slot *s, const uint8_t *b, uint32_
     if (g->wire == WIRE_BF16 || g->wire == WIRE_FP16) {
         for (uint32_t i = 0; i < dim; i++) {
             uint16_t h = (uint16_t)(v[2 * i] | v[2 * i + 1] << 8);
-            float f;
-            if (g->wire == WIRE_BF16) {
-                uint32_t bits = (uint32_t)h << 16;
-                memcpy(&f, &bits, sizeof f);
-            } else {
-                f = half_to_float(h);
-            }
-            sum[i] += f;
+            sum[i] += g->wire == WIRE_BF16 ? bfloat16_to_float(h) : half_to_float(h);
         }
     } else if (g->wire == WIRE_FP32) {
         for (uint32_t i = 0; i < dim; i++) {
