@@ -16,12 +16,13 @@ CFG = ModelConfig(vocab_size=10, hidden_size=8, intermediate_size=16, n_layers=2
                   n_kv_heads=2, head_dim=2)
 
 
-def _planner(predicted_ms: float, current_ms: float, move_ms: float | None
-             ) -> tuple[Planner, list[WorkerLink], Placement]:
+def _planner(predicted_ms: float, current_ms: float, move_ms: float | None,
+             new_on_coordinator: bool = False) -> tuple[Planner, list[WorkerLink], Placement]:
     """A halo planner whose solver predicts `predicted_ms` for a new plan and `current_ms`
     for the current one (or, for the first plan, every group on the coordinator), the
-    last move having taken `move_ms`; its one worker's link; the current placement. Its
-    solves are counted in `p.solves`."""
+    last move having taken `move_ms`; its one worker's link; the current placement (the
+    equal split; the new plan is the same, or with `new_on_coordinator` every group on
+    the coordinator). Its solves are counted in `p.solves`."""
     opts = ClusterOptions()
     opts.plan.placement, opts.plan.replan_every = "halo", 1
     partition = Partition.contiguous(CFG, 2, 4)
@@ -31,6 +32,8 @@ def _planner(predicted_ms: float, current_ms: float, move_ms: float | None
     p.move_ms = move_ms
     links = [WorkerLink(1, "127.0.0.1", 1, alive=True)]
     other = equal_plan(partition, 2)
+    if new_on_coordinator:
+        other = Placement(partition, dict.fromkeys(partition.groups(), 0), frozenset(), 2)
     p.solves = 0  # type: ignore[attr-defined]
 
     def solve(*_a: object, **_k: object) -> PlanResult:
@@ -71,11 +74,31 @@ def _missing(link: WorkerLink, rate: float, rounds: int = 200) -> None:
 def test_a_move_away_from_a_link_that_loses_significance_need_not_pay_back() -> None:
     """The worker holds half of every round's significance and misses half its rounds:
     a quarter of each round is lost, over the 5% bound, so accuracy is at stake."""
-    p, links, current = _planner(predicted_ms=50.0, current_ms=100.0, move_ms=1e9)
+    p, links, current = _planner(predicted_ms=50.0, current_ms=100.0, move_ms=1e9,
+                                 new_on_coordinator=True)
     assert _reason(p, links, current) is None
+    assert p.last_kept is not None and p.last_kept["kept"] == "would not pay back its move"
     _missing(links[0], 0.5)
     assert 0.2 < p.lost_share(links, current) < 0.3
     assert _reason(p, links, current) == "accuracy"
+
+
+def test_when_accuracy_is_at_stake_a_plan_losing_less_is_adopted_even_if_slower() -> None:
+    """The bound on significance lost is a constraint, not a preference: a plan within it
+    is taken over one outside it whatever their predicted times (before, it also had to be
+    predicted 15% faster; a CI run kept its plan through a link losing 30% for 44 tokens,
+    and did not record why). A plan that loses no less is not a move for accuracy, and the
+    check says why it kept the plan."""
+    p, links, current = _planner(predicted_ms=120.0, current_ms=100.0, move_ms=1e9,
+                                 new_on_coordinator=True)
+    _missing(links[0], 0.5)
+    assert _reason(p, links, current) == "accuracy"
+    p, links, current = _planner(predicted_ms=50.0, current_ms=100.0, move_ms=1.0)
+    _missing(links[0], 0.5)  # the solver's plan is the current split: it loses as much
+    assert _reason(p, links, current) is None
+    assert p.last_kept == {"position": 16, "kept": "no plan loses less significance",
+                           "predicted_ms": 50.0, "current_ms": 100.0,
+                           "lost_share": round(p.lost_share(links, current), 4)}
 
 
 def test_a_move_away_from_late_critical_contributions_must_pay_back() -> None:

@@ -193,7 +193,8 @@ def test_live_replan_when_a_link_starts_losing_packets(tmp_path):
         # (the move need not pay back), else "faster"
         moved = [r for r in replans[1:] if r["reason"] in ("faster", "accuracy")
                  and r["position"] > raised_at[0]]
-        assert moved, replans
+        assert moved, (replans, sync["placement"]["last_kept"],
+                       [w["profile"] for w in sync["workers"]])
         assert moved[0]["groups_per_device"][victim] < before[victim]  # it carries less
         b = sync["workers"][victim - 1]["profile"]
         assert b["miss_rate"] > 0.05 and b["speed_neurons_per_ms"] > 0

@@ -380,7 +380,8 @@ class Coordinator:
         out = self.stats.to_json(workers)
         policy = "custom" if self.opts.custom_plan else self.opts.plan.placement
         out["placement"] = {"policy": policy, **self.placement.summary(),
-                            "replans": self.planner.replans}
+                            "replans": self.planner.replans,
+                            "last_kept": self.planner.last_kept}
         if self.profile.bench_speed:
             out["placement"]["coordinator"] = self.profile.to_json()
         out["predictor"] = None if self.predictor is None else {

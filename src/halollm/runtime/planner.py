@@ -50,6 +50,7 @@ class Planner:
         self.move_ms: float | None = None  # what the last plan change took to apply
         self.build_ms_per_byte: float | None = None  # ... per byte its busiest device built
         self._last: tuple[tuple, Placement | None, PlanResult] | None = None  # last solve
+        self.last_kept: dict[str, Any] | None = None  # the last check that kept the plan
 
     @property
     def adaptive(self) -> bool:
@@ -115,11 +116,11 @@ class Planner:
     def check(self, links: list[WorkerLink], current: Placement, taken_over: bool,
               deadline_ms: float, position: int) -> tuple[Placement, dict[str, Any]] | None:
         """Between decode tokens: every `period` tokens, plan again from the profiles as
-        measured now; a new plan (and its record) if a worker came or went, or if it is
-        predicted at least `hysteresis` faster than the current one (so it does not flap)
-        and, unless the current plan holds groups behind a link that misses rounds, the
-        time it saves over PAYBACK_TOKENS tokens exceeds what the last change took to apply
-        (on slow devices, building new shards takes seconds). The period starts at
+        measured now; a new plan (and its record) if a worker came or went, if the current
+        plan loses more significance than the bound and the new one loses less, or if it
+        is predicted at least `hysteresis` faster than the current one (so it does not
+        flap) and the time it saves over PAYBACK_TOKENS tokens exceeds what the last change
+        took to apply (on slow devices, building new shards takes seconds). The period starts at
         `replan_every` and doubles after each check that keeps the plan, up to MAX_BACKOFF
         times (a solve takes ~20 ms here, ~80 ms on a quarter core: checking every 8 tokens
         cost 2.5 ms per token of a plan that never changed); it is back at `replan_every`
@@ -156,9 +157,12 @@ class Planner:
             self.log(f"re-planning failed, keeping the current plan: {exc}")
             return None
         was = plan.current_ms if plan.current_ms is not None else float("inf")
-        if not changed and (plan.predicted_ms > (1 - self.plan_opts.hysteresis) * was or
-                            not (at_stake or self.pays_back(was - plan.predicted_ms,
-                                                            current, plan.placement))):
+        kept = None if changed else self._kept_because(links, current, plan, was, at_stake)
+        if kept is not None:
+            self.last_kept = {"position": position, "kept": kept,
+                               "predicted_ms": round(plan.predicted_ms, 3),
+                               "current_ms": round(was, 3) if was != float("inf") else None,
+                               "lost_share": round(self.lost_share(links, current), 4)}
             return None
         self.period = every
         return plan.placement, {
@@ -166,6 +170,22 @@ class Planner:
             "previous_ms": round(was, 3) if was != float("inf") else None,
             "solve_ms": round(plan.solve_ms, 1),
             "reason": "membership" if changed else "accuracy" if at_stake else "faster"}
+
+    def _kept_because(self, links: list[WorkerLink], current: Placement, plan: PlanResult,
+                      was: float, at_stake: bool) -> str | None:
+        """Why a check keeps the current plan (None: adopt the new one). When accuracy is at
+        stake, a plan that loses less significance is adopted even if not faster: the bound
+        on significance lost is the scheduler's constraint, not a preference. Otherwise the
+        new plan must be `hysteresis` faster and pay back its move."""
+        if at_stake:
+            if self.lost_share(links, plan.placement) < self.lost_share(links, current):
+                return None
+            return "no plan loses less significance"
+        if plan.predicted_ms > (1 - self.plan_opts.hysteresis) * was:
+            return "not enough faster"
+        if not self.pays_back(was - plan.predicted_ms, current, plan.placement):
+            return "would not pay back its move"
+        return None
 
     def lost_share(self, links: list[WorkerLink], placement: Placement) -> float:
         """The largest expected share of a round's significance lost per round under
