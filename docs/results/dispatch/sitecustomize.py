@@ -1,0 +1,56 @@
+"""In-situ A/B inside one run (loaded by every process through PYTHONPATH), as
+docs/results/c-path/insitu/sitecustomize.py: calls of the packed kernels' input and output
+adapters (quant._as_input, quant._as_output) alternate between the tree's (which return a
+decode step's tensor as it is when it already fits) and session 17's (which always reshape,
+convert and copy-if-needed); each side's thread CPU is summed. Where HALO_INSITU_OUT is set,
+every process appends {pid, role, what: {name: {impl: [calls, cpu_s]}}} there as it exits."""
+import atexit
+import json
+import os
+import sys
+import time
+
+import torch.nn.functional as F
+
+OUT = os.environ.get("HALO_INSITU_OUT")
+if OUT:
+    from halollm.model import quant
+
+    stats: dict = {}
+
+    def alternating(name, fast, slow):
+        count = [0]
+
+        def call(*args):
+            count[0] += 1
+            impl, fn = ("new", fast) if count[0] % 2 else ("old", slow)
+            t = time.thread_time()
+            out = fn(*args)
+            s = stats.setdefault(name, {}).setdefault(impl, [0, 0.0])
+            s[0] += 1
+            s[1] += time.thread_time() - t
+            return out
+        return call
+
+    def old_input(x, in_features, padded):
+        if x.shape[-1] != in_features:
+            raise ValueError("bad input")
+        x2 = x.reshape(-1, in_features).to(quant.ACT_DTYPE)
+        if padded != in_features:
+            x2 = F.pad(x2, (0, padded - in_features))
+        return x2.contiguous()
+
+    def old_output(y, x, out_features):
+        if y.shape[1] != out_features:
+            y = y[:, :out_features]
+        return y.reshape(*x.shape[:-1], out_features)
+
+    quant._as_input = alternating("as_input", quant._as_input, old_input)
+    quant._as_output = alternating("as_output", quant._as_output, old_output)
+
+    def dump():
+        role = "worker" if "worker" in sys.argv else "coordinator"
+        with open(OUT, "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "role": role, "what": stats}) + "\n")
+
+    atexit.register(dump)
