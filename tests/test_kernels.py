@@ -118,3 +118,62 @@ def test_the_mlps_activations_in_c_are_torchs_to_float32_rounding(dtype: torch.d
         assert ((got - want).abs() <= 2 * eps * want.abs() + 1e-30).all(), trial
     assert silu_mul(gu, n + 1) is None  # not [T, 2n]
     assert silu_mul(gu.to(torch.float16), n) is None  # float16: torch's own rounding
+
+
+def test_the_mlps_activations_in_bfloat16_are_the_float32_ones_rounded_as_torch_rounds(
+) -> None:
+    """silu_mul(.., bfloat16) is bitwise silu_mul(..).to(bfloat16), ties, huge values and
+    infinities included (a NaN stays a NaN; torch's vector conversion writes it 0xffff, its
+    scalar one 0x7fc0, the kernel 0x7fc0): a packed down projection's input, rounded by the
+    kernel instead of a torch conversion after it, so the MLP's output does not change."""
+    if KERNELS is None:
+        pytest.skip("model/_kernels.c is not built here")
+    gen = torch.Generator().manual_seed(6)
+    special = torch.tensor([0.0, -0.0, 1e-40, 3e38, -3e38, float("inf"), float("nan"),
+                            1.00390625, 1.01171875, -2.00390625])
+    for trial in range(60):
+        n = (1, 10, 402, 700)[trial % 4]
+        gu = torch.randn(1 + trial % 2, 2 * n, generator=gen) * torch.exp(
+            torch.randn(1 + trial % 2, 2 * n, generator=gen) * 4)
+        if n >= 10:
+            gu[0, n:n + 10] = special  # the up values: products at every edge
+        for dtype in (torch.float32, torch.bfloat16):
+            g = gu.to(dtype)
+            want = silu_mul(g, n).to(torch.bfloat16)  # type: ignore[union-attr]
+            got = silu_mul(g, n, torch.bfloat16)
+            assert got is not None and got.dtype == torch.bfloat16
+            nan = want.isnan()
+            assert torch.equal(got.isnan(), nan), (trial, dtype)
+            assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan]), \
+                (trial, dtype)
+    assert silu_mul(gu, n, torch.float16) is None  # no float16 output
+
+
+@pytest.mark.parametrize("layout", ["int4", "int8", "int4x2", "scattered"])
+def test_a_packed_mlp_shard_is_unchanged_by_bfloat16_activations(layout: str) -> None:
+    """MlpShard.forward hands a packed down projection activations the kernel rounded to
+    bfloat16; the output is bitwise the float32 activations' (which the projection rounded
+    itself), for every packed layout, a shard over scattered columns included."""
+    import numpy as np
+
+    from halollm.model.formats import Scattered
+    from halollm.model.llama import MlpShard, project
+    from halollm.model.quant import quantize
+
+    if KERNELS is None:
+        pytest.skip("model/_kernels.c is not built here")
+    gen = torch.Generator().manual_seed(7)
+    d, n = 96, 70
+    gate_up = quantize(torch.randn(2 * n, d, generator=gen), "int4")
+    if layout == "scattered":  # n of 96 columns of a down matrix, over whole blocks
+        pos = np.sort(np.random.default_rng(0).choice(96, n, replace=False))
+        down = Scattered(quantize(torch.randn(d, 96, generator=gen), "int4"), pos)
+    else:
+        down = quantize(torch.randn(d, n, generator=gen), layout)
+    shard = MlpShard.of(tuple(range(n)), gate_up, down)
+    for _ in range(20):
+        x = torch.randn(1, d, generator=gen).to(torch.bfloat16)
+        want = project(shard.activations(x), down)  # float32 activations
+        assert shard.activations(x).dtype == torch.float32
+        got = shard.forward(x)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))

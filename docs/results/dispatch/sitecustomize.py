@@ -2,7 +2,8 @@
 docs/results/c-path/insitu/sitecustomize.py: calls of the packed kernels' input and output
 adapters (quant._as_input, quant._as_output) alternate between the tree's (which return a
 decode step's tensor as it is when it already fits) and session 17's (which always reshape,
-convert and copy-if-needed); each side's thread CPU is summed. Where HALO_INSITU_OUT is set,
+convert and copy-if-needed); with HALO_INSITU_WHAT=mlp instead, MlpShard.forward with the
+kernel's bfloat16 activations and with float32 ones. Each side's thread CPU is summed. Where HALO_INSITU_OUT is set,
 every process appends {pid, role, what: {name: {impl: [calls, cpu_s]}}} there as it exits."""
 import atexit
 import json
@@ -45,8 +46,19 @@ if OUT:
             y = y[:, :out_features]
         return y.reshape(*x.shape[:-1], out_features)
 
-    quant._as_input = alternating("as_input", quant._as_input, old_input)
-    quant._as_output = alternating("as_output", quant._as_output, old_output)
+    if os.environ.get("HALO_INSITU_WHAT", "adapters") == "adapters":
+        quant._as_input = alternating("as_input", quant._as_input, old_input)
+        quant._as_output = alternating("as_output", quant._as_output, old_output)
+    else:  # "mlp": MlpShard.forward with the kernel's bfloat16 activations, and without
+        from halollm.model import llama
+
+        forward = llama.MlpShard.forward
+
+        def old_forward(shard, x, start=0):
+            return llama.project(shard.activations(x), shard.w_down)
+
+        mlp = alternating("mlp_forward", forward, old_forward)
+        llama.MlpShard.forward = lambda shard, x, start=0: mlp(shard, x, start)
 
     def dump():
         role = "worker" if "worker" in sys.argv else "coordinator"

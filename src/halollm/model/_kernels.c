@@ -146,26 +146,32 @@ static PyObject *attend(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(silu_mul_doc,
-             "silu_mul(out, gu, gu_kind, rows, n): out[r, i] = silu(gu[r, i]) * gu[r, n + i] "
-             "in float32 (out: float32 [rows, n]; gu: [rows, 2n], float32 or bfloat16 (kind 0 "
-             "or 2): a SwiGLU MLP's gate values, then its up values)");
+             "silu_mul(out, gu, gu_kind, rows, n[, out_kind]): out[r, i] = silu(gu[r, i]) * "
+             "gu[r, n + i] in float32 (gu: [rows, 2n], float32 or bfloat16 (kind 0 or 2): a "
+             "SwiGLU MLP's gate values, then its up values; out: [rows, n], float32 (kind 0, "
+             "the default) or bfloat16 (kind 2: the float32 result rounded to nearest even, "
+             "as torch's conversion rounds it))");
 
 static PyObject *silu_mul(PyObject *self, PyObject *args) {
     unsigned long long out_a, gu_a;
-    int kind;
+    int kind, out_kind = F32;
     Py_ssize_t rows, n;
-    if (!PyArg_ParseTuple(args, "KKinn", &out_a, &gu_a, &kind, &rows, &n)) return NULL;
-    if ((kind != F32 && kind != BF16) || rows < 0 || n < 1 || !out_a || !gu_a) {
+    if (!PyArg_ParseTuple(args, "KKinn|i", &out_a, &gu_a, &kind, &rows, &n, &out_kind))
+        return NULL;
+    if ((kind != F32 && kind != BF16) || (out_kind != F32 && out_kind != BF16) || rows < 0 ||
+        n < 1 || !out_a || !gu_a) {
         PyErr_SetString(PyExc_ValueError, "silu_mul: bad kind, shape or address");
         return NULL;
     }
-    float *out = (float *)(uintptr_t)out_a;
     const void *gu = (const void *)(uintptr_t)gu_a;
     for (Py_ssize_t r = 0; r < rows; r++)
         for (Py_ssize_t i = 0; i < n; i++) {
             float g = weight_at(gu, kind, r * 2 * n + i), u = weight_at(gu, kind, r * 2 * n + n + i);
-            float silu = g / (1.0f + expf(-g));
-            out[r * n + i] = silu * u;
+            float silu = g / (1.0f + expf(-g)), v = silu * u;
+            if (out_kind == BF16)
+                ((uint16_t *)(uintptr_t)out_a)[r * n + i] = to_bfloat16(v);
+            else
+                ((float *)(uintptr_t)out_a)[r * n + i] = v;
         }
     Py_RETURN_NONE;
 }

@@ -37,13 +37,16 @@ def attend_one(qkv: torch.Tensor, n_q: int, n_kv: int, head_dim: int, pos: int, 
 _SILU_KINDS = {torch.float32: 0, torch.bfloat16: 2}  # as _kernels.c names them
 
 
-def silu_mul(gu: torch.Tensor, n: int) -> torch.Tensor | None:
-    """float32 [T, n]: silu(gu[:, :n]) * gu[:, n:] computed in float32 from gu [T, 2n]
-    (float32 or bfloat16); None where the kernels are not built or gu does not fit."""
-    kind = _SILU_KINDS.get(gu.dtype)
-    if KERNELS is None or kind is None or gu.dim() != 2 or gu.shape[1] != 2 * n or \
-            not gu.is_contiguous() or gu.shape[0] == 0:
+def silu_mul(gu: torch.Tensor, n: int, dtype: torch.dtype = torch.float32
+             ) -> torch.Tensor | None:
+    """[T, n] in `dtype` (float32 or bfloat16): silu(gu[:, :n]) * gu[:, n:] computed in
+    float32 from gu [T, 2n] (float32 or bfloat16), then rounded to `dtype` as `.to(dtype)`
+    rounds; None where the kernels are not built or gu does not fit."""
+    kind, out_kind = _SILU_KINDS.get(gu.dtype), _SILU_KINDS.get(dtype)
+    if KERNELS is None or kind is None or out_kind is None or gu.dim() != 2 or \
+            gu.shape[1] != 2 * n or not gu.is_contiguous() or gu.shape[0] == 0:
         return None
-    out = torch.empty(gu.shape[0], n)
-    KERNELS.silu_mul(out.data_ptr(), gu.data_ptr(), kind, gu.shape[0], n)  # type: ignore[union-attr]
+    out = torch.empty(gu.shape[0], n, dtype=dtype)
+    KERNELS.silu_mul(out.data_ptr(), gu.data_ptr(), kind, gu.shape[0], n,  # type: ignore[union-attr]
+                     out_kind)
     return out

@@ -196,20 +196,25 @@ class MlpShard:
         shard.w_gate_up, shard.w_down = w_gate_up, w_down
         return shard
 
-    def activations(self, x: torch.Tensor) -> torch.Tensor:
+    def activations(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """silu(gate) * up for each neuron: [T, n] (packed: in float32 from the kernel's
         bfloat16 outputs, so the down projection's input is rounded once, not three times;
-        in one C call where built, `attend.silu_mul`)."""
+        in one C call where built, `attend.silu_mul`, which can round its result to
+        `dtype` itself -- else it is float32)."""
         gu = project(x, self.w_gate_up)
         if not isinstance(self.w_gate_up, torch.Tensor) or gu.dtype == torch.float32:
-            fast = silu_mul(gu, self.n)
+            fast = silu_mul(gu, self.n, dtype)
             if fast is not None:
                 return fast
             gu = gu.float()
         return F.silu(gu[:, : self.n]) * gu[:, self.n:]
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        return project(self.activations(x), self.w_down)
+        # a packed down projection rounds its input to bfloat16 first: the kernel does it
+        # (the same rounding; a conversion saved)
+        packed = not isinstance(self.w_down, torch.Tensor)
+        return project(self.activations(x, quant.ACT_DTYPE if packed else torch.float32),
+                       self.w_down)
 
 
 def attention_weights(w: Weights, config: ModelConfig, layer: int, kv_heads: Sequence[int]
