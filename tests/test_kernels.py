@@ -177,3 +177,30 @@ def test_a_packed_mlp_shard_is_unchanged_by_bfloat16_activations(layout: str) ->
         assert shard.activations(x).dtype == torch.float32
         got = shard.forward(x)
         assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+def test_a_packed_attention_shard_is_unchanged_by_bfloat16_attention_output() -> None:
+    """attend_one(.., bfloat16) is bitwise attend_one(..).to(bfloat16), and an attention shard
+    whose o projection is packed (so it rounds its input to bfloat16 itself) gives bitwise
+    what the float32 attention output gave, over 40 decode steps."""
+    from halollm.model.attend import attend_one
+    from halollm.model.quant import quantize
+
+    if KERNELS is None:
+        pytest.skip("model/_kernels.c is not built here")
+    fast, slow = _attention_pair(False)
+    w_qkv, b_qkv, w_o = fast._weights()
+    packed = quantize(w_o, "int4")
+    gen = torch.Generator().manual_seed(8)
+    prompt = torch.randn(4, 256, generator=gen)
+    fast.forward(prompt, 0)
+    slow.forward(prompt, 0)
+    for pos in range(4, 44):
+        qkv = llama.project(torch.randn(1, 256, generator=gen), w_qkv, b_qkv).float()
+        want = attend_one(qkv, fast.n_q, fast.n_kv, fast.head_dim, pos, fast.rope, slow.cache)
+        got = attend_one(qkv, fast.n_q, fast.n_kv, fast.head_dim, pos, fast.rope, fast.cache,
+                         torch.bfloat16)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got.view(torch.int16), want.to(torch.bfloat16).view(torch.int16))
+        assert torch.equal(llama.project(got, packed).view(torch.int16),
+                           llama.project(want, packed).view(torch.int16)), pos

@@ -3,7 +3,8 @@ docs/results/c-path/insitu/sitecustomize.py: calls of the packed kernels' input 
 adapters (quant._as_input, quant._as_output) alternate between the tree's (which return a
 decode step's tensor as it is when it already fits) and session 17's (which always reshape,
 convert and copy-if-needed); with HALO_INSITU_WHAT=mlp instead, MlpShard.forward with the
-kernel's bfloat16 activations and with float32 ones. Each side's thread CPU is summed. Where HALO_INSITU_OUT is set,
+kernel's bfloat16 activations and with float32 ones; with =attn, a decode step's
+AttentionShard.forward with the kernel's bfloat16 output and with float32. Each side's thread CPU is summed. Where HALO_INSITU_OUT is set,
 every process appends {pid, role, what: {name: {impl: [calls, cpu_s]}}} there as it exits."""
 import atexit
 import json
@@ -49,6 +50,22 @@ if OUT:
     if os.environ.get("HALO_INSITU_WHAT", "adapters") == "adapters":
         quant._as_input = alternating("as_input", quant._as_input, old_input)
         quant._as_output = alternating("as_output", quant._as_output, old_output)
+    elif os.environ["HALO_INSITU_WHAT"] == "attn":  # decode attention: bfloat16 out or not
+        from halollm.model import llama
+
+        forward, attend = llama.AttentionShard.forward, llama.attend_one
+
+        def old_attention(shard, x, start, key_mask=None):
+            llama.attend_one = lambda *a: attend(*a[:7])  # float32, converted by the product
+            try:
+                return forward(shard, x, start, key_mask)
+            finally:
+                llama.attend_one = attend
+
+        both = alternating("attention", forward, old_attention)
+        llama.AttentionShard.forward = lambda shard, x, start, key_mask=None: \
+            both(shard, x, start, key_mask) if x.shape[0] == 1 and key_mask is None else \
+            forward(shard, x, start, key_mask)
     else:  # "mlp": MlpShard.forward with the kernel's bfloat16 activations, and without
         from halollm.model import llama
 

@@ -79,7 +79,8 @@ PyDoc_STRVAR(attend_doc,
              "qkv; cos and signed sin rows of the position), k and v written at `pos` of the "
              "float32 [n_kv, capacity, hd] caches, each query head attending (softmax of "
              "q.k / sqrt(hd)) to positions 0..pos of its KV head (head // (n_q / n_kv)); out: "
-             "float32 [n_q * hd]");
+             "[n_q * hd], float32 (out_kind 0, the default) or bfloat16 (2: the float32 result "
+             "rounded to nearest even, as torch's conversion rounds it)");
 
 /* x (hd values) rotated as Rope.apply does: x * cos + x[perm] * signed_sin, perm swapping the
  * two halves -- x * cos rounded to float32, then the rest in one fused multiply-add, as
@@ -94,15 +95,17 @@ static void rope_row(float *out, const float *x, const float *cos, const float *
 static PyObject *attend(PyObject *self, PyObject *args) {
     unsigned long long out_a, qkv_a, cos_a, sin_a, k_a, v_a;
     long n_q, n_kv, hd, pos, capacity;
-    if (!PyArg_ParseTuple(args, "KKlllKKKKKl", &out_a, &qkv_a, &n_q, &n_kv, &hd, &pos, &cos_a,
-                          &sin_a, &k_a, &v_a, &capacity))
+    int out_kind = F32;
+    if (!PyArg_ParseTuple(args, "KKlllKKKKKl|i", &out_a, &qkv_a, &n_q, &n_kv, &hd, &pos, &cos_a,
+                          &sin_a, &k_a, &v_a, &capacity, &out_kind))
         return NULL;
     if (n_kv < 1 || n_q < n_kv || n_q % n_kv || hd < 2 || hd % 2 || hd > 4096 || pos < 0 ||
-        pos >= capacity || !out_a || !qkv_a || !cos_a || !sin_a || !k_a || !v_a) {
+        pos >= capacity || (out_kind != F32 && out_kind != BF16) || !out_a || !qkv_a ||
+        !cos_a || !sin_a || !k_a || !v_a) {
         PyErr_SetString(PyExc_ValueError, "attend: bad shape, position or address");
         return NULL;
     }
-    float *out = (float *)(uintptr_t)out_a, *kc = (float *)(uintptr_t)k_a;
+    float *kc = (float *)(uintptr_t)k_a;
     float *vc = (float *)(uintptr_t)v_a;
     const float *qkv = (const float *)(uintptr_t)qkv_a, *cos = (const float *)(uintptr_t)cos_a;
     const float *sin = (const float *)(uintptr_t)sin_a;
@@ -137,7 +140,13 @@ static PyObject *attend(PyObject *self, PyObject *args) {
             total += e;
             for (long i = 0; i < hd; i++) acc[i] += e * vh[p * hd + i];
         }
-        for (long i = 0; i < hd; i++) out[h * hd + i] = (float)(acc[i] / total);
+        for (long i = 0; i < hd; i++) {
+            float r = (float)(acc[i] / total);
+            if (out_kind == BF16)
+                ((uint16_t *)(uintptr_t)out_a)[h * hd + i] = to_bfloat16(r);
+            else
+                ((float *)(uintptr_t)out_a)[h * hd + i] = r;
+        }
     }
     PyMem_Free(q);
     PyMem_Free(w);

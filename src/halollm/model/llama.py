@@ -162,8 +162,10 @@ class AttentionShard:
                 self.cache.k.dtype == torch.float32:  # a decode step: in one C call
             w_qkv, b_qkv, w_o = self._weights()
             qkv = project(x, w_qkv, b_qkv).float()
+            # a packed o projection rounds its input to bfloat16: the kernel does it
+            out = torch.float32 if isinstance(w_o, torch.Tensor) else quant.ACT_DTYPE
             return project(attend_one(qkv, self.n_q, self.n_kv, hd, start, self.rope,
-                                      self.cache), w_o)
+                                      self.cache, out), w_o)
         q, k, v = self._qkv(x, start)
         self.cache.write(start, k, v)
         end = start + T
