@@ -204,3 +204,23 @@ def test_a_packed_attention_shard_is_unchanged_by_bfloat16_attention_output() ->
         assert torch.equal(got.view(torch.int16), want.to(torch.bfloat16).view(torch.int16))
         assert torch.equal(llama.project(got, packed).view(torch.int16),
                            llama.project(want, packed).view(torch.int16)), pos
+
+
+def test_the_attention_kernel_widens_bfloat16_rows_as_torch_does() -> None:
+    """A packed qkv product's bfloat16 rows handed to attend_one as they are give bitwise
+    what their `.float()` gave: the output and the cached keys and values."""
+    from halollm.model.attend import attend_one
+
+    if KERNELS is None:
+        pytest.skip("model/_kernels.c is not built here")
+    fast, slow = _attention_pair(False)
+    gen = torch.Generator().manual_seed(9)
+    for pos in range(0, 40):
+        qkv = (torch.randn(1, (fast.n_q + 2 * fast.n_kv) * fast.head_dim, generator=gen)
+               * 3).to(torch.bfloat16)
+        want = attend_one(qkv.float(), fast.n_q, fast.n_kv, fast.head_dim, pos, fast.rope,
+                          slow.cache)
+        got = attend_one(qkv, fast.n_q, fast.n_kv, fast.head_dim, pos, fast.rope, fast.cache)
+        assert torch.equal(got, want), pos
+        assert torch.equal(fast.cache.k[:, :pos + 1], slow.cache.k[:, :pos + 1]), pos
+        assert torch.equal(fast.cache.v[:, :pos + 1], slow.cache.v[:, :pos + 1]), pos

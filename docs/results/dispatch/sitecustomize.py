@@ -4,7 +4,8 @@ adapters (quant._as_input, quant._as_output) alternate between the tree's (which
 decode step's tensor as it is when it already fits) and session 17's (which always reshape,
 convert and copy-if-needed); with HALO_INSITU_WHAT=mlp instead, MlpShard.forward with the
 kernel's bfloat16 activations and with float32 ones; with =attn, a decode step's
-AttentionShard.forward with the kernel's bfloat16 output and with float32. Each side's thread CPU is summed. Where HALO_INSITU_OUT is set,
+AttentionShard.forward with the kernel taking bfloat16 rows and giving bfloat16 output, and
+with float32 in and out. Each side's thread CPU is summed. Where HALO_INSITU_OUT is set,
 every process appends {pid, role, what: {name: {impl: [calls, cpu_s]}}} there as it exits."""
 import atexit
 import json
@@ -56,7 +57,9 @@ if OUT:
         forward, attend = llama.AttentionShard.forward, llama.attend_one
 
         def old_attention(shard, x, start, key_mask=None):
-            llama.attend_one = lambda *a: attend(*a[:7])  # float32, converted by the product
+            # session 17's: float32 rows in (widened by torch), float32 out (rounded by
+            # the packed product)
+            llama.attend_one = lambda qkv, *a: attend(qkv.float(), *a[:6])
             try:
                 return forward(shard, x, start, key_mask)
             finally:

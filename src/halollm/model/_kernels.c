@@ -74,9 +74,10 @@ static PyObject *rms_norm(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(attend_doc,
-             "attend(out, qkv, n_q, n_kv, hd, pos, cos, sin, k_cache, v_cache, capacity): one "
-             "query position's attention: RoPE on its q and k rows (float32 [n_q + 2 n_kv, hd] "
-             "qkv; cos and signed sin rows of the position), k and v written at `pos` of the "
+             "attend(out, qkv, n_q, n_kv, hd, pos, cos, sin, k_cache, v_cache, capacity"
+             "[, out_kind, qkv_kind]): one query position's attention: RoPE on its q and k "
+             "rows ([n_q + 2 n_kv, hd] qkv: float32, or bfloat16 with qkv_kind 2, widened "
+             "exactly; cos and signed sin rows of the position), k and v written at `pos` of the "
              "float32 [n_kv, capacity, hd] caches, each query head attending (softmax of "
              "q.k / sqrt(hd)) to positions 0..pos of its KV head (head // (n_q / n_kv)); out: "
              "[n_q * hd], float32 (out_kind 0, the default) or bfloat16 (2: the float32 result "
@@ -95,13 +96,14 @@ static void rope_row(float *out, const float *x, const float *cos, const float *
 static PyObject *attend(PyObject *self, PyObject *args) {
     unsigned long long out_a, qkv_a, cos_a, sin_a, k_a, v_a;
     long n_q, n_kv, hd, pos, capacity;
-    int out_kind = F32;
-    if (!PyArg_ParseTuple(args, "KKlllKKKKKl|i", &out_a, &qkv_a, &n_q, &n_kv, &hd, &pos, &cos_a,
-                          &sin_a, &k_a, &v_a, &capacity, &out_kind))
+    int out_kind = F32, qkv_kind = F32;
+    if (!PyArg_ParseTuple(args, "KKlllKKKKKl|ii", &out_a, &qkv_a, &n_q, &n_kv, &hd, &pos,
+                          &cos_a, &sin_a, &k_a, &v_a, &capacity, &out_kind, &qkv_kind))
         return NULL;
     if (n_kv < 1 || n_q < n_kv || n_q % n_kv || hd < 2 || hd % 2 || hd > 4096 || pos < 0 ||
-        pos >= capacity || (out_kind != F32 && out_kind != BF16) || !out_a || !qkv_a ||
-        !cos_a || !sin_a || !k_a || !v_a) {
+        pos >= capacity || (out_kind != F32 && out_kind != BF16) ||
+        (qkv_kind != F32 && qkv_kind != BF16) || !out_a || !qkv_a || !cos_a || !sin_a ||
+        !k_a || !v_a) {
         PyErr_SetString(PyExc_ValueError, "attend: bad shape, position or address");
         return NULL;
     }
@@ -109,14 +111,20 @@ static PyObject *attend(PyObject *self, PyObject *args) {
     float *vc = (float *)(uintptr_t)v_a;
     const float *qkv = (const float *)(uintptr_t)qkv_a, *cos = (const float *)(uintptr_t)cos_a;
     const float *sin = (const float *)(uintptr_t)sin_a;
-    long group = n_q / n_kv, end = pos + 1;
+    long group = n_q / n_kv, end = pos + 1, rows = (n_q + 2 * n_kv) * hd;
     float *q = PyMem_Malloc(sizeof(float) * (size_t)(n_q * hd));
+    float *widened = qkv_kind == BF16 ? PyMem_Malloc(sizeof(float) * (size_t)rows) : NULL;
     double *w = PyMem_Malloc(sizeof(double) * (size_t)end), *acc = PyMem_Malloc(sizeof(double) * (size_t)hd);
-    if (q == NULL || w == NULL || acc == NULL) {
+    if (q == NULL || w == NULL || acc == NULL || (qkv_kind == BF16 && widened == NULL)) {
         PyMem_Free(q);
+        PyMem_Free(widened);
         PyMem_Free(w);
         PyMem_Free(acc);
         return PyErr_NoMemory();
+    }
+    if (widened != NULL) { /* bfloat16 q, k, v rows: exactly their float32 values */
+        for (long i = 0; i < rows; i++) widened[i] = weight_at((const void *)qkv, BF16, i);
+        qkv = widened;
     }
     for (long h = 0; h < n_q; h++) rope_row(q + h * hd, qkv + h * hd, cos, sin, hd);
     for (long k = 0; k < n_kv; k++) {
@@ -149,6 +157,7 @@ static PyObject *attend(PyObject *self, PyObject *args) {
         }
     }
     PyMem_Free(q);
+    PyMem_Free(widened);
     PyMem_Free(w);
     PyMem_Free(acc);
     Py_RETURN_NONE;

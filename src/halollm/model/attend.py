@@ -26,7 +26,10 @@ def attend_one(qkv: torch.Tensor, n_q: int, n_kv: int, head_dim: int, pos: int, 
                cache: KVCache, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[1, n_q * head_dim] in `dtype` (float32, or bfloat16: the float32 result rounded as
     `.to` rounds it): the attention output of one position `pos` whose q, k, v rows are qkv
-    (float32 [1, (n_q + 2 n_kv) * head_dim]); its k and v enter `cache`."""
+    ([1, (n_q + 2 n_kv) * head_dim], float32 or bfloat16: the kernel widens it, exactly, as
+    `.float()` would); its k and v enter `cache`."""
+    if qkv.dtype not in _KINDS:
+        qkv = qkv.float()
     qkv = qkv.contiguous()
     cos, sin = rope.tables(pos + 1)
     cache.reserve(pos + 1)
@@ -34,7 +37,7 @@ def attend_one(qkv: torch.Tensor, n_q: int, n_kv: int, head_dim: int, pos: int, 
     row = 4 * head_dim * pos  # bytes to the position's row of the float32 tables
     KERNELS.attend(out.data_ptr(), qkv.data_ptr(), n_q, n_kv, head_dim, pos,  # type: ignore[union-attr]
                    cos.data_ptr() + row, sin.data_ptr() + row, cache.k.data_ptr(),
-                   cache.v.data_ptr(), cache.k.shape[1], _KINDS[dtype])
+                   cache.v.data_ptr(), cache.k.shape[1], _KINDS[dtype], _KINDS[qkv.dtype])
     return out
 
 

@@ -161,7 +161,7 @@ class AttentionShard:
         if T == 1 and key_mask is None and KERNELS is not None and \
                 self.cache.k.dtype == torch.float32:  # a decode step: in one C call
             w_qkv, b_qkv, w_o = self._weights()
-            qkv = project(x, w_qkv, b_qkv).float()
+            qkv = project(x, w_qkv, b_qkv)  # float32 or bfloat16: attend_one widens it
             # a packed o projection rounds its input to bfloat16: the kernel does it
             out = torch.float32 if isinstance(w_o, torch.Tensor) else quant.ACT_DTYPE
             return project(attend_one(qkv, self.n_q, self.n_kv, hd, start, self.rope,
