@@ -1,5 +1,5 @@
 """In-situ A/B inside one run (loaded by every process through PYTHONPATH), as
-docs/results/c-path/insitu/sitecustomize.py: calls of the packed kernels' input and output
+docs/results/c-path/insitu/sitecustomize.py but by a coin per call: calls of the packed kernels' input and output
 adapters (quant._as_input, quant._as_output) alternate between the tree's (which return a
 decode step's tensor as it is when it already fits) and session 17's (which always reshape,
 convert and copy-if-needed); with HALO_INSITU_WHAT=mlp instead, MlpShard.forward with the
@@ -21,12 +21,16 @@ if OUT:
 
     stats: dict = {}
 
-    def alternating(name, fast, slow):
-        count = [0]
+    import random
 
+    coin = random.Random(os.getpid())
+
+    def alternating(name, fast, slow):
+        # a coin per call, not strict alternation: a worker's calls repeat with the layers
+        # (16 a token here), and its shards differ between layers (groups are dealt out in
+        # turn), so alternating call by call put every even layer on one side
         def call(*args):
-            count[0] += 1
-            impl, fn = ("new", fast) if count[0] % 2 else ("old", slow)
+            impl, fn = ("new", fast) if coin.random() < 0.5 else ("old", slow)
             t = time.thread_time()
             out = fn(*args)
             s = stats.setdefault(name, {}).setdefault(impl, [0, 0.0])
