@@ -142,8 +142,9 @@ class Planner:
         # must pay back (a 57 s move went through on quarter-core nodes, session 11)
         unreliable = any(lk.alive and current.count(lk.index) and
                          lk.estimate.miss_rate > self.plan_opts.reliable_loss for lk in links)
-        at_stake = unreliable and self.lost_share(links, current) > \
-            self.plan_opts.max_lost_share
+        # the current plan's expected share lost (none without a lossy link holding groups)
+        lost = self.lost_share(links, current) if unreliable else 0.0
+        at_stake = lost > self.plan_opts.max_lost_share
         if changed or unreliable:
             self.period = every
         if not changed and (self.since_check < self.period or
@@ -157,12 +158,13 @@ class Planner:
             self.log(f"re-planning failed, keeping the current plan: {exc}")
             return None
         was = plan.current_ms if plan.current_ms is not None else float("inf")
-        kept = None if changed else self._kept_because(links, current, plan, was, at_stake)
+        kept = None if changed else self._kept_because(links, current, plan, was, at_stake,
+                                                       lost)
         if kept is not None:
             self.last_kept = {"position": position, "kept": kept,
                                "predicted_ms": round(plan.predicted_ms, 3),
                                "current_ms": round(was, 3) if was != float("inf") else None,
-                               "lost_share": round(self.lost_share(links, current), 4)}
+                               "lost_share": round(lost, 4)}
             return None
         self.period = every
         return plan.placement, {
@@ -172,13 +174,14 @@ class Planner:
             "reason": "membership" if changed else "accuracy" if at_stake else "faster"}
 
     def _kept_because(self, links: list[WorkerLink], current: Placement, plan: PlanResult,
-                      was: float, at_stake: bool) -> str | None:
+                      was: float, at_stake: bool, lost: float) -> str | None:
         """Why a check keeps the current plan (None: adopt the new one). When accuracy is at
         stake, a plan that loses less significance is adopted even if not faster: the bound
         on significance lost is the scheduler's constraint, not a preference. Otherwise the
-        new plan must be `hysteresis` faster and pay back its move."""
+        new plan must be `hysteresis` faster and pay back its move. `lost`: the current
+        plan's lost share."""
         if at_stake:
-            if self.lost_share(links, plan.placement) < self.lost_share(links, current):
+            if self.lost_share(links, plan.placement) < lost:
                 return None
             return "no plan loses less significance"
         if plan.predicted_ms > (1 - self.plan_opts.hysteresis) * was:
