@@ -10,6 +10,13 @@
  * product rounded to float32, the result rounded to the output type (nearest even). Only the
  * mean differs from PyTorch's: its squares are summed in double here.
  *
+ * Attention is float32 in eight-lane vectors (AVX2 where the CPU has it, else SSE or NEON),
+ * each multiply and add rounded on its own (-ffp-contract=off) and summed in a fixed order: the
+ * same bits from every build on one CPU family, so every path of a run (a worker, the
+ * coordinator's fallback, `halo generate`) computes the same values. It was double and scalar
+ * until session 19: 3-5x slower, a quarter of a worker's CPU at a 1,000-token context
+ * (docs/results/attend.md).
+ *
  * Tensors come as addresses (Tensor.data_ptr()) of contiguous memory the caller owns and has
  * checked (dtypes, shapes, contiguity, capacity): norm.py and attend.py.
  */
@@ -79,7 +86,7 @@ PyDoc_STRVAR(attend_doc,
              "rows ([n_q + 2 n_kv, hd] qkv: float32, or bfloat16 with qkv_kind 2, widened "
              "exactly; cos and signed sin rows of the position), k and v written at `pos` of the "
              "float32 [n_kv, capacity, hd] caches, each query head attending (softmax of "
-             "q.k / sqrt(hd)) to positions 0..pos of its KV head (head // (n_q / n_kv)); out: "
+             "q.k / sqrt(hd), in float32) to positions 0..pos of its KV head (head // (n_q / n_kv)); out: "
              "[n_q * hd], float32 (out_kind 0, the default) or bfloat16 (2: the float32 result "
              "rounded to nearest even, as torch's conversion rounds it)");
 
@@ -90,6 +97,93 @@ static void rope_row(float *out, const float *x, const float *cos, const float *
     long half = hd / 2;
     for (long i = 0; i < hd; i++) {
         out[i] = fmaf(x[i < half ? i + half : i - half], sin[i], x[i] * cos[i]);
+    }
+}
+
+/* Eight float32 lanes (GCC/Clang vector extensions: AVX or SSE on x86, NEON on ARM). With
+ * -ffp-contract=off every lane's multiply and add round separately, so a sum comes out the same
+ * bits whichever instructions carry it. */
+typedef float lanes8 __attribute__((vector_size(32)));
+
+static inline lanes8 load8(const float *p) {
+    lanes8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* a . b over n values: eight lane sums over the multiples of 8, added pairwise in a fixed
+ * order, then the tail one by one */
+static inline float lane_total(lanes8 s) {
+    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+}
+
+static inline float dot(const float *a, const float *b, long n) {
+    lanes8 s = {0};
+    long i = 0;
+    for (; i + 8 <= n; i += 8) s += load8(a + i) * load8(b + i);
+    float t = lane_total(s);
+    for (; i < n; i++) t += a[i] * b[i];
+    return t;
+}
+
+/* dot(a, b + r * n, n) for rows r = 0..3, in one pass over a (four independent sums keep the
+ * core busy where one waits on its own additions): the same four values, bit for bit */
+static inline void dot4(float *out, const float *a, const float *b, long n) {
+    if (n % 8) {
+        for (int r = 0; r < 4; r++) out[r] = dot(a, b + r * n, n);
+        return;
+    }
+    lanes8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+    for (long i = 0; i < n; i += 8) {
+        lanes8 x = load8(a + i);
+        s0 += x * load8(b + i);
+        s1 += x * load8(b + n + i);
+        s2 += x * load8(b + 2 * n + i);
+        s3 += x * load8(b + 3 * n + i);
+    }
+    out[0] = lane_total(s0), out[1] = lane_total(s1), out[2] = lane_total(s2);
+    out[3] = lane_total(s3);
+}
+
+/* acc += e * v over n values */
+static inline void add_scaled(float *acc, float e, const float *v, long n) {
+    long i = 0;
+    lanes8 ev = {e, e, e, e, e, e, e, e};
+    for (; i + 8 <= n; i += 8) {
+        lanes8 a = load8(acc + i) + ev * load8(v + i);
+        memcpy(acc + i, &a, sizeof a);
+    }
+    for (; i < n; i++) acc[i] += e * v[i];
+}
+
+/* One query head over positions 0..end-1 of its KV head: softmax(q.k * scale) . v, in float32
+ * as torch's attention computes it (the exponentials' total in double); out in out_kind. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+static void attend_head(void *out, int out_kind, const float *q, const float *kh,
+                        const float *vh, long end, long hd, float *w, float *acc) {
+    float scale = 1.0f / sqrtf((float)hd), top = -INFINITY;
+    long p = 0;
+    for (; p + 4 <= end; p += 4) dot4(w + p, q, kh + p * hd, hd);
+    for (; p < end; p++) w[p] = dot(q, kh + p * hd, hd);
+    for (p = 0; p < end; p++) {
+        w[p] *= scale;
+        if (w[p] > top) top = w[p];
+    }
+    memset(acc, 0, sizeof(float) * (size_t)hd);
+    double total = 0.0;
+    for (p = 0; p < end; p++) {
+        float e = expf(w[p] - top);
+        total += e;
+        add_scaled(acc, e, vh + p * hd, hd);
+    }
+    for (long i = 0; i < hd; i++) {
+        float r = (float)((double)acc[i] / total);
+        if (out_kind == BF16)
+            ((uint16_t *)out)[i] = to_bfloat16(r);
+        else
+            ((float *)out)[i] = r;
     }
 }
 
@@ -112,16 +206,14 @@ static PyObject *attend(PyObject *self, PyObject *args) {
     const float *qkv = (const float *)(uintptr_t)qkv_a, *cos = (const float *)(uintptr_t)cos_a;
     const float *sin = (const float *)(uintptr_t)sin_a;
     long group = n_q / n_kv, end = pos + 1, rows = (n_q + 2 * n_kv) * hd;
-    float *q = PyMem_Malloc(sizeof(float) * (size_t)(n_q * hd));
+    float *q = PyMem_Malloc(sizeof(float) * (size_t)(n_q * hd + hd + end));
     float *widened = qkv_kind == BF16 ? PyMem_Malloc(sizeof(float) * (size_t)rows) : NULL;
-    double *w = PyMem_Malloc(sizeof(double) * (size_t)end), *acc = PyMem_Malloc(sizeof(double) * (size_t)hd);
-    if (q == NULL || w == NULL || acc == NULL || (qkv_kind == BF16 && widened == NULL)) {
+    if (q == NULL || (qkv_kind == BF16 && widened == NULL)) {
         PyMem_Free(q);
         PyMem_Free(widened);
-        PyMem_Free(w);
-        PyMem_Free(acc);
         return PyErr_NoMemory();
     }
+    float *acc = q + n_q * hd, *w = acc + hd;
     if (widened != NULL) { /* bfloat16 q, k, v rows: exactly their float32 values */
         for (long i = 0; i < rows; i++) widened[i] = weight_at((const void *)qkv, BF16, i);
         qkv = widened;
@@ -131,35 +223,14 @@ static PyObject *attend(PyObject *self, PyObject *args) {
         rope_row(kc + (k * capacity + pos) * hd, qkv + (n_q + k) * hd, cos, sin, hd);
         memcpy(vc + (k * capacity + pos) * hd, qkv + (n_q + n_kv + k) * hd, sizeof(float) * (size_t)hd);
     }
-    double scale = 1.0 / sqrt((double)hd);
+    size_t row_bytes = (size_t)hd * (out_kind == BF16 ? 2 : 4);
     for (long h = 0; h < n_q; h++) {
-        const float *qh = q + h * hd, *kh = kc + (h / group) * capacity * hd;
-        const float *vh = vc + (h / group) * capacity * hd;
-        double top = -INFINITY, total = 0.0;
-        for (long p = 0; p < end; p++) {
-            double dot = 0.0;
-            for (long i = 0; i < hd; i++) dot += (double)qh[i] * kh[p * hd + i];
-            w[p] = dot * scale;
-            if (w[p] > top) top = w[p];
-        }
-        for (long i = 0; i < hd; i++) acc[i] = 0.0;
-        for (long p = 0; p < end; p++) {
-            double e = exp(w[p] - top);
-            total += e;
-            for (long i = 0; i < hd; i++) acc[i] += e * vh[p * hd + i];
-        }
-        for (long i = 0; i < hd; i++) {
-            float r = (float)(acc[i] / total);
-            if (out_kind == BF16)
-                ((uint16_t *)(uintptr_t)out_a)[h * hd + i] = to_bfloat16(r);
-            else
-                ((float *)(uintptr_t)out_a)[h * hd + i] = r;
-        }
+        long kv = (h / group) * capacity * hd;
+        attend_head((char *)(uintptr_t)out_a + h * row_bytes, out_kind, q + h * hd, kc + kv,
+                    vc + kv, end, hd, w, acc);
     }
     PyMem_Free(q);
     PyMem_Free(widened);
-    PyMem_Free(w);
-    PyMem_Free(acc);
     Py_RETURN_NONE;
 }
 
