@@ -158,7 +158,7 @@ static inline void add_scaled(float *acc, float e, const float *v, long n) {
 
 /* One query head over positions 0..end-1 of its KV head: softmax(q.k * scale) . v, in float32
  * as torch's attention computes it (the exponentials' total in double); out in out_kind. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
 static void attend_head(void *out, int out_kind, const float *q, const float *kh,
