@@ -62,18 +62,22 @@ def test_what_the_c_norm_does_not_take_is_the_formula_itself() -> None:
     assert rms_norm(torch.empty(0, 64), w, 1e-6, torch.bfloat16).shape == (0, 64)
 
 
-def _attention_pair(bias: bool) -> tuple[llama.AttentionShard, llama.AttentionShard]:
+def _attention_pair(bias: bool, head_dim: int = 32, n_heads: int = 8, n_kv: int = 4
+                    ) -> tuple[llama.AttentionShard, llama.AttentionShard]:
     config = ModelConfig(vocab_size=64, hidden_size=256, intermediate_size=512, n_layers=1,
-                         n_heads=8, n_kv_heads=4, head_dim=32, rope_theta=10000.0,
-                         rms_eps=1e-5, max_position=4096, tie_embeddings=False, attn_bias=bias,
-                         rope_scaling=None, rope_freq_factors=None)
+                         n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
+                         rope_theta=10000.0, rms_eps=1e-5, max_position=4096,
+                         tie_embeddings=False, attn_bias=bias, rope_scaling=None,
+                         rope_freq_factors=None)
     gen = torch.Generator().manual_seed(3)
-    shapes = {"wq": (256, 256), "wk": (128, 256), "wv": (128, 256), "wo": (256, 256),
-              "bq": (256,), "bk": (128,), "bv": (128,)}
+    q, kv = n_heads * head_dim, n_kv * head_dim
+    shapes = {"wq": (q, 256), "wk": (kv, 256), "wv": (kv, 256), "wo": (256, q),
+              "bq": (q,), "bk": (kv,), "bv": (kv,)}
     weights = {f"layers.0.{n}": (torch.randn(s, generator=gen) * 0.1).numpy()
                for n, s in shapes.items()}
     rope = llama.Rope(config)
-    fast = llama.AttentionShard(config, 0, [1, 3], weights.__getitem__, torch.float32, rope)
+    heads = [1, n_kv - 1] if n_kv > 2 else list(range(n_kv))
+    fast = llama.AttentionShard(config, 0, heads, weights.__getitem__, torch.float32, rope)
     return fast, copy.deepcopy(fast)
 
 
@@ -99,6 +103,32 @@ def test_a_decode_steps_attention_in_c_is_torchs(bias: bool, monkeypatch) -> Non
         assert torch.equal(fast.cache.v[:, :pos + 1], slow.cache.v[:, :pos + 1]), pos
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), pos
     assert fast.cache.k.shape[1] >= 300
+
+
+@pytest.mark.parametrize(("head_dim", "n_heads", "n_kv"),
+                         [(6, 4, 2), (20, 6, 3), (64, 9, 3), (128, 4, 4)])
+def test_the_attention_kernels_vector_lanes_and_tails_are_torchs(head_dim: int, n_heads: int,
+                                                                  n_kv: int, monkeypatch
+                                                                  ) -> None:
+    """The kernel sums q.k and the weighted values in eight-lane vectors, four key rows at a
+    time, with tails one by one: head sizes that are and are not multiples of 8, query groups
+    of 1 to 3 heads per KV head, and every count of positions modulo 4 give torch's attention
+    to float32 rounding and torch's cached keys and values bitwise."""
+    if KERNELS is None:
+        pytest.skip("model/_kernels.c is not built here")
+    fast, slow = _attention_pair(False, head_dim, n_heads, n_kv)
+    gen = torch.Generator().manual_seed(head_dim)
+    prompt = torch.randn(3, 256, generator=gen)
+    assert torch.equal(fast.forward(prompt, 0), slow.forward(prompt, 0))
+    for pos in range(3, 40):
+        x = torch.randn(1, 256, generator=gen)
+        got = fast.forward(x, pos)
+        with monkeypatch.context() as m:
+            m.setattr(llama, "KERNELS", None)
+            want = slow.forward(x, pos)
+        assert torch.equal(fast.cache.k[:, :pos + 1], slow.cache.k[:, :pos + 1]), pos
+        assert torch.equal(fast.cache.v[:, :pos + 1], slow.cache.v[:, :pos + 1]), pos
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), pos
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
