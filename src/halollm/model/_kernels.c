@@ -86,9 +86,10 @@ PyDoc_STRVAR(attend_doc,
              "rows ([n_q + 2 n_kv, hd] qkv: float32, or bfloat16 with qkv_kind 2, widened "
              "exactly; cos and signed sin rows of the position), k and v written at `pos` of the "
              "float32 [n_kv, capacity, hd] caches, each query head attending (softmax of "
-             "q.k / sqrt(hd), in float32) to positions 0..pos of its KV head (head // (n_q / n_kv)); out: "
-             "[n_q * hd], float32 (out_kind 0, the default) or bfloat16 (2: the float32 result "
-             "rounded to nearest even, as torch's conversion rounds it)");
+             "q.k / sqrt(hd), in float32) to positions 0..pos of its KV head "
+             "(head // (n_q / n_kv)); out: [n_q * hd], float32 (out_kind 0, the default) or "
+             "bfloat16 (2: the float32 result rounded to nearest even, as torch's conversion "
+             "rounds it)");
 
 /* x (hd values) rotated as Rope.apply does: x * cos + x[perm] * signed_sin, perm swapping the
  * two halves -- x * cos rounded to float32, then the rest in one fused multiply-add, as
@@ -111,12 +112,13 @@ static inline lanes8 load8(const float *p) {
     return v;
 }
 
-/* a . b over n values: eight lane sums over the multiples of 8, added pairwise in a fixed
- * order, then the tail one by one */
+/* the eight lanes added pairwise, in a fixed order */
 static inline float lane_total(lanes8 s) {
     return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
 }
 
+/* a . b over n values: eight lane sums over the multiples of 8, their total, then the tail
+ * one by one */
 static inline float dot(const float *a, const float *b, long n) {
     lanes8 s = {0};
     long i = 0;
