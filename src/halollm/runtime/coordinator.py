@@ -329,9 +329,13 @@ class Coordinator:
                  f"device {record['groups_per_device']}, predicted {record['predicted_ms']} "
                  f"ms/token of rounds ({record['ms']:.0f} ms to move)")
 
+    def _head_on_workers(self) -> bool:
+        head = self.opts.plan.head
+        return head == "workers" or (head is None and self.opts.plan.placement == "workers")
+
     def _distribute(self) -> None:
         live = self.links.alive()
-        self.head.deal(self.planner.head_workers(self.placement, live))
+        self.head.deal([lk.index for lk in live] if self._head_on_workers() else [])
         for link in live:
             first, rows = self.head.spans.get(link.index, (0, 0))
             self.links.send(link, Plan(self.session, self.epoch, link.index,
@@ -377,7 +381,7 @@ class Coordinator:
         policy = "custom" if self.opts.custom_plan else self.opts.plan.placement
         out["placement"] = {"policy": policy, **self.placement.summary(),
                             "replans": self.planner.replans,
-                            "last_kept": self.planner.last_kept, "head": self.planner.head}
+                            "last_kept": self.planner.last_kept}
         if self.profile.bench_speed:
             out["placement"]["coordinator"] = self.profile.to_json()
         out["predictor"] = None if self.predictor is None else {

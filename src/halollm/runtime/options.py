@@ -90,10 +90,7 @@ class PlanOptions:
                             "returning its rows' logits; the coordinator refines the best 16 "
                             "in float32 as always, and computes a worker's rows itself when "
                             "they miss the deadline) (default: workers with --placement "
-                            "workers; with --placement halo, the workers its plan uses when a "
-                            "head round over them is predicted --hysteresis faster than the "
-                            "coordinator alone; else coordinator)",
-                            choices=("coordinator", "workers"))
+                            "workers, else coordinator)", choices=("coordinator", "workers"))
     memory_budget: int | None = flag(None, "memory the coordinator offers for weights, e.g. 2G "
                                      "(default: 80%% of the available RAM); used by "
                                      "--placement memory|halo", type=parse_bytes,

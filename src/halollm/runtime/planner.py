@@ -16,7 +16,6 @@ from halollm.model.config import ModelConfig
 from halollm.model.formats import Weights
 from halollm.runtime.links import WorkerLink
 from halollm.runtime.options import ClusterOptions
-from halollm.scheduler.head import HeadWorker, head_workers
 from halollm.scheduler.placement import (
     COORDINATOR,
     Placement,
@@ -26,13 +25,7 @@ from halollm.scheduler.placement import (
     static_plan,
 )
 from halollm.scheduler.profile import DeviceProfile
-from halollm.scheduler.specs import (
-    WorkerState,
-    device_specs,
-    probe_calibration,
-    round_trip_ms,
-    units_per_round,
-)
+from halollm.scheduler.specs import WorkerState, device_specs, units_per_round
 
 DWELL_CHECKS = 2  # a plan adopted for speed stays for at least this many re-planning checks
 PAYBACK_TOKENS = 256  # a move for speed must pay for itself within this many tokens
@@ -58,7 +51,6 @@ class Planner:
         self.build_ms_per_byte: float | None = None  # ... per byte its busiest device built
         self._last: tuple[tuple, Placement | None, PlanResult] | None = None  # last solve
         self.last_kept: dict[str, Any] | None = None  # the last check that kept the plan
-        self.head: dict[str, Any] | None = None  # the last head decision (halo placement)
 
     @property
     def adaptive(self) -> bool:
@@ -242,32 +234,6 @@ class Planner:
         built = self.built_bytes(old, new)
         if built > 0:
             self.build_ms_per_byte = ms / built
-
-    def head_workers(self, placement: Placement, links: list[WorkerLink]) -> list[int]:
-        """The workers that compute the LM head's rows (none: the coordinator does):
-        `--head workers`, or by default with `--placement workers`: every live one; with
-        `--placement halo` by default: the live workers the plan uses behind reliable links,
-        if a head round over them is predicted faster (scheduler/head.py; the decision is
-        kept in `self.head`)."""
-        live = [lk for lk in links if lk.alive]
-        head, policy = self.plan_opts.head, self.plan_opts.placement
-        if head == "workers" or (head is None and policy == "workers"):
-            return [lk.index for lk in live]
-        if head is not None or not self.adaptive:
-            return []
-        states = [WorkerState(lk.index, lk.name, lk.profile, lk.estimate,
-                              units_per_round(placement, lk.index, self.config.n_layers))
-                  for lk in live if lk.profile is not None and lk.profile.speed > 0]
-        calibration = probe_calibration(states)
-        # a head round waits for every row (a missing worker's are computed here at its
-        # deadline), so only reliable links are candidates
-        used = [HeadWorker(w.index, w.profile.speed, round_trip_ms(w, calibration))
-                for w in states if placement.count(w.index) and
-                w.estimate.miss_rate <= self.plan_opts.reliable_loss]
-        c = self.coordinator
-        out, self.head = head_workers(self.config.vocab_size, c.speed, c.call_ms, c.hub_ms,
-                                      c.hub_round_ms, [used], self.plan_opts.hysteresis)
-        return out
 
     def adopted(self, record: dict[str, Any], placement: Placement) -> None:
         self.since_adopt = 0

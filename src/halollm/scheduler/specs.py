@@ -54,21 +54,14 @@ def device_specs(coordinator: DeviceProfile, workers: list[WorkerState], deadlin
             continue
         est = w.estimate
         speed = 1.0 / (1.0 / w.profile.speed + est.miss_rate / coordinator.speed)
-        rtt = round_trip_ms(w, calibration)
+        rtt = _live_rtt(w)
+        if rtt is None:
+            rtt = calibration * (DEFAULT_RTT_MS if est.probe_ms is None else est.probe_ms)
         specs.append(DeviceSpec(w.name, speed, w.profile.memory_bytes / bytes_per_unit,
                                 loss=est.miss_rate, latency=rtt + est.miss_rate * deadline_ms,
                                 load_speed=w.profile.load_speed if streaming else 0.0))
         index.append(w.index)
     return specs, index
-
-
-def round_trip_ms(w: WorkerState, calibration: float) -> float:
-    """A round's cost to the worker besides its compute: the live round trip, else the
-    probe's times `calibration` (`probe_calibration`), else a LAN's default."""
-    rtt = _live_rtt(w)
-    if rtt is not None:
-        return rtt
-    return calibration * (DEFAULT_RTT_MS if w.estimate.probe_ms is None else w.estimate.probe_ms)
 
 
 def _live_rtt(w: WorkerState) -> float | None:
