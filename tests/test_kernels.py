@@ -90,10 +90,19 @@ def test_a_decode_steps_attention_in_c_is_torchs(bias: bool, monkeypatch) -> Non
     if KERNELS is None:
         pytest.skip("model/_kernels.c is not built here")
     fast, slow = _attention_pair(bias)
-    gen = torch.Generator().manual_seed(4)
-    prompt = torch.randn(6, 256, generator=gen)
-    assert torch.equal(fast.forward(prompt, 0), slow.forward(prompt, 0))
-    for pos in range(6, 300):
+    _decode_side_by_side(fast, slow, 4, 6, 300, monkeypatch)
+    assert fast.cache.k.shape[1] >= 300
+
+
+def _decode_side_by_side(fast: llama.AttentionShard, slow: llama.AttentionShard, seed: int,
+                         prompt: int, end: int, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A `prompt`-row prompt, then decode steps to position `end` through the C kernel
+    (`fast`) and through torch's operators (`slow`): cached keys and values bitwise equal,
+    outputs within float32 rounding."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(prompt, 256, generator=gen)
+    assert torch.equal(fast.forward(rows, 0), slow.forward(rows, 0))
+    for pos in range(prompt, end):
         x = torch.randn(1, 256, generator=gen)
         got = fast.forward(x, pos)
         with monkeypatch.context() as m:
@@ -102,7 +111,6 @@ def test_a_decode_steps_attention_in_c_is_torchs(bias: bool, monkeypatch) -> Non
         assert torch.equal(fast.cache.k[:, :pos + 1], slow.cache.k[:, :pos + 1]), pos
         assert torch.equal(fast.cache.v[:, :pos + 1], slow.cache.v[:, :pos + 1]), pos
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), pos
-    assert fast.cache.k.shape[1] >= 300
 
 
 @pytest.mark.parametrize(("head_dim", "n_heads", "n_kv"),
@@ -117,18 +125,7 @@ def test_the_attention_kernels_vector_lanes_and_tails_are_torchs(head_dim: int, 
     if KERNELS is None:
         pytest.skip("model/_kernels.c is not built here")
     fast, slow = _attention_pair(False, head_dim, n_heads, n_kv)
-    gen = torch.Generator().manual_seed(head_dim)
-    prompt = torch.randn(3, 256, generator=gen)
-    assert torch.equal(fast.forward(prompt, 0), slow.forward(prompt, 0))
-    for pos in range(3, 40):
-        x = torch.randn(1, 256, generator=gen)
-        got = fast.forward(x, pos)
-        with monkeypatch.context() as m:
-            m.setattr(llama, "KERNELS", None)
-            want = slow.forward(x, pos)
-        assert torch.equal(fast.cache.k[:, :pos + 1], slow.cache.k[:, :pos + 1]), pos
-        assert torch.equal(fast.cache.v[:, :pos + 1], slow.cache.v[:, :pos + 1]), pos
-        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), pos
+    _decode_side_by_side(fast, slow, head_dim, 3, 40, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
